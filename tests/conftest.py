@@ -1,0 +1,106 @@
+"""Shared fixtures: tiny models built in code from the repository's presets, generated images.
+
+Nothing here downloads anything; every model is randomly initialised from configs/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+# Keep the test-suite inside its 2-core budget and away from the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def read_preset(relative_path: str) -> dict:
+    with open(REPO_ROOT / relative_path) as handle:
+        config = json.load(handle)
+    return {key: value for key, value in config.items() if not key.startswith("_")}
+
+
+def build_tiny_unet(seed: int = 0):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(**read_preset("configs/unet/tiny.json"))
+
+
+def build_tiny_kl_vae(seed: int = 0, **overrides):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(**{**read_preset("configs/vae/tiny-kl-f4.json"), **overrides})
+
+
+def build_tiny_vq_vae(seed: int = 0):
+    """A VQModel shaped like CompVis VQ-f4 (3 latent channels, f4), but tiny."""
+    from diffusers import VQModel
+
+    torch.manual_seed(seed)
+    return VQModel(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        latent_channels=3,
+        num_vq_embeddings=64,
+        vq_embed_dim=3,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+
+
+def make_blob_images(folder: Path, count: int, size: int = 32, seed: int = 0) -> list[Path]:
+    """Simple, learnable images: a coloured disc at a random place on a plain background."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    paths = []
+    for index in range(count):
+        background = rng.integers(0, 80, size=3)
+        colour = rng.integers(150, 256, size=3)
+        cy, cx = rng.uniform(0.3, 0.7, size=2) * size
+        radius = rng.uniform(0.15, 0.3) * size
+        inside = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
+        pixels = np.where(inside[..., None], colour, background).astype(np.uint8)
+        path = folder / f"img_{index:04d}.png"
+        Image.fromarray(pixels).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def tiny_unet():
+    return build_tiny_unet()
+
+
+@pytest.fixture
+def tiny_kl_vae():
+    return build_tiny_kl_vae()
+
+
+@pytest.fixture
+def tiny_vq_vae():
+    return build_tiny_vq_vae()
+
+
+@pytest.fixture
+def blob_images(tmp_path):
+    folder = tmp_path / "images"
+    make_blob_images(folder, 16)
+    return folder
