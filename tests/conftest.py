@@ -104,3 +104,55 @@ def blob_images(tmp_path):
     folder = tmp_path / "images"
     make_blob_images(folder, 16)
     return folder
+
+
+# --------------------------------------------------------------------------------------------
+# Running the scripts
+
+
+def reset_accelerate_state() -> None:
+    """accelerate keeps process-wide singletons; reset them between in-process runs."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def run_script(module_name: str, argv: list[str]):
+    """Run a top-level script's main() in this process (much faster than a subprocess)."""
+    import importlib
+
+    reset_accelerate_state()
+    module = importlib.import_module(module_name)
+    try:
+        return module.main(module.parse_args([str(a) for a in argv]))
+    finally:
+        reset_accelerate_state()
+
+
+def subprocess_env(**extra) -> dict:
+    env = dict(os.environ)
+    env.update({"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+                "ACCELERATE_USE_CPU": "1"})
+    env.update({key: str(value) for key, value in extra.items()})
+    return env
+
+
+def venv_bin(name: str) -> str:
+    """A console script of the interpreter running the tests (accelerate, torchrun)."""
+    return str(Path(sys.executable).parent / name)
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vae") / "tiny-kl"
+    build_tiny_kl_vae().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def train_images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("train") / "images"
+    make_blob_images(folder, 24)
+    return folder

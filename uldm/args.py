@@ -1,0 +1,137 @@
+"""Command-line argument groups shared by the training scripts (diffusers' names and meanings)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .errors import InputError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+def add_data_args(parser: argparse.ArgumentParser, default_resolution: int = 256) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--train_data_dir", type=str, default=None,
+                       help="A folder of training images, searched recursively.")
+    group.add_argument("--dataset_name", type=str, default=None,
+                       help="A `datasets` data set: hub id, local folder, or a local .parquet/.arrow/.json file.")
+    group.add_argument("--dataset_config_name", type=str, default=None)
+    group.add_argument("--cache_dir", type=str, default=None, help="Where `datasets` keeps downloads.")
+    group.add_argument("--image_column", type=str, default=None,
+                       help="Image column of --dataset_name (default: the first column of type Image).")
+    group.add_argument("--resolution", type=int, default=default_resolution,
+                       help="Images are resized (shorter side) to this and cropped square.")
+    group.add_argument("--center_crop", action="store_true",
+                       help="Crop the centre instead of a random position (random crops are seeded).")
+    group.add_argument("--random_flip", action="store_true", help="Mirror images horizontally at random.")
+    group.add_argument("--dataloader_num_workers", type=int, default=0)
+    group.add_argument("--max_train_samples", type=int, default=None,
+                       help="Train on a seeded random subset of this many images.")
+
+
+def add_optimization_args(parser: argparse.ArgumentParser, learning_rate: float = 1e-4,
+                          adam_beta1: float = 0.95, adam_weight_decay: float = 1e-6,
+                          lr_scheduler: str = "cosine", lr_warmup_steps: int = 500) -> None:
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--output_dir", type=str, required=True)
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--train_batch_size", type=int, default=16, help="Batch size per process.")
+    group.add_argument("--num_epochs", type=int, default=100)
+    group.add_argument("--max_train_steps", type=int, default=None,
+                       help="Optimiser steps to train for; overrides --num_epochs.")
+    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    group.add_argument("--gradient_checkpointing", action="store_true")
+    group.add_argument("--learning_rate", type=float, default=learning_rate)
+    group.add_argument("--scale_lr", action="store_true",
+                       help="Multiply the learning rate by batch size x accumulation x processes.")
+    group.add_argument("--lr_scheduler", type=str, default=lr_scheduler,
+                       help='"linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup".')
+    group.add_argument("--lr_warmup_steps", type=int, default=lr_warmup_steps,
+                       help="Warm-up length in optimiser steps (independent of accumulation and processes).")
+    group.add_argument("--adam_beta1", type=float, default=adam_beta1)
+    group.add_argument("--adam_beta2", type=float, default=0.999)
+    group.add_argument("--adam_weight_decay", type=float, default=adam_weight_decay)
+    group.add_argument("--adam_epsilon", type=float, default=1e-08)
+    group.add_argument("--max_grad_norm", type=float, default=1.0)
+    group.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                       help="Default: accelerate's config.")
+    group.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere and newer GPUs.")
+
+
+def add_ema_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("EMA")
+    group.add_argument("--use_ema", action="store_true", help="Keep an exponential moving average of the weights.")
+    group.add_argument("--ema_inv_gamma", type=float, default=1.0, help="EMA warm-up inverse multiplicative factor.")
+    group.add_argument("--ema_power", type=float, default=3 / 4, help="EMA warm-up power.")
+    group.add_argument("--ema_max_decay", type=float, default=0.9999)
+
+
+def add_noise_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("diffusion")
+    group.add_argument("--ddpm_num_steps", type=int, default=1000)
+    group.add_argument("--ddpm_beta_schedule", type=str, default="scaled_linear",
+                       choices=["linear", "scaled_linear", "squaredcos_cap_v2"],
+                       help="LDM's 'linear' schedule is diffusers' scaled_linear.")
+    group.add_argument("--beta_start", type=float, default=0.0015)
+    group.add_argument("--beta_end", type=float, default=0.0195)
+    group.add_argument("--prediction_type", type=str, default="epsilon",
+                       choices=["epsilon", "v_prediction", "sample"])
+    group.add_argument("--snr_gamma", type=float, default=None,
+                       help="Min-SNR weighting gamma (5.0 is the paper's choice); off by default.")
+
+
+def add_logging_args(parser: argparse.ArgumentParser, validation_steps: int = 1000) -> None:
+    group = parser.add_argument_group("logging and validation")
+    group.add_argument("--report_to", type=str, default="tensorboard",
+                       help='"tensorboard", "wandb", "all" or "none".')
+    group.add_argument("--tracker_project_name", type=str, default=None)
+    group.add_argument("--validation_steps", type=int, default=validation_steps,
+                       help="Write a sample grid every this many steps (and at the end); 0 turns it off.")
+    group.add_argument("--num_validation_images", type=int, default=16)
+    group.add_argument("--validation_inference_steps", type=int, default=50)
+    group.add_argument("--validation_scheduler", type=str, default="dpmsolver++",
+                       help="Sampler of the validation grids: ddim, dpmsolver++, unipc, euler or ddpm.")
+
+
+def add_checkpoint_args(parser: argparse.ArgumentParser, checkpointing_steps: int = 500) -> None:
+    group = parser.add_argument_group("checkpoints")
+    group.add_argument("--checkpointing_steps", type=int, default=checkpointing_steps,
+                       help="Save a resumable checkpoint every this many steps (and at the end); 0: never.")
+    group.add_argument("--checkpoints_total_limit", type=int, default=None,
+                       help="Keep at most this many checkpoints (older ones are removed after a new one is complete).")
+    group.add_argument("--resume_from_checkpoint", type=str, default=None,
+                       help='A checkpoint folder, or "latest" (newest complete one; a fresh start if none).')
+
+
+def check_common_args(args) -> None:
+    """Checks that argparse cannot express; messages say what to change."""
+    if getattr(args, "train_data_dir", None) and getattr(args, "dataset_name", None):
+        raise InputError("Give either --train_data_dir or --dataset_name, not both.")
+    for name in ("train_batch_size", "gradient_accumulation_steps", "resolution"):
+        if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
+            raise InputError(f"--{name} must be at least 1.")
+    if getattr(args, "max_train_steps", None) is not None and args.max_train_steps < 1:
+        raise InputError("--max_train_steps must be at least 1.")
+
+
+# --------------------------------------------------------------------------------------------
+# Presets
+
+
+def list_presets(kind: str) -> list[str]:
+    return sorted(path.stem for path in (CONFIG_DIR / kind).glob("*.json"))
+
+
+def read_json_preset(name_or_path: str, kind: str) -> dict | None:
+    """A preset name from configs/<kind>/ or a path to a JSON file; None if it is neither.
+
+    Keys starting with "_" (comments) are dropped."""
+    candidates = [Path(name_or_path), CONFIG_DIR / kind / f"{name_or_path}.json", CONFIG_DIR / kind / name_or_path]
+    for path in candidates:
+        if path.is_file() and path.suffix == ".json":
+            config = json.loads(path.read_text())
+            return {key: value for key, value in config.items() if not key.startswith("_")}
+    return None

@@ -1,0 +1,355 @@
+"""Training images: a folder (searched recursively) or a `datasets` data set, preprocessed one way.
+
+Every random choice (shuffling, crop position) is a pure function of the seed, the epoch and
+the item, never of a global random state, so a resumed run sees exactly the batches that an
+uninterrupted run would have seen, on any number of workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+from tqdm.auto import tqdm
+
+from .errors import InputError
+from .images import list_image_files, load_rgb_image, to_rgb
+
+logger = logging.getLogger(__name__)
+
+
+def stable_random(*keys: int | str) -> np.random.Generator:
+    """A numpy generator seeded by the keys only (stable across processes and Python runs)."""
+    digest = hashlib.sha256("/".join(str(k) for k in keys).encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+# --------------------------------------------------------------------------------------------
+# Preprocessing
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Resize the shorter side to `resolution` (bilinear, antialiased), then crop a square."""
+
+    resolution: int
+    center_crop: bool = True
+
+    def crop_box(self, width: int, height: int, rng: np.random.Generator | None) -> tuple[int, int]:
+        top = (height - self.resolution) // 2
+        left = (width - self.resolution) // 2
+        if not self.center_crop and rng is not None:
+            top = int(rng.integers(0, height - self.resolution + 1))
+            left = int(rng.integers(0, width - self.resolution + 1))
+        return top, left
+
+    def __call__(self, image: Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
+        """PIL RGB image -> float tensor 3xRxR in [-1, 1]."""
+        image = TF.resize(image, self.resolution, interpolation=InterpolationMode.BILINEAR, antialias=True)
+        top, left = self.crop_box(image.width, image.height, rng)
+        image = TF.crop(image, top, left, self.resolution, self.resolution)
+        return TF.to_tensor(image) * 2.0 - 1.0
+
+    def key(self) -> str:
+        return f"res{self.resolution}-{'center' if self.center_crop else 'random'}"
+
+
+# --------------------------------------------------------------------------------------------
+# Data sets
+
+
+class ImageDataset(Dataset):
+    """Base: items are {"pixel_values": 3xRxR in [-1, 1], "index": int}."""
+
+    def __init__(self, preprocessing: Preprocessing, seed: int = 0):
+        self.preprocessing = preprocessing
+        self.seed = seed
+        self.epoch = 0  # set before each epoch's iterator is made; drives the random crops
+
+    def load_image(self, index: int) -> Image.Image:
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """Identifies the content, for cache keys."""
+        raise NotImplementedError
+
+    def describe(self, index: int) -> str:
+        return f"item {index}"
+
+    def __getitem__(self, index: int) -> dict:
+        rng = None if self.preprocessing.center_crop else stable_random(self.seed, self.epoch, index)
+        return {"pixel_values": self.preprocessing(self.load_image(index), rng), "index": index}
+
+
+class ImageFolderDataset(ImageDataset):
+    def __init__(self, paths: Sequence[Path], root: Path, preprocessing: Preprocessing, seed: int = 0):
+        super().__init__(preprocessing, seed)
+        self.paths = list(paths)
+        self.root = root
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load_image(self, index: int) -> Image.Image:
+        return load_rgb_image(self.paths[index])
+
+    def describe(self, index: int) -> str:
+        return str(self.paths[index])
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for path in self.paths:
+            stat = path.stat()
+            digest.update(f"{path.relative_to(self.root)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        return digest.hexdigest()[:16]
+
+
+class HFImageDataset(ImageDataset):
+    """A `datasets.Dataset` with an image column."""
+
+    def __init__(self, dataset, image_column: str, preprocessing: Preprocessing, seed: int = 0):
+        super().__init__(preprocessing, seed)
+        self.dataset = dataset
+        self.image_column = image_column
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def load_image(self, index: int) -> Image.Image:
+        image = self.dataset[index][self.image_column]
+        if not isinstance(image, Image.Image):
+            image = Image.fromarray(np.asarray(image))
+        return to_rgb(image)
+
+    def fingerprint(self) -> str:
+        return f"{getattr(self.dataset, '_fingerprint', 'unknown')}-{len(self.dataset)}"
+
+
+# --------------------------------------------------------------------------------------------
+# Building the training set
+
+
+def _check_one_image(path: Path) -> tuple[str | None, tuple[int, int] | None]:
+    try:
+        image = load_rgb_image(path)
+        return None, image.size
+    except Exception as error:  # any decoder failure means: skip this file
+        return f"{type(error).__name__}: {error}", None
+
+
+def verify_image_files(
+    paths: Sequence[Path], resolution: int, num_threads: int = 8, show_progress: bool = True
+) -> tuple[list[Path], list[tuple[Path, str]], int]:
+    """Decode each file once. Returns (good files, [(bad file, reason)], number smaller than resolution)."""
+    good, bad, small = [], [], 0
+    with ThreadPoolExecutor(max_workers=num_threads) as pool:
+        results = pool.map(_check_one_image, paths)
+        for path, (error, size) in tqdm(
+            zip(paths, results), total=len(paths), desc="Checking images", disable=not show_progress
+        ):
+            if error is not None:
+                bad.append((path, error))
+                continue
+            good.append(path)
+            if min(size) < resolution:
+                small += 1
+    return good, bad, small
+
+
+def select_subset(num_items: int, max_items: int | None, seed: int) -> list[int]:
+    """A seeded random subset of indices (sorted), as diffusers' `shuffle(seed).select(range(n))`."""
+    if max_items is None or max_items >= num_items:
+        return list(range(num_items))
+    return sorted(np.random.default_rng(seed).permutation(num_items)[:max_items].tolist())
+
+
+def image_folder_dataset(
+    train_data_dir: str | os.PathLike,
+    preprocessing: Preprocessing,
+    seed: int = 0,
+    max_train_samples: int | None = None,
+    verify: Callable[[list[Path]], tuple[list[Path], list, int]] | None = None,
+) -> ImageFolderDataset:
+    """All images under `train_data_dir`; unreadable ones skipped with a warning naming them."""
+    root = Path(train_data_dir)
+    if not root.exists():
+        raise InputError(
+            f"--train_data_dir {root} does not exist. Point it at a folder of images "
+            f"(searched recursively), or use --dataset_name for a `datasets` data set."
+        )
+    paths = list_image_files(root)
+    if not paths:
+        raise InputError(
+            f"--train_data_dir {root} holds no images (looked recursively for "
+            f"png, jpg, jpeg, webp, bmp, tif, gif, ppm files)."
+        )
+    paths = [paths[i] for i in select_subset(len(paths), max_train_samples, seed)]
+    if verify is None:
+        verify = lambda files: verify_image_files(files, preprocessing.resolution)  # noqa: E731
+    good, bad, small = verify(paths)
+    if bad:
+        listed = "\n".join(f"  {path}: {reason}" for path, reason in bad[:20])
+        more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+        logger.warning("Skipping %d unreadable image file(s):\n%s%s", len(bad), listed, more)
+    if not good:
+        raise InputError(f"None of the {len(paths)} image files under {root} could be read; see the warnings above.")
+    if small:
+        logger.warning(
+            "%d image(s) are smaller than --resolution %d and will be upscaled; "
+            "this blurs them. Consider a lower --resolution or larger images.",
+            small,
+            preprocessing.resolution,
+        )
+    return ImageFolderDataset(good, root, preprocessing, seed)
+
+
+def load_hf_dataset(dataset_name: str, dataset_config_name: str | None = None, cache_dir: str | None = None,
+                    split: str = "train"):
+    """`datasets.load_dataset` for a hub id, a local folder, or local parquet/arrow/json files."""
+    import datasets
+
+    path = Path(dataset_name)
+    try:
+        if path.is_file() and path.suffix in (".parquet", ".arrow", ".json", ".jsonl", ".csv"):
+            builder = {".jsonl": "json"}.get(path.suffix, path.suffix.lstrip("."))
+            return datasets.load_dataset(builder, data_files=str(path), cache_dir=cache_dir, split=split)
+        return datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split=split)
+    except (ConnectionError, FileNotFoundError, OSError, ValueError) as error:
+        raise InputError(
+            f"Could not load the data set '{dataset_name}': {error}\n"
+            "If it is a hub id, this machine may be offline: download it where there is network "
+            "(`huggingface-cli download --repo-type dataset NAME --local-dir DIR`) and pass the "
+            "folder, or use --train_data_dir with a folder of images."
+        ) from error
+
+
+def hf_image_dataset(
+    dataset_name: str,
+    image_column: str | None,
+    preprocessing: Preprocessing,
+    seed: int = 0,
+    max_train_samples: int | None = None,
+    dataset_config_name: str | None = None,
+    cache_dir: str | None = None,
+) -> HFImageDataset:
+    dataset = load_hf_dataset(dataset_name, dataset_config_name, cache_dir)
+    image_column = image_column or _guess_image_column(dataset)
+    if image_column not in dataset.column_names:
+        raise InputError(
+            f"--image_column '{image_column}' is not a column of {dataset_name}; "
+            f"its columns are {dataset.column_names}."
+        )
+    if len(dataset) == 0:
+        raise InputError(f"The data set {dataset_name} is empty.")
+    if max_train_samples is not None and max_train_samples < len(dataset):
+        dataset = dataset.select(select_subset(len(dataset), max_train_samples, seed))
+    return HFImageDataset(dataset, image_column, preprocessing, seed)
+
+
+def _guess_image_column(dataset) -> str:
+    import datasets
+
+    for name, feature in dataset.features.items():
+        if isinstance(feature, datasets.Image):
+            return name
+    return "image"
+
+
+def build_image_dataset(args, verify=None) -> ImageDataset:
+    """The training images from the diffusers-style arguments (`--train_data_dir` or `--dataset_name`)."""
+    preprocessing = Preprocessing(args.resolution, args.center_crop)
+    if args.dataset_name:
+        return hf_image_dataset(
+            args.dataset_name,
+            args.image_column,
+            preprocessing,
+            seed=args.seed or 0,
+            max_train_samples=args.max_train_samples,
+            dataset_config_name=getattr(args, "dataset_config_name", None),
+            cache_dir=getattr(args, "cache_dir", None),
+        )
+    if args.train_data_dir:
+        return image_folder_dataset(
+            args.train_data_dir, preprocessing, args.seed or 0, args.max_train_samples, verify
+        )
+    raise InputError("Give the training images with --train_data_dir DIR or --dataset_name NAME.")
+
+
+# --------------------------------------------------------------------------------------------
+# Batches
+
+
+class EpochBatchSampler:
+    """Yields this process's batches of indices, reshuffled each epoch from (seed, epoch) alone.
+
+    Global batch j of an epoch is items [j*B*W, (j+1)*B*W) of the epoch's permutation, and
+    process r takes slice [r*B, (r+1)*B) of it, so processes see disjoint shards and the order
+    does not depend on how many batches were skipped on resume. The last incomplete global
+    batch is dropped so that every process does the same number of steps.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, num_processes: int = 1, process_index: int = 0,
+                 seed: int = 0, shuffle: bool = True):
+        global_batch = batch_size * num_processes
+        if num_items < global_batch:
+            raise InputError(
+                f"The data set has {num_items} item(s), fewer than one batch of "
+                f"{batch_size} x {num_processes} process(es) = {global_batch}. "
+                "Lower --train_batch_size or add images."
+            )
+        self.num_items = num_items
+        self.batch_size = batch_size
+        self.num_processes = num_processes
+        self.process_index = process_index
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set_position(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def batches_per_epoch(self) -> int:
+        return self.num_items // (self.batch_size * self.num_processes)
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.num_items)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.num_items, generator=generator)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch() - self.start_batch
+
+    def __iter__(self):
+        order = self.epoch_order(self.epoch)
+        global_batch = self.batch_size * self.num_processes
+        for batch in range(self.start_batch, self.batches_per_epoch()):
+            start = batch * global_batch + self.process_index * self.batch_size
+            yield order[start : start + self.batch_size].tolist()
+
+
+def sharded_verifier(accelerator, resolution: int):
+    """A `verify` for `image_folder_dataset` that splits the decoding over all processes."""
+    from accelerate.utils import gather_object
+
+    def verify(paths: list[Path]):
+        mine = paths[accelerator.process_index :: accelerator.num_processes]
+        good, bad, small = verify_image_files(mine, resolution, show_progress=accelerator.is_local_main_process)
+        bad_all = gather_object([(str(path), reason) for path, reason in bad]) if accelerator.num_processes > 1 else bad
+        small_all = sum(gather_object([small])) if accelerator.num_processes > 1 else small
+        bad_paths = {str(path) for path, _ in bad_all}
+        return [p for p in paths if str(p) not in bad_paths], [(Path(p), r) for p, r in bad_all], small_all
+
+    return verify

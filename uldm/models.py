@@ -1,0 +1,51 @@
+"""Building the denoising UNet from a preset, a config file or saved weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .args import list_presets, read_json_preset
+from .errors import InputError
+
+
+def _unet_location(name_or_path: str) -> tuple[str, str | None]:
+    """A saved pipeline keeps its UNet in unet/; a UNet folder has config.json at the top."""
+    root = Path(name_or_path)
+    if root.is_dir() and not (root / "config.json").is_file() and (root / "unet" / "config.json").is_file():
+        return name_or_path, "unet"
+    return name_or_path, None
+
+
+def build_unet(model_config_name_or_path: str | None = None, pretrained_model_name_or_path: str | None = None,
+               revision: str | None = None):
+    """UNet2DModel with fresh weights from a preset/config, or with the weights of a saved model."""
+    from diffusers import UNet2DModel
+
+    if pretrained_model_name_or_path:
+        location, subfolder = _unet_location(pretrained_model_name_or_path)
+        try:
+            return UNet2DModel.from_pretrained(location, subfolder=subfolder, revision=revision)
+        except (OSError, ValueError) as error:
+            raise InputError(
+                f"Could not load a UNet2DModel from '{pretrained_model_name_or_path}': {error}\n"
+                "Give a folder saved by this toolkit (a pipeline or its unet/), or a hub id; if this machine "
+                "is offline, download it first and pass the local folder."
+            ) from error
+    if not model_config_name_or_path:
+        raise InputError("Give --model_config_name_or_path (a preset: " + ", ".join(list_presets("unet")) +
+                         "; or a JSON file) or --pretrained_model_name_or_path.")
+    config = read_json_preset(model_config_name_or_path, "unet")
+    if config is None:
+        location, subfolder = _unet_location(model_config_name_or_path)
+        try:
+            config = UNet2DModel.load_config(location, subfolder=subfolder, revision=revision)
+        except (OSError, ValueError) as error:
+            raise InputError(
+                f"--model_config_name_or_path {model_config_name_or_path!r} is neither a preset ("
+                + ", ".join(list_presets("unet")) + f"), a JSON file, nor a model folder: {error}"
+            ) from error
+    return UNet2DModel.from_config(config)
+
+
+def count_parameters(model) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())
