@@ -62,7 +62,7 @@ def _high_bit_depth_to_8bit(image: Image.Image) -> Image.Image:
         # 16-bit data stored in 'I' images uses 0..65535; anything larger is rescaled.
         high = 65535.0 if array.max() <= 65535 else float(array.max())
         scaled = array.astype(np.float64) / high * 255.0
-    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -232,6 +232,27 @@ def read_metrics(output_dir: str | os.PathLike) -> list[dict]:
 # The loop
 
 
+class BatchTrace:
+    """Debugging aid: with ULDM_TRACE_BATCHES=PREFIX set, each process appends the item indices of
+    its batches and a checksum of its weights after each optimiser step to PREFIX.rank<N>.jsonl
+    (shows which process saw which images, and that all processes hold the same weights)."""
+
+    def __init__(self, process_index: int):
+        prefix = os.environ.get("ULDM_TRACE_BATCHES")
+        self.path = Path(f"{prefix}.rank{process_index}.jsonl") if prefix else None
+
+    def record(self, batch, step: int, model=None) -> None:
+        if self.path is None:
+            return
+        entry = {"step": step}
+        if isinstance(batch, dict) and "index" in batch:
+            entry["indices"] = batch["index"].tolist()
+        if model is not None:
+            entry["weights_checksum"] = sum(p.detach().double().abs().sum().item() for p in model.parameters())
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+
+
 def batch_to_device(batch, device):
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
@@ -409,10 +430,12 @@ class TrainingLoop:
         global_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
         step_loss = []
         step_logs: dict[str, list[float]] = {}
+        trace = BatchTrace(accelerator.process_index)
         last_time = time.perf_counter()
         try:
             while self.global_step < self.max_train_steps:
                 for batch in self._loader():
+                    trace.record(batch, self.global_step + 1)
                     batch = batch_to_device(batch, accelerator.device)
                     generator = self.step_generator()
                     with accelerator.accumulate(self.model):
@@ -438,6 +461,7 @@ class TrainingLoop:
                         self.ema.step(self.unwrapped_model.parameters())
                     self.state.global_step += 1
                     self.state.samples_seen += global_batch
+                    trace.record(None, self.global_step, self.unwrapped_model)
                     now = time.perf_counter()
                     values = {
                         "loss": sum(step_loss) / len(step_loss),

@@ -1,0 +1,87 @@
+"""Checkpoints are complete or ignored; `latest` is the newest complete one; the limit prunes safely."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from conftest import run_script
+from uldm import checkpoints as ckpt
+from uldm.errors import InputError
+
+
+def make_checkpoint(root, step, complete=True):
+    folder = root / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"weights")
+    if complete:
+        ckpt.TrainingState(global_step=step).save(folder)
+    return folder
+
+
+def test_latest_skips_incomplete_checkpoints_with_a_warning(tmp_path, caplog):
+    make_checkpoint(tmp_path, 100)
+    make_checkpoint(tmp_path, 200)
+    make_checkpoint(tmp_path, 300, complete=False)  # cut short: no training_state.json
+    (tmp_path / f"{ckpt.TEMP_PREFIX}400").mkdir()  # a save in progress or killed
+    with caplog.at_level(logging.WARNING):
+        assert ckpt.latest_checkpoint(tmp_path).name == "checkpoint-200"
+    assert "checkpoint-300" in caplog.text and "not written completely" in caplog.text
+    assert ckpt.resolve_resume_path("latest", tmp_path).name == "checkpoint-200"
+    assert ckpt.resolve_resume_path(None, tmp_path) is None
+    with pytest.raises(InputError, match="incomplete"):
+        ckpt.resolve_resume_path(str(tmp_path / "checkpoint-300"), tmp_path)
+    with pytest.raises(InputError, match="no such checkpoint"):
+        ckpt.resolve_resume_path("checkpoint-999", tmp_path)
+    assert ckpt.resolve_resume_path("latest", tmp_path / "fresh-run") is None
+
+
+def test_limit_keeps_exactly_the_newest_complete_checkpoints(tmp_path):
+    for step in (10, 20, 30, 40):
+        make_checkpoint(tmp_path, step)
+    incomplete = make_checkpoint(tmp_path, 50, complete=False)
+    (tmp_path / f"{ckpt.TEMP_PREFIX}60").mkdir()
+    removed = ckpt.prune_checkpoints(tmp_path, total_limit=2)
+    assert [p.name for p in removed] == ["checkpoint-10", "checkpoint-20"]
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-30", "checkpoint-40"]
+    assert incomplete.exists(), "an incomplete folder is not counted and never deleted as if it were complete"
+    assert not (tmp_path / f"{ckpt.TEMP_PREFIX}60").exists(), "leftovers of cut-short saves are cleared"
+
+
+def test_publishing_a_step_again_replaces_it_only_when_whole(tmp_path):
+    make_checkpoint(tmp_path, 5)
+    temp = tmp_path / f"{ckpt.TEMP_PREFIX}5"
+    temp.mkdir()
+    ckpt.TrainingState(global_step=5, micro_batches=7).save(temp)
+    final = ckpt.publish_checkpoint(temp, tmp_path, 5)
+    assert ckpt.TrainingState.load(final).micro_batches == 7 and not temp.exists()
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint_usable(train_images, tiny_vae_dir, tmp_path, monkeypatch):
+    """The process dies while writing checkpoint-4: checkpoint-2 stays `latest`, the run resumes from it."""
+    from test_train_latent import base_args, metrics
+
+    original_save = ckpt.TrainingState.save
+
+    def die_at_step_4(self, folder):
+        if self.global_step == 4:
+            raise KeyboardInterrupt("simulated kill while saving")
+        original_save(self, folder)
+
+    out = tmp_path / "out"
+    args = base_args(train_images, tiny_vae_dir, out, max_train_steps=6, checkpointing_steps=2,
+                     checkpoints_total_limit=1)
+    monkeypatch.setattr(ckpt.TrainingState, "save", die_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        run_script("train_unconditional_latent", args)
+    monkeypatch.setattr(ckpt.TrainingState, "save", original_save)
+    assert (out / f"{ckpt.TEMP_PREFIX}4").is_dir(), "the half-written save stays hidden"
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-2"], "the limit must not have removed it"
+
+    run_script("train_unconditional_latent", args + ["--resume_from_checkpoint", "latest"])
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-6"]
+    assert not (out / f"{ckpt.TEMP_PREFIX}4").exists()
+    assert [row["step"] for row in metrics(out)] == [1, 2, 3, 4, 5, 6]
+    assert json.loads((out / "checkpoint-6" / "training_state.json").read_text())["global_step"] == 6
