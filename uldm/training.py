@@ -60,6 +60,12 @@ def make_accelerator(args, logging_dir_name: str = "logs"):
         project_config=project_config,
         step_scheduler_with_optimizer=False,
     )
+    deepspeed_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if deepspeed_plugin is not None:
+        # The loop builds its own sharded loader (not passed to prepare), so DeepSpeed cannot infer this.
+        deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
+        if args.max_grad_norm:
+            deepspeed_plugin.deepspeed_config["gradient_clipping"] = args.max_grad_norm
     if getattr(args, "allow_tf32", False) and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

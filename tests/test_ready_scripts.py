@@ -1,0 +1,40 @@
+"""The ready-made scripts in scripts/ only pass arguments that the training scripts accept."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import REPO_ROOT
+
+RECIPES = sorted(p.name for p in (REPO_ROOT / "scripts").glob("train_*.sh"))
+
+# Stands in for `accelerate`: parses the launched script's arguments instead of training.
+FAKE_ACCELERATE = textwrap.dedent(f"""\
+    #!{sys.executable}
+    import importlib, sys
+    sys.path.insert(0, {str(REPO_ROOT)!r})
+    argv = sys.argv[2:]
+    script = next(i for i, a in enumerate(argv) if a.endswith(".py"))
+    module = importlib.import_module(argv[script][:-3].split("/")[-1])
+    args = module.parse_args(argv[script + 1:])
+    print("PARSED", module.__name__, args.output_dir)
+""")
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_arguments_parse(recipe, tmp_path):
+    fake = tmp_path / "bin" / "accelerate"
+    fake.parent.mkdir()
+    fake.write_text(FAKE_ACCELERATE)
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(["bash", str(REPO_ROOT / "scripts" / recipe)], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "PARSED" in result.stdout
