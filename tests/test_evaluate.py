@@ -125,6 +125,7 @@ def test_fid_kid_near_zero_for_a_set_against_itself_and_large_against_a_shifted_
     assert same["num_samples"] == same["num_reference"] == 64 and same["resolution"] == 32
 
 
+@pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save")
 def test_fid_and_kid_match_torchmetrics_run_directly_on_the_images(blobs):
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
