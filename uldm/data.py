@@ -46,20 +46,19 @@ class Preprocessing:
     resolution: int
     center_crop: bool = True
 
-    def crop_box(self, width: int, height: int, rng: np.random.Generator | None) -> tuple[int, int]:
-        top = (height - self.resolution) // 2
-        left = (width - self.resolution) // 2
-        if not self.center_crop and rng is not None:
-            top = int(rng.integers(0, height - self.resolution + 1))
-            left = int(rng.integers(0, width - self.resolution + 1))
-        return top, left
+    def resize_and_crop(self, image: Image.Image, rng: np.random.Generator | None = None) -> Image.Image:
+        """The square PIL crop; a random position (from `rng`) unless `center_crop`."""
+        image = TF.resize(image, self.resolution, interpolation=InterpolationMode.BILINEAR, antialias=True)
+        if self.center_crop:
+            return TF.center_crop(image, [self.resolution, self.resolution])
+        rng = rng if rng is not None else np.random.default_rng()
+        top = int(rng.integers(0, image.height - self.resolution + 1))
+        left = int(rng.integers(0, image.width - self.resolution + 1))
+        return TF.crop(image, top, left, self.resolution, self.resolution)
 
     def __call__(self, image: Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
         """PIL RGB image -> float tensor 3xRxR in [-1, 1]."""
-        image = TF.resize(image, self.resolution, interpolation=InterpolationMode.BILINEAR, antialias=True)
-        top, left = self.crop_box(image.width, image.height, rng)
-        image = TF.crop(image, top, left, self.resolution, self.resolution)
-        return TF.to_tensor(image) * 2.0 - 1.0
+        return TF.to_tensor(self.resize_and_crop(image, rng)) * 2.0 - 1.0
 
     def key(self) -> str:
         return f"res{self.resolution}-{'center' if self.center_crop else 'random'}"

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import importlib.util
 import json
 import os
 import socket
@@ -29,10 +28,10 @@ import torch
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms
-from torchvision.transforms import functional as TF
 from tqdm.auto import tqdm
 
+from uldm.data import Preprocessing
+from uldm.face_align import face_model_path
 from uldm.images import list_image_files, load_rgb_image, to_rgb
 
 # Bump when the reference preprocessing changes, so that old feature caches are not reused.
@@ -49,20 +48,12 @@ def preprocess_like_training(
     center_crop: bool = True,
     rng: np.random.Generator | None = None,
 ) -> Image.Image:
-    """Resize the shorter side to `resolution` (bilinear, antialiased), then crop a square.
+    """The training preprocessing itself (`uldm.data.Preprocessing`), as a PIL image.
 
-    Same steps as the training data pipeline (torchvision Resize + CenterCrop/RandomCrop).
     `image` is 8-bit RGB (see `uldm.images.to_rgb`). With `center_crop=False` the crop is
     random, as in training without --center_crop; pass a seeded `rng` for reproducible crops.
     """
-    resize = transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR, antialias=True)
-    image = resize(image)
-    if center_crop:
-        return TF.center_crop(image, [resolution, resolution])
-    rng = rng if rng is not None else np.random.default_rng()
-    top = int(rng.integers(0, image.height - resolution + 1))
-    left = int(rng.integers(0, image.width - resolution + 1))
-    return TF.crop(image, top, left, resolution, resolution)
+    return Preprocessing(resolution, center_crop).resize_and_crop(image, rng)
 
 
 def pil_to_uint8_tensor(image: Image.Image) -> torch.Tensor:
@@ -475,20 +466,6 @@ def compute_fid_kid(
 SAME_PERSON_DISTANCE = 0.6
 FACE_DESCRIPTOR_MODEL = "dlib_face_recognition_resnet_model_v1.dat"
 SHAPE_PREDICTORS = {5: "shape_predictor_5_face_landmarks.dat", 68: "shape_predictor_68_face_landmarks.dat"}
-
-
-def face_model_path(name: str) -> Path:
-    """A model file shipped by the pip package `face_recognition_models`.
-
-    Found through importlib, because importing the package needs pkg_resources.
-    """
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("Identity scoring needs dlib's models: pip install face_recognition_models dlib-bin")
-    path = Path(list(spec.submodule_search_locations)[0]) / "models" / name
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall face_recognition_models.")
-    return path
 
 
 @dataclass(frozen=True)
