@@ -12,7 +12,8 @@ import pytest
 
 from conftest import REPO_ROOT
 
-RECIPES = sorted(p.name for p in (REPO_ROOT / "scripts").glob("train_*.sh"))
+RECIPES = [("train_ffhq256_seed.sh",), ("train_ffhq256_ldm_paper.sh",), ("train_small_dataset.sh", "pokemon"),
+           ("train_small_dataset.sh", "flowers")]
 
 # Stands in for `accelerate`: parses the launched script's arguments instead of training.
 FAKE_ACCELERATE = textwrap.dedent(f"""\
@@ -27,14 +28,18 @@ FAKE_ACCELERATE = textwrap.dedent(f"""\
 """)
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_training_recipe_is_checked():
+    assert {p.name for p in (REPO_ROOT / "scripts").glob("train_*.sh")} == {r[0] for r in RECIPES}
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=" ".join)
 def test_recipe_arguments_parse(recipe, tmp_path):
     fake = tmp_path / "bin" / "accelerate"
     fake.parent.mkdir()
     fake.write_text(FAKE_ACCELERATE)
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}"}
-    result = subprocess.run(["bash", str(REPO_ROOT / "scripts" / recipe)], cwd=REPO_ROOT, env=env,
+    result = subprocess.run(["bash", str(REPO_ROOT / "scripts" / recipe[0]), *recipe[1:]], cwd=REPO_ROOT, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "PARSED" in result.stdout

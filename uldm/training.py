@@ -143,12 +143,7 @@ def build_ema(model, args):
 
 def plan_steps(num_items: int, args, num_processes: int) -> tuple[int, int]:
     """(max_train_steps, batches per epoch per process), from --max_train_steps or --num_epochs."""
-    batches_per_epoch = num_items // (args.train_batch_size * num_processes)
-    if batches_per_epoch == 0:
-        raise InputError(
-            f"The data set has {num_items} item(s), fewer than one batch of {args.train_batch_size} x "
-            f"{num_processes} process(es). Lower --train_batch_size or add images."
-        )
+    batches_per_epoch = EpochBatchSampler(num_items, args.train_batch_size, num_processes).batches_per_epoch()
     if args.max_train_steps:
         return args.max_train_steps, batches_per_epoch
     return math.ceil(args.num_epochs * batches_per_epoch / args.gradient_accumulation_steps), batches_per_epoch
