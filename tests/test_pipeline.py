@@ -26,7 +26,9 @@ from conftest import REPO_ROOT, build_tiny_kl_vae, build_tiny_unet, build_tiny_v
 from pipeline_latent_uncond import UnconditionalLatentPipeline
 
 STEPS = 2
-SCHEDULERS = [DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler, EulerDiscreteScheduler]
+SCHEDULERS = [
+    DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler, EulerDiscreteScheduler,
+]
 
 
 def seeded(seed: int) -> torch.Generator:
