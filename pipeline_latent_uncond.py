@@ -329,7 +329,9 @@ class UnconditionalLatentPipeline(DiffusionPipeline):
             self.push_to_hub(repo_id, safe_serialization=safe_serialization, variant=variant, **hub_kwargs)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "UnconditionalLatentPipeline":
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs
+    ) -> "UnconditionalLatentPipeline":
         """Load a saved pipeline (local folder or hub id) without running any code from it.
 
         Reads `model_index.json`, checks that it describes an unconditional latent pipeline (ours, or

@@ -26,7 +26,9 @@ from conftest import REPO_ROOT, build_tiny_kl_vae, build_tiny_unet, build_tiny_v
 from pipeline_latent_uncond import UnconditionalLatentPipeline
 
 STEPS = 2
-SCHEDULERS = [DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler, EulerDiscreteScheduler]
+SCHEDULERS = [
+    DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler, EulerDiscreteScheduler,
+]
 
 
 def seeded(seed: int) -> torch.Generator:
@@ -287,7 +289,8 @@ def test_saved_folder_loads_and_samples_in_a_clean_process_and_our_loader_never_
     (poisoned / "pipeline_latent_uncond.py").write_text('raise RuntimeError("marker: folder code executed")\n')
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"), HF_MODULES_CACHE=str(tmp_path / "hf-modules"))
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", HF_HOME=str(tmp_path / "hf-home"),
+               HF_MODULES_CACHE=str(tmp_path / "hf-modules"))
     out = tmp_path / "images.npy"
     result = subprocess.run(
         [sys.executable, "-c", CLEAN_PROCESS_SCRIPT, str(REPO_ROOT), str(folder), str(poisoned), str(out)],
