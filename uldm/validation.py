@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .sampling import make_image_grid
+
 logger = logging.getLogger(__name__)
 
 
@@ -22,16 +24,10 @@ def fixed_validation_noise(num_images: int, latent_shape: tuple[int, int, int], 
 
 def image_grid(images: np.ndarray | list[Image.Image], columns: int | None = None) -> Image.Image:
     """A grid of images (NHWC float in [0, 1], or PIL), as square as possible."""
-    from diffusers.utils import make_image_grid
-
     if isinstance(images, np.ndarray):
         images = [Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)) for image in images]
     columns = columns or math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / columns)
-    if rows * columns > len(images):  # make_image_grid needs a full grid
-        blank = Image.new("RGB", images[0].size)
-        images = list(images) + [blank] * (rows * columns - len(images))
-    return make_image_grid(list(images), rows=rows, cols=columns)
+    return make_image_grid(list(images), rows=math.ceil(len(images) / columns))
 
 
 def log_image_grid(accelerator, images: np.ndarray, step: int, output_dir: str | os.PathLike,
