@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from uldm.data import Preprocessing
+from uldm.data import Preprocessing, load_hf_dataset
 from uldm.face_align import face_model_path
 from uldm.images import list_image_files, load_rgb_image, to_rgb
 
@@ -132,13 +132,7 @@ def load_reference_dataset(
     """A hub data set, a local folder (imagefolder or parquet files) or one .parquet file."""
     import datasets
 
-    local = Path(name).expanduser()
-    if local.is_file() and local.suffix == ".parquet":
-        dataset = datasets.load_dataset("parquet", data_files={split: str(local)}, split=split, cache_dir=cache_dir)
-    else:
-        dataset = datasets.load_dataset(
-            str(local) if local.is_dir() else name, config_name, split=split, cache_dir=cache_dir
-        )
+    dataset = load_hf_dataset(name, config_name, cache_dir, split)
     if image_column in dataset.column_names and not isinstance(dataset.features[image_column], datasets.Image):
         dataset = dataset.cast_column(image_column, datasets.Image())
     return DatasetColumnImages(dataset, image_column)
