@@ -265,7 +265,8 @@ CLEAN_PROCESS_SCRIPT = textwrap.dedent(
     import sys, numpy as np, torch
     from diffusers import DiffusionPipeline
     repo_root, folder, poisoned, out = sys.argv[1:5]
-    assert not any(p and repo_root in p for p in sys.path), sys.path
+    import os
+    assert not any(p and os.path.realpath(p) == os.path.realpath(repo_root) for p in sys.path), sys.path
     pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
     assert type(pipe).__module__.startswith("diffusers_modules."), type(pipe).__module__
     assert pipe.latent_scale == 0.7
