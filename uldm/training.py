@@ -43,8 +43,24 @@ METRICS_FILE = "metrics.jsonl"
 # Set-up
 
 
+def refuse_to_overwrite_checkpoints(args) -> None:
+    """A new run in a folder that holds an earlier run's checkpoints would replace and prune them."""
+    if getattr(args, "resume_from_checkpoint", None):
+        return
+    existing = ckpt.list_checkpoints(args.output_dir, warn_incomplete=False)
+    if existing:
+        raise InputError(
+            f"--output_dir {args.output_dir} already holds checkpoints of an earlier run "
+            f"({', '.join(p.name for p in existing[-3:])}). Continue it with --resume_from_checkpoint latest, "
+            "or choose another --output_dir (delete the checkpoints yourself to start over there)."
+        )
+
+
 def make_accelerator(args, logging_dir_name: str = "logs"):
-    """An Accelerator for the run; the LR schedule is stepped by the loop, once per optimiser step."""
+    """An Accelerator for the run; the LR schedule is stepped by the loop, once per optimiser step.
+
+    Refuses (before any work) to start a new run over an earlier run's checkpoints."""
+    refuse_to_overwrite_checkpoints(args)
     from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
 
