@@ -12,6 +12,11 @@ model (generated into --class_data_dir when missing) keeps its diversity. The VA
 UNet is fully fine-tuned, or gets a LoRA adapter with --use_lora (only the adapter is saved).
 The output loads like the base model (`UnconditionalLatentPipeline.from_pretrained(output_dir)`), or,
 with --use_lora, as `uldm.dreambooth.load_dreambooth_pipeline(output_dir)` (base + adapter).
+
+Defaults follow diffusers' train_dreambooth.py: 800 steps, learning rate 5e-6 (1e-4 with --use_lora),
+constant schedule, AdamW(0.9, 0.999, weight decay 1e-2). Validation grids (fixed noise; step 0 is the
+base model) and samples/validation_metrics.jsonl (distance of the samples to the instance photos and
+their spread) show the subject/diversity trade-off as training goes.
 """
 
 from __future__ import annotations
@@ -22,20 +27,19 @@ import logging
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate.utils import set_seed
 
 from pipeline_latent_uncond import UnconditionalLatentPipeline
 from uldm import args as cli
-from uldm.data import Preprocessing, image_folder_dataset, sharded_verifier
+from uldm.data import Preprocessing, image_folder_dataset, sharded_verifier, verify_image_files
 from uldm.diffusion import noisy_latents_and_target
 from uldm.dreambooth import (
     DreamBoothDataset, DreamBoothLoss, add_lora_adapter, base_resolution, check_class_image_sizes, check_resolution,
     generate_missing_class_images, list_instance_images, load_base_pipeline, lora_target_modules,
     SubjectReferences, register_adapter_only_checkpoints, save_lora_adapter, side_by_side, training_noise_scheduler,
 )
-from uldm.errors import InputError, exit_cleanly_on_input_errors
+from uldm.errors import exit_cleanly_on_input_errors
 from uldm.latent_cache import build_or_load_latent_cache, cache_key, latents_from_batch
 from uldm.model_card import write_model_card
 from uldm.models import count_parameters
@@ -102,26 +106,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     # DreamBooth defaults (diffusers' train_dreambooth.py): short runs, small constant learning rate.
     cli.add_optimization_args(parser, learning_rate=None, adam_beta1=0.9, adam_weight_decay=1e-2,
                               lr_scheduler="constant", lr_warmup_steps=0)
-    parser.set_defaults(train_batch_size=4, max_train_steps=800)
-    cli.add_ema_args(parser)
+    parser.set_defaults(train_batch_size=4, num_epochs=None)
+    cli.add_ema_args(parser)  # with --use_lora the EMA (and its checkpoints) keeps a copy of the whole UNet
     cli.add_logging_args(parser, validation_steps=100)
     cli.add_checkpoint_args(parser, checkpointing_steps=200)
     args = parser.parse_args(argv)
     cli.check_common_args(args)
+    if args.max_train_steps is None and args.num_epochs is None:
+        args.max_train_steps = 800
     if args.learning_rate is None:
         args.learning_rate = 1e-4 if args.use_lora else 5e-6
     if args.with_prior_preservation:
         if not args.class_data_dir:
-            raise InputError("--with_prior_preservation needs --class_data_dir (a folder; missing images are generated).")
+            parser.error("--with_prior_preservation needs --class_data_dir (a folder; missing images are generated).")
         if args.num_class_images < 1 or args.sample_batch_size < 1 or args.class_sampling_steps < 1:
-            raise InputError("--num_class_images, --sample_batch_size and --class_sampling_steps must be at least 1.")
+            parser.error("--num_class_images, --sample_batch_size and --class_sampling_steps must be at least 1.")
     elif args.class_data_dir:
         logger.warning("--class_data_dir is ignored without --with_prior_preservation.")
     return args
-
-
-def vae_subfolder(base: str) -> str:
-    return "vqvae" if (Path(base) / "vqvae").is_dir() else "vae"
 
 
 def build_image_set(folder: str, args, preprocessing: Preprocessing, vae, vae_key: str, accelerator,
@@ -139,9 +141,26 @@ def build_image_set(folder: str, args, preprocessing: Preprocessing, vae, vae_ke
     )
 
 
+def build_training_set(args, vae, accelerator) -> DreamBoothDataset:
+    """Instance (and class) examples as images, or as cached latents with --cache_latents."""
+    if args.cache_latents and not args.center_crop:
+        logger.warning("--cache_latents stores one crop per image: using centre crops (as --center_crop).")
+        args.center_crop = True
+    preprocessing = Preprocessing(args.resolution, args.center_crop)
+    base = args.pretrained_model_name_or_path
+    vae_key = vae_fingerprint(vae, base, "vqvae" if (Path(base) / "vqvae").is_dir() else "vae", args.revision)
+    instance_set = build_image_set(args.instance_data_dir, args, preprocessing, vae, vae_key, accelerator)
+    class_set = None
+    if args.with_prior_preservation:
+        class_set = build_image_set(args.class_data_dir, args, preprocessing, vae, vae_key, accelerator,
+                                    max_items=args.num_class_images)
+    return DreamBoothDataset(instance_set, class_set, min_length=args.train_batch_size * accelerator.num_processes)
+
+
 def instance_photos(folder: str, resolution: int, limit: int = 64) -> torch.Tensor:
     """Up to `limit` instance photos, centre-cropped, as N x 3 x R x R in [-1, 1]."""
-    dataset = image_folder_dataset(folder, Preprocessing(resolution, True), verify=lambda paths: (paths, [], 0))
+    dataset = image_folder_dataset(folder, Preprocessing(resolution, True),
+                                   verify=lambda paths: verify_image_files(paths, resolution, show_progress=False))
     return torch.stack([dataset[i]["pixel_values"] for i in range(min(len(dataset), limit))])
 
 
@@ -162,7 +181,9 @@ def main(args: argparse.Namespace) -> None:
 
     unet, vae = pipeline.unet, pipeline.vae
     vae.requires_grad_(False).eval()
-    vae.to(accelerator.device, dtype=vae_dtype_for(accelerator.mixed_precision))
+    vae.to(accelerator.device)
+    if vae.dtype != vae_dtype_for(accelerator.mixed_precision):
+        vae.to(dtype=vae_dtype_for(accelerator.mixed_precision))
     unet.to(accelerator.device)
     scaling = LatentScaling(pipeline.latent_scale, pipeline.latent_shift, "the base pipeline")
     logger.info("Base model %s: %d px, VAE %s, UNet %.1fM parameters, latent scale %.5f",
@@ -176,19 +197,8 @@ def main(args: argparse.Namespace) -> None:
             scheduler_name=args.class_sampler,
         )
 
-    if args.cache_latents and not args.center_crop:
-        logger.warning("--cache_latents stores one crop per image: using centre crops (as --center_crop).")
-        args.center_crop = True
-    preprocessing = Preprocessing(args.resolution, args.center_crop)
-    vae_key = vae_fingerprint(vae, args.pretrained_model_name_or_path, vae_subfolder(args.pretrained_model_name_or_path),
-                              args.revision)
-    instance_set = build_image_set(args.instance_data_dir, args, preprocessing, vae, vae_key, accelerator)
-    class_set = None
-    if args.with_prior_preservation:
-        class_set = build_image_set(args.class_data_dir, args, preprocessing, vae, vae_key, accelerator,
-                                    max_items=args.num_class_images)
-    train_set = DreamBoothDataset(instance_set, class_set,
-                                  min_length=args.train_batch_size * accelerator.num_processes)
+    train_set = build_training_set(args, vae, accelerator)
+    class_set = train_set.prior
     logger.info("Instance images: %d; class images: %d", len(instance_paths), len(class_set) if class_set else 0)
 
     noise_scheduler = training_noise_scheduler(pipeline)
@@ -278,7 +288,7 @@ def main(args: argparse.Namespace) -> None:
     if finished:
         grid = validate(loop.global_step)
         if accelerator.is_main_process:
-            save_result(args, loop, make_pipeline, lora_config, vae)
+            save_result(args, loop, pipeline, lora_config)
             write_dreambooth_model_card(args, loop, photos, base_grid, grid, len(instance_paths), class_set)
             logger.info("Saved the result to %s", args.output_dir)
     accelerator.wait_for_everyone()
@@ -299,18 +309,19 @@ def forget_validation_metrics_after(output_dir, step: int) -> None:
         path.write_text("".join(f"{row}\n" for row in rows))
 
 
-def save_result(args, loop: TrainingLoop, make_pipeline, lora_config, vae) -> None:
-    """A full pipeline (scheduler as the base's), or only the LoRA adapter."""
-    base = args.pretrained_model_name_or_path
+def save_result(args, loop: TrainingLoop, base: UnconditionalLatentPipeline, lora_config) -> None:
+    """A full pipeline that loads like the base one (same VAE, scheduler, latent scaling), or only the
+    LoRA adapter."""
+    name = args.pretrained_model_name_or_path
     with loop.ema_weights() as model:
         if lora_config is not None:
             save_lora_adapter(model, lora_config, args.output_dir,
-                              base_model=os.path.abspath(base) if os.path.isdir(base) else base)
+                              base_model=os.path.abspath(name) if os.path.isdir(name) else name)
             return
-        if vae.dtype != torch.float32:
-            vae.to(torch.float32)
-        pipeline = make_pipeline(model, "dpmsolver++")
-        pipeline.save_pretrained(args.output_dir)
+        vae = base.vae.to(torch.float32) if base.vae.dtype != torch.float32 else base.vae
+        UnconditionalLatentPipeline(unet=model, vae=vae, scheduler=base.scheduler,
+                                    latent_scaling_factor=base.latent_scale,
+                                    latent_shift_factor=base.latent_shift).save_pretrained(args.output_dir)
 
 
 LORA_USAGE = """\

@@ -58,7 +58,7 @@ def load_base_pipeline(name_or_path: str, revision: str | None = None,
     if torch_dtype is not None:
         options["torch_dtype"] = torch_dtype
     try:
-        return UnconditionalLatentPipeline.from_pretrained(name_or_path, **options)
+        pipeline = UnconditionalLatentPipeline.from_pretrained(name_or_path, **options)
     except (OSError, ValueError, TypeError) as error:
         raise InputError(
             f"Could not load the base model '{name_or_path}': {error}\n"
@@ -66,6 +66,13 @@ def load_base_pipeline(name_or_path: str, revision: str | None = None,
             "train_unconditional_latent.py (model_index.json + unet/ vae/ scheduler/), a folder in the CompVis "
             "LDM layout (unet/ vqvae/ scheduler/), or the hub id of one."
         ) from error
+    config = pipeline.unet.config
+    if config.get("num_class_embeds") or config.get("class_embed_type"):
+        raise InputError(
+            f"The base model '{name_or_path}' is class-conditional (its UNet has class embeddings); DreamBooth "
+            "here needs an unconditional model."
+        )
+    return pipeline
 
 
 def base_resolution(pipeline: UnconditionalLatentPipeline) -> int:
