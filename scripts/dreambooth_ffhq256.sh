@@ -16,10 +16,12 @@
 #    and samples/validation_metrics.jsonl (distance to the photos, spread of the samples) to pick the
 #    number of steps; checkpoints every 200 steps allow going back.
 #
-# GPU memory: the batch of 4 + 4 (full fine-tune of 258M parameters in fp32 with AdamW: ~4.1 GB of weights,
-# gradients and optimiser state, plus activations) assumes a 24 GB card (RTX 3090/4090, A10, L4) and is not
-# a measured figure. On 16 GB add --gradient_checkpointing, or use --use_lora (LoRA rank 4 trains ~1% of the
-# weights; the default learning rate becomes 1e-4). Class-image generation uses --sample_batch_size 16.
+# GPU memory: the batch of 4 instance + 4 class latents assumes a 12 GB card (16 GB gives headroom). Estimate,
+# not measured on a GPU: full fine-tuning in fp32 holds ~3.8 GiB of weights, gradients and AdamW state for the
+# 258M-parameter UNet, plus 1.3 GiB of saved activations for 8 latents of 4x32x32 (counted on a CPU with
+# saved-tensor hooks; 0.75 GiB with --gradient_checkpointing), the SD VAE (0.3 GiB) and the CUDA context:
+# about 7-8 GiB in all. --use_lora (rank 4: 1.4M weights, 0.5%, a 5 MiB adapter; learning rate 1e-4) needs
+# about 4 GiB. Class-image generation (--sample_batch_size 16, no gradients) needs less than training.
 set -euo pipefail
 VARIANT=${1:-prior}
 if [[ $# -gt 0 ]]; then shift; fi

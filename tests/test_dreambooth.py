@@ -23,13 +23,16 @@ RESOLUTION = 32
 
 @pytest.fixture(scope="session")
 def base_dir(tmp_path_factory) -> Path:
-    """A tiny base pipeline (random UNet, random f4 KL VAE, latents scaled to unit std)."""
+    """A tiny base pipeline: random UNet, random f4 KL VAE made deterministic (posterior std ~0, else the
+    random posterior noise drowns the image in the latents), latents scaled to unit std."""
     from diffusers import DDPMScheduler
 
     from pipeline_latent_uncond import UnconditionalLatentPipeline
 
     vae = build_tiny_kl_vae()
     with torch.no_grad():
+        vae.quant_conv.weight[4:] = 0  # the log-variance half of the posterior
+        vae.quant_conv.bias[4:] = -30
         std = vae.encode(torch.rand(8, 3, RESOLUTION, RESOLUTION) * 2 - 1).latent_dist.mean.std().item()
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195, clip_sample=False)
     pipeline = UnconditionalLatentPipeline(unet=build_tiny_unet(), vae=vae, scheduler=scheduler,

@@ -39,8 +39,9 @@ logger = logging.getLogger(__name__)
 GENERATED_CLASS_IMAGE = "generated_{index:06d}.png"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-# Attention projections (as diffusers' DreamBooth LoRA) plus the ResNet convolutions: an unconditional
-# UNet has no text pathway to carry the subject, so the adapter must also reach the convolutions.
+# "attention" is what diffusers' DreamBooth LoRA adapts (there, through the text cross-attention). An
+# unconditional UNet has no text pathway to carry the subject, so the default also adapts the ResNet
+# convolutions, where most of its weights are.
 LORA_TARGET_PRESETS = {
     "attention": ["to_q", "to_k", "to_v", "to_out.0"],
     "attention+conv": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"],
