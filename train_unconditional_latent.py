@@ -24,7 +24,7 @@ from uldm import args as cli
 from uldm.data import Preprocessing, build_image_dataset, sharded_verifier
 from uldm.diffusion import build_noise_scheduler, noisy_latents_and_target, per_sample_loss
 from uldm.errors import exit_cleanly_on_input_errors
-from uldm.latent_cache import build_or_load_latent_cache, cache_key, measure_moments_sharded
+from uldm.latent_cache import build_or_load_latent_cache, cache_key, latents_from_batch, measure_moments_sharded
 from uldm.model_card import write_model_card
 from uldm.models import build_unet, count_parameters
 from uldm.sampling import make_scheduler
@@ -34,8 +34,8 @@ from uldm.training import (
 )
 from uldm.validation import fixed_validation_noise, log_image_grid
 from uldm.vae import (
-    RunningMoments, check_unet_matches_latents, describe_vae, encode_moments, latent_shape, load_vae,
-    resolve_latent_scaling, sample_from_moments, vae_dtype_for, vae_fingerprint,
+    RunningMoments, check_unet_matches_latents, describe_vae, latent_shape, load_vae, resolve_latent_scaling,
+    vae_dtype_for, vae_fingerprint,
 )
 
 logger = logging.getLogger("train_unconditional_latent")
@@ -90,23 +90,6 @@ def measure_latent_std(train_set, vae, args, accelerator, shift: float) -> float
     if accelerator.num_processes > 1:
         std = broadcast(std, from_process=0)
     return std.item()
-
-
-def latents_from_batch(batch, vae, scaling, generator, random_flip: bool) -> torch.Tensor:
-    """Scaled latents of a batch of images or of cached moments, with a fresh posterior sample."""
-    if "pixel_values" in batch:
-        pixels = batch["pixel_values"]
-        if random_flip:
-            flip = torch.rand(pixels.shape[0], generator=generator, device=pixels.device) < 0.5
-            pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
-        mean, std = encode_moments(vae, pixels)
-    else:
-        mean, std = batch["mean"], batch.get("std")
-        if random_flip:
-            flip = (torch.rand(mean.shape[0], generator=generator, device=mean.device) < 0.5)[:, None, None, None]
-            mean = torch.where(flip, batch["mean_flipped"], mean)
-            std = None if std is None else torch.where(flip, batch["std_flipped"], std)
-    return scaling.apply(sample_from_moments(mean, std, generator))
 
 
 @exit_cleanly_on_input_errors

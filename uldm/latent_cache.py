@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from .vae import encode_moments, latent_moments_of_batches, RunningMoments
+from .vae import RunningMoments, encode_moments, latent_moments_of_batches, sample_from_moments
 
 logger = logging.getLogger(__name__)
 
@@ -166,3 +166,21 @@ def measure_moments_sharded(dataset, vae, num_images: int, batch_size: int, proc
     mine = sorted(chosen[process_index::num_processes].tolist())
     loader = DataLoader(Subset(dataset, mine), batch_size=batch_size)
     return latent_moments_of_batches(vae, (batch["pixel_values"] for batch in loader))
+
+
+def latents_from_batch(batch: dict, vae, scaling, generator: torch.Generator, random_flip: bool) -> torch.Tensor:
+    """Scaled latents of a batch of images ({"pixel_values"}) or of cached moments ({"mean", ...}),
+    with a fresh posterior sample; flips (and the sample) are drawn from `generator`."""
+    if "pixel_values" in batch:
+        pixels = batch["pixel_values"]
+        if random_flip:
+            flip = torch.rand(pixels.shape[0], generator=generator, device=pixels.device) < 0.5
+            pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
+        mean, std = encode_moments(vae, pixels)
+    else:
+        mean, std = batch["mean"], batch.get("std")
+        if random_flip:
+            flip = (torch.rand(mean.shape[0], generator=generator, device=mean.device) < 0.5)[:, None, None, None]
+            mean = torch.where(flip, batch["mean_flipped"], mean)
+            std = None if std is None else torch.where(flip, batch["std_flipped"], std)
+    return scaling.apply(sample_from_moments(mean, std, generator))

@@ -26,8 +26,12 @@ pipe = UnconditionalLatentPipeline.from_pretrained("{location}")
 
 
 def write_model_card(output_dir: str | os.PathLike, title: str, summary: str, args,
-                     images: dict[str, str | os.PathLike | None] | None = None, facts: dict | None = None) -> Path:
-    """Write README.md into `output_dir`; images (caption -> PNG) are copied next to it."""
+                     images: dict[str, str | os.PathLike | None] | None = None, facts: dict | None = None,
+                     usage: str | None = None) -> Path:
+    """Write README.md into `output_dir`; images (caption -> PNG) are copied next to it.
+
+    `usage` (Markdown) replaces the standard "load this folder as a pipeline" section, for outputs
+    that are not a full pipeline (e.g. a LoRA adapter)."""
     output_dir = Path(output_dir)
     lines = [
         "---",
@@ -54,7 +58,7 @@ def write_model_card(output_dir: str | os.PathLike, title: str, summary: str, ar
         lines += ["## Facts", "", "| | |", "|---|---|"]
         lines += [f"| {key} | {value} |" for key, value in facts.items()]
         lines.append("")
-    lines += ["## Usage", "", USAGE.format(location=output_dir.name), "## Training arguments", "", "```json",
+    lines += ["## Usage", "", usage or USAGE.format(location=output_dir.name), "## Training arguments", "", "```json",
               json.dumps(vars(args), indent=2, sort_keys=True, default=str), "```", ""]
     path = output_dir / "README.md"
     path.write_text("\n".join(lines))

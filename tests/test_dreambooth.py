@@ -1,0 +1,300 @@
+"""train_dreambooth_unconditional.py: it moves samples to the subject, generates only missing class
+images, splits and weights the loss per half, saves small LoRA adapters, resumes exactly and refuses
+bad input clearly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import build_tiny_kl_vae, build_tiny_unet, make_blob_images, run_script
+
+SCRIPT = "train_dreambooth_unconditional"
+RESOLUTION = 32
+
+
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory) -> Path:
+    """A tiny base pipeline: random UNet, random f4 KL VAE made deterministic (posterior std ~0, else the
+    random posterior noise drowns the image in the latents), latents scaled to unit std."""
+    from diffusers import DDPMScheduler
+
+    from pipeline_latent_uncond import UnconditionalLatentPipeline
+
+    vae = build_tiny_kl_vae()
+    with torch.no_grad():
+        vae.quant_conv.weight[4:] = 0  # the log-variance half of the posterior
+        vae.quant_conv.bias[4:] = -30
+        std = vae.encode(torch.rand(8, 3, RESOLUTION, RESOLUTION) * 2 - 1).latent_dist.mean.std().item()
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195, clip_sample=False)
+    pipeline = UnconditionalLatentPipeline(unet=build_tiny_unet(), vae=vae, scheduler=scheduler,
+                                           latent_scaling_factor=1.0 / std)
+    folder = tmp_path_factory.mktemp("base") / "pipeline"
+    pipeline.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def instance_dir(tmp_path_factory) -> Path:
+    """The subject: a large red disc near the centre of a blue background, 5 slightly different photos."""
+    folder = tmp_path_factory.mktemp("subject") / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[0:RESOLUTION, 0:RESOLUTION]
+    for index in range(5):
+        cy, cx = RESOLUTION / 2 + rng.uniform(-2, 2, size=2)
+        inside = (yy - cy) ** 2 + (xx - cx) ** 2 <= rng.uniform(8, 10) ** 2
+        pixels = np.where(inside[..., None], [230, 30, 30], [20, 40, 200]).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"me_{index}.png")
+    return folder
+
+
+def db_args(base, instance, output_dir, **overrides) -> list[str]:
+    options = {
+        "pretrained_model_name_or_path": base,
+        "instance_data_dir": instance,
+        "output_dir": output_dir,
+        "train_batch_size": 4,
+        "max_train_steps": 4,
+        "learning_rate": 1e-3,
+        "validation_steps": 0,
+        "num_validation_images": 4,
+        "validation_inference_steps": 3,
+        "checkpointing_steps": 0,
+        "class_sampling_steps": 2,
+        "report_to": "none",
+    }
+    options.update(overrides)
+    argv = []
+    for key, value in options.items():
+        if value is True:
+            argv.append(f"--{key}")
+        elif value is not None and value is not False:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def folder_state(folder: Path) -> dict[str, int]:
+    return {path.name: path.stat().st_mtime_ns for path in sorted(folder.iterdir())}
+
+
+@torch.no_grad()
+def subject_latent_distance(pipeline, instance_dir: Path, num_samples: int = 8) -> float:
+    """Mean over samples from fixed noise of the RMS distance to the nearest instance latent."""
+    from uldm.data import Preprocessing, image_folder_dataset
+    from uldm.sampling import make_scheduler
+
+    photos = image_folder_dataset(instance_dir, Preprocessing(RESOLUTION, True))
+    pixels = torch.stack([photos[i]["pixel_values"] for i in range(len(photos))])
+    references = pipeline.encode_images(pixels, sample_posterior=False).flatten(1)
+    pipeline.scheduler = make_scheduler("dpmsolver++", pipeline.scheduler.config)
+    pipeline.set_progress_bar_config(disable=True)
+    noise = torch.randn((num_samples, *pipeline.latent_shape(1)[1:]), generator=torch.Generator().manual_seed(123))
+    samples = pipeline(batch_size=num_samples, latents=noise, num_inference_steps=10, output_type="latent").images
+    return (torch.cdist(samples.flatten(1), references).min(dim=1).values / references.shape[1] ** 0.5).mean().item()
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def test_fine_tuning_moves_samples_towards_the_subject_and_saves_a_loadable_pipeline(base_dir, instance_dir, tmp_path):
+    from pipeline_latent_uncond import UnconditionalLatentPipeline
+
+    out = tmp_path / "full"
+    run_script(SCRIPT, db_args(base_dir, instance_dir, out, max_train_steps=30, validation_steps=15))
+
+    base = UnconditionalLatentPipeline.from_pretrained(base_dir)
+    tuned = UnconditionalLatentPipeline.from_pretrained(out)
+    assert tuned.latent_scale == pytest.approx(base.latent_scale)
+    before, after = subject_latent_distance(base, instance_dir), subject_latent_distance(tuned, instance_dir)
+    assert after < 0.8 * before, f"samples did not move towards the subject: {before:.3f} -> {after:.3f}"
+
+    measured = read_jsonl(out / "samples" / "validation_metrics.jsonl")
+    assert [row["step"] for row in measured] == [0, 15, 30], "step 0 (base), every 15 steps, and the end"
+    assert measured[-1]["instance_latent_distance"] < measured[0]["instance_latent_distance"]
+    for step in (0, 15, 30):
+        assert (out / "samples" / f"validation_{step:07d}.png").is_file()
+    losses = read_jsonl(out / "metrics.jsonl")
+    assert len(losses) == 30 and "instance_loss" in losses[0] and "prior_loss" not in losses[0]
+    card = (out / "README.md").read_text()
+    assert "Instance images (left)" in card and "card_instances_vs_samples.png" in card
+    assert (out / "card_instances_vs_samples.png").is_file()
+    assert json.loads((out / "training_args.json").read_text())["resolution"] == RESOLUTION
+
+
+def test_prior_preservation_generates_only_the_missing_class_images_and_logs_both_losses(
+        base_dir, instance_dir, tmp_path):
+    class_dir = tmp_path / "class"
+    make_blob_images(class_dir, 2, size=RESOLUTION, seed=5)  # e.g. real images of the class, kept
+    before = folder_state(class_dir)
+    out = tmp_path / "prior"
+    common = dict(with_prior_preservation=True, class_data_dir=class_dir, num_class_images=5, prior_loss_weight=0.5,
+                  snr_gamma=5.0, sample_batch_size=2)
+    run_script(SCRIPT, db_args(base_dir, instance_dir, out, **common))
+
+    after = folder_state(class_dir)
+    generated = sorted(set(after) - set(before))
+    assert generated == [f"generated_{i:06d}.png" for i in range(3)], "exactly the 3 missing images"
+    assert all(after[name] == before[name] for name in before), "existing class images are left alone"
+    assert all(Image.open(class_dir / name).size == (RESOLUTION, RESOLUTION) for name in generated)
+
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert len(rows) == 4
+    for row in rows:
+        assert np.isfinite(row["instance_loss"]) and np.isfinite(row["prior_loss"])
+        assert row["loss"] == pytest.approx(row["instance_loss"] + 0.5 * row["prior_loss"], rel=1e-5)
+
+    # A full class folder is reused: nothing generated, nothing touched.
+    run_script(SCRIPT, db_args(base_dir, instance_dir, tmp_path / "again", **common, max_train_steps=1))
+    assert folder_state(class_dir) == after
+
+
+def test_class_images_cut_short_are_completed_with_the_same_indices():
+    from uldm.dreambooth import class_image_indices_to_generate
+
+    existing = [Path("generated_000001.png"), Path("photo.jpg"), Path("generated_000003.png")]
+    assert class_image_indices_to_generate(existing, 3) == [0, 2, 4]
+    assert class_image_indices_to_generate(existing, 0) == []
+
+
+def test_min_snr_weights_apply_to_each_half_of_the_batch():
+    """diffusers #5791: a B-sized weight on the 2B losses crashed, and the prior half was never weighted."""
+    from diffusers import DDPMScheduler
+
+    from uldm.diffusion import min_snr_weights
+    from uldm.dreambooth import DreamBoothLoss
+
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195, clip_sample=False)
+    generator = torch.Generator().manual_seed(0)
+    prediction, target = torch.randn(6, 4, 8, 8, generator=generator), torch.randn(6, 4, 8, 8, generator=generator)
+    timesteps = torch.tensor([5, 400, 990, 10, 500, 999])
+    mse = (prediction - target).pow(2).mean(dim=(1, 2, 3))
+    weights = min_snr_weights(scheduler, timesteps, 5.0)
+    assert not torch.allclose(weights[3:], torch.ones(3)), "the check needs weights that differ from 1"
+
+    loss, logs = DreamBoothLoss(scheduler, prior_loss_weight=0.5, snr_gamma=5.0)(prediction, target, timesteps, 3)
+    assert logs["instance_loss"].item() == pytest.approx((weights[:3] * mse[:3]).mean().item(), rel=1e-6)
+    assert logs["prior_loss"].item() == pytest.approx((weights[3:] * mse[3:]).mean().item(), rel=1e-6)
+    assert loss.item() == pytest.approx(logs["instance_loss"].item() + 0.5 * logs["prior_loss"].item(), rel=1e-6)
+
+    plain, plain_logs = DreamBoothLoss(scheduler, prior_loss_weight=1.0)(prediction, target, timesteps, 3)
+    assert plain_logs["prior_loss"].item() == pytest.approx(mse[3:].mean().item(), rel=1e-6)
+    alone, alone_logs = DreamBoothLoss(scheduler)(prediction[:3], target[:3], timesteps[:3], 3)
+    assert "prior_loss" not in alone_logs and alone.item() == pytest.approx(mse[:3].mean().item(), rel=1e-6)
+
+
+def test_lora_resumes_exactly_and_its_small_adapter_reproduces_the_samples(base_dir, instance_dir, tmp_path,
+                                                                             monkeypatch):
+    import uldm.training
+    from pipeline_latent_uncond import UnconditionalLatentPipeline
+    from uldm.dreambooth import load_dreambooth_pipeline, load_lora_adapter
+    from uldm.sampling import make_scheduler
+    from uldm.validation import fixed_validation_noise, image_grid
+
+    class_dir = tmp_path / "class"
+    make_blob_images(class_dir, 4, size=RESOLUTION, seed=7)
+    common = dict(use_lora=True, rank=4, with_prior_preservation=True, class_data_dir=class_dir, num_class_images=4,
+                  max_train_steps=4, gradient_accumulation_steps=2, random_flip=True, cache_latents=True,
+                  use_ema=True, checkpointing_steps=100, snr_gamma=5.0)
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    run_script(SCRIPT, db_args(base_dir, instance_dir, straight, **common))
+
+    original_log = uldm.training.MetricsWriter.log
+
+    def log_then_signal(self, values, step):
+        original_log(self, values, step)
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # the loop saves a checkpoint at the end of step 2 and stops
+
+    monkeypatch.setattr(uldm.training.MetricsWriter, "log", log_then_signal)
+    run_script(SCRIPT, db_args(base_dir, instance_dir, interrupted, **common))
+    monkeypatch.setattr(uldm.training.MetricsWriter, "log", original_log)
+    assert [p.name for p in interrupted.glob("checkpoint-*")] == ["checkpoint-2"]
+    assert not (interrupted / "adapter_model.safetensors").exists()
+    checkpoint_weights = load_file(interrupted / "checkpoint-2" / "model.safetensors")
+    assert checkpoint_weights and all(".lora_" in key for key in checkpoint_weights), "checkpoints hold the adapter only"
+    run_script(SCRIPT, db_args(base_dir, instance_dir, interrupted, resume_from_checkpoint="latest", **common))
+
+    a, b = read_jsonl(straight / "metrics.jsonl"), read_jsonl(interrupted / "metrics.jsonl")
+    assert [row["step"] for row in b] == [1, 2, 3, 4]
+    for row_a, row_b in zip(a, b):
+        for key in ("loss", "instance_loss", "prior_loss"):
+            assert row_a[key] == pytest.approx(row_b[key], rel=1e-6, abs=1e-7)
+    adapter_a = load_file(straight / "adapter_model.safetensors")
+    adapter_b = load_file(interrupted / "adapter_model.safetensors")
+    assert adapter_a.keys() == adapter_b.keys()
+    assert max((adapter_a[k] - adapter_b[k]).abs().max().item() for k in adapter_a) <= 1e-6
+
+    # Small: a fraction of the UNet. And the adapter is not a no-op (LoRA B starts at zero).
+    unet_bytes = (base_dir / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
+    assert (straight / "adapter_model.safetensors").stat().st_size < 0.15 * unet_bytes
+    assert any(key.endswith("lora_B.weight") and value.abs().max() > 0 for key, value in adapter_a.items())
+
+    # Base + adapter gives the samples of the final validation grid (same noise, sampler and steps).
+    def grid_of(pipeline) -> np.ndarray:
+        pipeline.scheduler = make_scheduler("dpmsolver++", pipeline.scheduler.config)
+        pipeline.set_progress_bar_config(disable=True)
+        noise = fixed_validation_noise(4, pipeline.latent_shape(1)[1:], 0, "cpu")
+        images = pipeline(batch_size=4, latents=noise, num_inference_steps=3, output_type="np").images
+        return np.asarray(image_grid(images), dtype=np.int16)
+
+    final_grid = np.asarray(Image.open(straight / "samples" / "validation_0000004.png"), dtype=np.int16)
+    base_grid = grid_of(UnconditionalLatentPipeline.from_pretrained(base_dir))
+    with_adapter = grid_of(load_lora_adapter(UnconditionalLatentPipeline.from_pretrained(base_dir), straight))
+    merged = grid_of(load_dreambooth_pipeline(straight, merge_lora=True))
+    assert np.abs(with_adapter - final_grid).max() <= 1
+    assert np.abs(merged - final_grid).max() <= 1
+    assert np.abs(base_grid - final_grid).max() > 1, "the adapter changes the samples"
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+def expect_input_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(SCRIPT, argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_empty_instance_folder_and_unusable_base_models_are_refused(base_dir, instance_dir, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "holds no images" in expect_input_error(db_args(base_dir, empty, tmp_path / "o1"), capsys)
+
+    message = expect_input_error(db_args(tmp_path / "no-such-model", instance_dir, tmp_path / "o2"), capsys)
+    assert "Could not load the base model" in message
+
+    text_to_image = tmp_path / "sd"
+    text_to_image.mkdir()
+    (text_to_image / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"]}))
+    message = expect_input_error(db_args(text_to_image, instance_dir, tmp_path / "o3"), capsys)
+    assert "not an unconditional latent diffusion pipeline" in message
+
+    message = expect_input_error(db_args(base_dir, instance_dir, tmp_path / "o4", resolution=64), capsys)
+    assert "--resolution 64 does not match the base model" in message and "32x32" in message
+
+
+def test_class_images_of_another_size_are_refused_and_kept(base_dir, instance_dir, tmp_path, capsys):
+    class_dir = tmp_path / "class"
+    make_blob_images(class_dir, 2, size=RESOLUTION)
+    Image.new("RGB", (64, 64)).save(class_dir / "generated_000002.png")
+    before = folder_state(class_dir)
+    message = expect_input_error(db_args(base_dir, instance_dir, tmp_path / "out", with_prior_preservation=True,
+                                         class_data_dir=class_dir, num_class_images=6), capsys)
+    assert "not 32x32" in message and "generated_000002.png (64x64)" in message
+    assert folder_state(class_dir) == before, "nothing generated, nothing deleted"

@@ -1,0 +1,467 @@
+"""DreamBooth for unconditional latent models: base model, class images, paired batches, the split
+loss, LoRA adapters and the subject/diversity measures.
+
+With no text prompt the only handle is the data. Fine-tuning on a few instance photos pulls the
+whole distribution towards the subject; the prior-preservation loss on images sampled from the
+base model ("class images") keeps its diversity. Each batch holds B instance and B class examples
+and goes through the UNet in one forward pass; the per-sample losses are split into the two halves,
+each half with its own Min-SNR weights (diffusers' train_dreambooth.py applies a B-sized weight to
+the 2B losses and crashes, #5791, and never weights the prior half).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from pipeline_latent_uncond import UnconditionalLatentPipeline
+
+from .diffusion import per_sample_loss
+from .errors import InputError
+from .images import list_image_files
+from .sampling import make_scheduler
+from .vae import downsample_factor
+
+logger = logging.getLogger(__name__)
+
+GENERATED_CLASS_IMAGE = "generated_{index:06d}.png"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+# "attention" is what diffusers' DreamBooth LoRA adapts (there, through the text cross-attention). An
+# unconditional UNet has no text pathway to carry the subject, so the default also adapts the ResNet
+# convolutions, where most of its weights are.
+LORA_TARGET_PRESETS = {
+    "attention": ["to_q", "to_k", "to_v", "to_out.0"],
+    "attention+conv": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"],
+}
+
+
+# --------------------------------------------------------------------------------------------
+# The base model
+
+
+def load_base_pipeline(name_or_path: str, revision: str | None = None,
+                       torch_dtype: torch.dtype | None = None) -> UnconditionalLatentPipeline:
+    """The base pipeline (this project's or the CompVis LDM layout), loaded without running its code."""
+    options = {"revision": revision} if revision else {}
+    if torch_dtype is not None:
+        options["torch_dtype"] = torch_dtype
+    try:
+        pipeline = UnconditionalLatentPipeline.from_pretrained(name_or_path, **options)
+    except (OSError, ValueError, TypeError) as error:
+        raise InputError(
+            f"Could not load the base model '{name_or_path}': {error}\n"
+            "--pretrained_model_name_or_path must be an unconditional latent pipeline: a folder written by "
+            "train_unconditional_latent.py (model_index.json + unet/ vae/ scheduler/), a folder in the CompVis "
+            "LDM layout (unet/ vqvae/ scheduler/), or the hub id of one."
+        ) from error
+    config = pipeline.unet.config
+    if config.get("num_class_embeds") or config.get("class_embed_type"):
+        raise InputError(
+            f"The base model '{name_or_path}' is class-conditional (its UNet has class embeddings); DreamBooth "
+            "here needs an unconditional model."
+        )
+    return pipeline
+
+
+def base_resolution(pipeline: UnconditionalLatentPipeline) -> int:
+    """Image side the base model generates: the UNet's latent size times the VAE's downsampling."""
+    size = pipeline.unet.config.sample_size
+    size = size if isinstance(size, int) else size[0]
+    return size * downsample_factor(pipeline.vae)
+
+
+def check_resolution(requested: int | None, pipeline: UnconditionalLatentPipeline) -> int:
+    resolution = base_resolution(pipeline)
+    if requested is not None and requested != resolution:
+        raise InputError(
+            f"--resolution {requested} does not match the base model, which works at {resolution}x{resolution} "
+            f"(UNet sample_size {pipeline.unet.config.sample_size} x VAE downsampling "
+            f"{downsample_factor(pipeline.vae)}). Leave --resolution out or set it to {resolution}."
+        )
+    return resolution
+
+
+def training_noise_scheduler(pipeline: UnconditionalLatentPipeline):
+    """A DDPMScheduler with the base model's noise schedule and prediction type (clip_sample off for latents)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(pipeline.scheduler.config, clip_sample=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Instance and class images
+
+
+def list_instance_images(instance_data_dir: str | os.PathLike) -> list[Path]:
+    folder = Path(instance_data_dir)
+    if not folder.is_dir():
+        raise InputError(f"--instance_data_dir {folder} is not a folder. Give the folder of the subject's photos.")
+    paths = list_image_files(folder)
+    if not paths:
+        raise InputError(
+            f"--instance_data_dir {folder} holds no images. Put 5-20 photos of the subject there (for faces, "
+            "aligned with `python align_faces.py photos/ --output_dir DIR --output_size 256`)."
+        )
+    return paths
+
+
+def check_class_image_sizes(class_data_dir: str | os.PathLike, resolution: int) -> list[Path]:
+    """The class images present; all must be resolution x resolution (the base model's samples)."""
+    paths = list_image_files(class_data_dir) if Path(class_data_dir).is_dir() else []
+    wrong = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                size = image.size
+        except Exception as error:  # unreadable: reported by the data set loader, not here
+            logger.warning("Cannot read the class image %s (%s).", path, error)
+            continue
+        if size != (resolution, resolution):
+            wrong.append(f"{path.name} ({size[0]}x{size[1]})")
+    if wrong:
+        shown = ", ".join(wrong[:5]) + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else "")
+        raise InputError(
+            f"--class_data_dir {class_data_dir} holds {len(wrong)} image(s) that are not {resolution}x{resolution}, "
+            f"the base model's resolution: {shown}. Class images are samples of the base model (or real images "
+            f"of the class) at its resolution; these may come from another model. Use another --class_data_dir "
+            f"(missing images are generated there) or resize them to {resolution}x{resolution}. Nothing was deleted."
+        )
+    return paths
+
+
+def class_image_indices_to_generate(existing: Sequence[Path], missing: int) -> list[int]:
+    """The first `missing` indices whose generated file is not there yet (a cut-short run resumes)."""
+    names = {path.name for path in existing}
+    indices, index = [], 0
+    while len(indices) < missing:
+        if GENERATED_CLASS_IMAGE.format(index=index) not in names:
+            indices.append(index)
+        index += 1
+    return indices
+
+
+def save_image_atomically(image: Image.Image, path: Path) -> None:
+    # A hidden temporary name: other processes listing the folder never see a half-written image.
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    image.save(temporary, format="PNG")
+    os.replace(temporary, path)
+
+
+def generate_missing_class_images(pipeline: UnconditionalLatentPipeline, class_data_dir: str | os.PathLike,
+                                  num_class_images: int, accelerator, *, seed: int, batch_size: int,
+                                  num_inference_steps: int, scheduler_name: str) -> int:
+    """Fill `class_data_dir` up to `num_class_images` images with samples of the base model.
+
+    Every process must call this. Images already there (generated earlier or put there by hand) are
+    kept and counted; the missing ones are split over the processes, image k drawn from the generator
+    seed + k, so the set does not depend on the number of processes or the batch size. Returns the
+    number of images generated by all processes together; on return every process sees them all.
+    """
+    folder = Path(class_data_dir)
+    if accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    existing = list_image_files(folder)
+    missing = num_class_images - len(existing)
+    # Everyone has listed the folder before anyone writes to it, so all agree on what is missing.
+    accelerator.wait_for_everyone()
+    if missing <= 0:
+        logger.info("Using the %d class images in %s (none generated).", len(existing), folder)
+        return 0
+
+    indices = class_image_indices_to_generate(existing, missing)
+    mine = indices[accelerator.process_index :: accelerator.num_processes]
+    logger.info("Generating %d class images into %s (%d there already, %d steps of %s).",
+                missing, folder, len(existing), num_inference_steps, scheduler_name)
+    sampler = UnconditionalLatentPipeline(
+        unet=pipeline.unet, vae=pipeline.vae, scheduler=make_scheduler(scheduler_name, pipeline.scheduler.config),
+        latent_scaling_factor=pipeline.latent_scale, latent_shift_factor=pipeline.latent_shift,
+    )
+    sampler.set_progress_bar_config(disable=True)
+    batches = [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
+    with torch.no_grad(), accelerator.autocast():
+        for batch in tqdm(batches, desc="Generating class images", disable=not accelerator.is_local_main_process):
+            generators = [torch.Generator().manual_seed(seed + index) for index in batch]
+            images = sampler(batch_size=len(batch), generator=generators, num_inference_steps=num_inference_steps,
+                             output_type="pil").images
+            for index, image in zip(batch, images):
+                save_image_atomically(image, folder / GENERATED_CLASS_IMAGE.format(index=index))
+    # The barrier diffusers lacks: nobody reads the folder before every process has written its share.
+    accelerator.wait_for_everyone()
+    return missing
+
+
+class DreamBoothDataset(Dataset):
+    """Item i: {"instance": instance item i mod N, "prior": class item i mod M (with prior preservation), "index"}.
+
+    The length is max(N, M, min_length): every class image is seen once per epoch, the few instance
+    images many times, and at least one full batch exists even with fewer photos than the batch size.
+    """
+
+    def __init__(self, instance: Dataset, prior: Dataset | None = None, min_length: int = 0):
+        if len(instance) == 0 or (prior is not None and len(prior) == 0):
+            raise InputError("DreamBooth needs at least one instance image (and one class image with prior preservation).")
+        self.instance = instance
+        self.prior = prior
+        self.length = max(len(instance), len(prior) if prior is not None else 0, min_length)
+        self._epoch = 0
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        # Random crops of the image data sets depend on the epoch.
+        self._epoch = value
+        for part in (self.instance, self.prior):
+            if part is not None and hasattr(part, "epoch"):
+                part.epoch = value
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        item = {"instance": self.instance[index % len(self.instance)], "index": index}
+        if self.prior is not None:
+            item["prior"] = self.prior[index % len(self.prior)]
+        return item
+
+
+# --------------------------------------------------------------------------------------------
+# The loss
+
+
+@dataclass
+class DreamBoothLoss:
+    """instance_loss + prior_loss_weight * prior_loss over a batch whose first `num_instance` rows are
+    instance examples and the rest class examples; Min-SNR weights (if any) are per sample, so each
+    half is weighted by its own timesteps."""
+
+    noise_scheduler: object
+    prior_loss_weight: float = 1.0
+    snr_gamma: float | None = None
+
+    def __call__(self, prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
+                 num_instance: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        losses = per_sample_loss(prediction, target, timesteps, self.noise_scheduler, self.snr_gamma)
+        instance_loss = losses[:num_instance].mean()
+        if num_instance == len(losses):
+            return instance_loss, {"instance_loss": instance_loss.detach()}
+        prior_loss = losses[num_instance:].mean()
+        loss = instance_loss + self.prior_loss_weight * prior_loss
+        return loss, {"instance_loss": instance_loss.detach(), "prior_loss": prior_loss.detach()}
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA (peft). diffusers 0.42's UNet2DModel has no PeftAdapterMixin, so peft is used directly.
+
+
+def lora_target_modules(spec: str) -> list[str]:
+    """A preset name (attention, attention+conv) or a comma-separated list of module names."""
+    if spec in LORA_TARGET_PRESETS:
+        return list(LORA_TARGET_PRESETS[spec])
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    if not names:
+        raise InputError(f"--lora_target_modules must be one of {list(LORA_TARGET_PRESETS)} or module names.")
+    return names
+
+
+def add_lora_adapter(unet, rank: int, alpha: float | None = None, target_modules: Sequence[str] = (),
+                     dropout: float = 0.0):
+    """Freeze the UNet and inject a trainable LoRA adapter; returns its LoraConfig."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if rank < 1:
+        raise InputError(f"--rank must be at least 1, not {rank}.")
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=dropout, init_lora_weights="gaussian",
+                        target_modules=list(target_modules or LORA_TARGET_PRESETS["attention+conv"]))
+    unet.requires_grad_(False)
+    try:
+        inject_adapter_in_model(config, unet)
+    except ValueError as error:
+        raise InputError(f"Cannot add LoRA to the UNet: {error}. Check --lora_target_modules.") from error
+    return config
+
+
+def is_lora_key(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def save_lora_adapter(unet, config, output_dir: str | os.PathLike, base_model: str) -> Path:
+    """Write adapter_model.safetensors + adapter_config.json (peft's layout; the config names the base)."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+    save_file(state, output_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    config.base_model_name_or_path = base_model
+    config.save_pretrained(str(output_dir))
+    return output_dir / ADAPTER_WEIGHTS
+
+
+def is_lora_adapter_folder(path: str | os.PathLike) -> bool:
+    return (Path(path) / ADAPTER_WEIGHTS).is_file() and (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def load_lora_adapter(pipeline: UnconditionalLatentPipeline, adapter_dir: str | os.PathLike,
+                      merge: bool = False) -> UnconditionalLatentPipeline:
+    """Put the adapter saved by train_dreambooth_unconditional.py --use_lora onto `pipeline.unet`.
+
+    merge=True folds it into the weights and removes the LoRA layers: the pipeline then saves and
+    loads as a plain one (`pipeline.save_pretrained(dir)`), with no peft needed to use it.
+    """
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if not is_lora_adapter_folder(adapter_dir):
+        raise InputError(f"{adapter_dir} holds no LoRA adapter ({ADAPTER_WEIGHTS} and {ADAPTER_CONFIG}).")
+    config = LoraConfig.from_pretrained(str(adapter_dir))
+    state = load_file(Path(adapter_dir) / ADAPTER_WEIGHTS)
+    unet = pipeline.unet
+    inject_adapter_in_model(config, unet)
+    result = set_peft_model_state_dict(unet, state)
+    missing = [key for key in result.missing_keys if is_lora_key(key)]
+    if result.unexpected_keys or missing:
+        raise InputError(
+            f"The adapter in {adapter_dir} does not fit this UNet (unexpected {list(result.unexpected_keys)[:3]}, "
+            f"missing {missing[:3]}); was it trained on another base model ({config.base_model_name_or_path})?"
+        )
+    unet.to(pipeline.device)
+    if merge:
+        merge_lora_adapter(unet)
+    return pipeline
+
+
+def merge_lora_adapter(unet) -> None:
+    """Fold LoRA layers into the base weights and put the plain layers back."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    tuned = [(name, module) for name, module in unet.named_modules() if isinstance(module, BaseTunerLayer)]
+    for name, module in tuned:
+        module.merge()
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(unet.get_submodule(parent_name) if parent_name else unet, child_name, module.get_base_layer())
+    if hasattr(unet, "peft_config"):
+        del unet.peft_config
+
+
+def load_dreambooth_pipeline(path: str | os.PathLike, merge_lora: bool = False,
+                             **options) -> UnconditionalLatentPipeline:
+    """A DreamBooth result: a full pipeline folder, or a LoRA adapter folder (its base is loaded first)."""
+    if not is_lora_adapter_folder(path):
+        return UnconditionalLatentPipeline.from_pretrained(path, **options)
+    base = json.loads((Path(path) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not base:
+        raise InputError(f"{path}/{ADAPTER_CONFIG} does not name its base model (base_model_name_or_path).")
+    return load_lora_adapter(UnconditionalLatentPipeline.from_pretrained(base, **options), path, merge=merge_lora)
+
+
+def register_adapter_only_checkpoints(accelerator) -> None:
+    """Checkpoints of a LoRA run keep only the adapter weights of the model (MBs instead of the whole
+    UNet); loading restores them exactly and leaves the frozen base weights as loaded."""
+
+    def keep_only_adapter(models, weights, output_dir):
+        for index, state in enumerate(weights):
+            weights[index] = {key: value for key, value in state.items() if is_lora_key(key)}
+
+    def load_adapter(models, input_dir):
+        from safetensors.torch import load_file
+
+        for index in range(len(models)):
+            model = models.pop(0)
+            name = "model.safetensors" if index == 0 else f"model_{index}.safetensors"
+            state = load_file(os.path.join(input_dir, name), device=str(next(model.parameters()).device))
+            result = model.load_state_dict(state, strict=False)
+            missing = [key for key in result.missing_keys if is_lora_key(key)]
+            if result.unexpected_keys or missing or not state:
+                raise InputError(
+                    f"{input_dir} is not a checkpoint of this LoRA run (unexpected keys "
+                    f"{list(result.unexpected_keys)[:3]}, missing adapter keys {missing[:3]}). "
+                    "Resume with the same --use_lora/--rank/--lora_target_modules it was saved with."
+                )
+
+    accelerator.register_save_state_pre_hook(keep_only_adapter)
+    accelerator.register_load_state_pre_hook(load_adapter)
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring the subject/diversity trade-off
+
+
+def thumbnails(images: np.ndarray | torch.Tensor, size: int = 32) -> torch.Tensor:
+    """NHWC images in [0, 1] -> N x 3 x size x size, area-downscaled so that small shifts matter less."""
+    pixels = torch.as_tensor(np.ascontiguousarray(images, dtype=np.float32)).permute(0, 3, 1, 2)
+    if pixels.shape[-1] > size:
+        pixels = F.interpolate(pixels, size=(size, size), mode="area")
+    return pixels
+
+
+def nearest_distances(samples: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """Per sample, the RMS distance (per element) to the closest reference (e.g. instance latents or images)."""
+    a, b = samples.flatten(1).double().cpu(), references.flatten(1).double().cpu()
+    return torch.cdist(a, b).min(dim=1).values / math.sqrt(a.shape[1])
+
+
+def mean_pairwise_distance(samples: torch.Tensor) -> float:
+    """Mean RMS distance between two different samples: how diverse a set of samples is."""
+    count = len(samples)
+    if count < 2:
+        return float("nan")
+    flat = samples.flatten(1).double().cpu()
+    return float(torch.cdist(flat, flat).sum() / (count * (count - 1)) / math.sqrt(flat.shape[1]))
+
+
+@dataclass
+class SubjectReferences:
+    """What samples are compared with: the instance photos' latents and VAE reconstructions (the
+    closest the model can get through its VAE), both for the subject distance."""
+
+    latents: torch.Tensor  # N x C x h x w, scaled like the UNet's latents (posterior mean)
+    reconstructions: np.ndarray  # N x H x W x 3 in [0, 1]
+
+    @classmethod
+    @torch.no_grad()
+    def from_pixels(cls, pipeline: UnconditionalLatentPipeline, pixel_values: torch.Tensor) -> "SubjectReferences":
+        latents = pipeline.encode_images(pixel_values, sample_posterior=False)
+        images = pipeline.decode_latents(latents).permute(0, 2, 3, 1).cpu().numpy()
+        return cls(latents.cpu(), images)
+
+    def measure(self, latents: torch.Tensor, images: np.ndarray) -> dict[str, float]:
+        """Subject distance and spread of a set of samples, in latent space and in (32 px) pixels."""
+        return {
+            "instance_distance": float(nearest_distances(thumbnails(images), thumbnails(self.reconstructions)).mean()),
+            "sample_spread": mean_pairwise_distance(thumbnails(images)),
+            "instance_latent_distance": float(nearest_distances(latents, self.latents).mean()),
+            "sample_latent_spread": mean_pairwise_distance(latents),
+        }
+
+
+def side_by_side(left: str | os.PathLike, right: str | os.PathLike, output: str | os.PathLike,
+                 gap: int = 8) -> Path:
+    """Two PNGs next to each other at the same height (instance photos | samples) for the model card."""
+    images = [Image.open(path).convert("RGB") for path in (left, right)]
+    height = max(image.height for image in images)
+    images = [image if image.height == height else
+              image.resize((round(image.width * height / image.height), height), Image.Resampling.LANCZOS)
+              for image in images]
+    canvas = Image.new("RGB", (images[0].width + gap + images[1].width, height), (255, 255, 255))
+    canvas.paste(images[0], (0, 0))
+    canvas.paste(images[1], (images[0].width + gap, 0))
+    canvas.save(output)
+    return Path(output)
