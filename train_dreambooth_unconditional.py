@@ -43,7 +43,7 @@ from uldm.errors import exit_cleanly_on_input_errors
 from uldm.latent_cache import build_or_load_latent_cache, cache_key, latents_from_batch
 from uldm.model_card import write_model_card
 from uldm.models import count_parameters
-from uldm.sampling import make_scheduler
+from uldm.sampling import SCHEDULER_NAMES, make_scheduler
 from uldm.training import (
     TrainingLoop, build_ema, build_lr_scheduler, build_optimizer, configure_logging, make_accelerator,
     plan_steps, save_run_arguments, scaled_learning_rate,
@@ -53,7 +53,6 @@ from uldm.vae import LatentScaling, describe_vae, latent_shape, vae_dtype_for, v
 
 logger = logging.getLogger("train_dreambooth_unconditional")
 
-SAMPLERS = ("ddim", "dpmsolver++", "unipc", "euler", "ddpm")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -86,7 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="Weight of the prior loss: higher keeps more diversity, lower gives more of the subject.")
     group.add_argument("--sample_batch_size", type=int, default=4, help="Batch size of class-image generation.")
     group.add_argument("--class_sampling_steps", type=int, default=25, help="Sampler steps per class image.")
-    group.add_argument("--class_sampler", type=str, default="dpmsolver++", choices=SAMPLERS,
+    group.add_argument("--class_sampler", type=str, default="dpmsolver++", choices=SCHEDULER_NAMES,
                        help="Sampler of the class images (a fast one: dpmsolver++ gives good images in ~25 steps).")
 
     group = parser.add_argument_group("LoRA")

@@ -31,7 +31,7 @@ INSTANCE_DIR=${INSTANCE_DIR:-data/dreambooth/instance_aligned256}
 CLASS_DIR=${CLASS_DIR:-data/dreambooth/ffhq256-seed-class}
 OUTPUT_DIR=${OUTPUT_DIR:-outputs/dreambooth-ffhq256-$VARIANT}
 
-python align_faces.py "$PHOTOS" --output_dir "$INSTANCE_DIR" --output_size 256 --faces largest
+${PYTHON:-python} align_faces.py "$PHOTOS" --output_dir "$INSTANCE_DIR" --output_size 256 --faces largest
 
 case "$VARIANT" in
   prior)

@@ -298,3 +298,39 @@ def test_class_images_of_another_size_are_refused_and_kept(base_dir, instance_di
                                          class_data_dir=class_dir, num_class_images=6), capsys)
     assert "not 32x32" in message and "generated_000002.png (64x64)" in message
     assert folder_state(class_dir) == before, "nothing generated, nothing deleted"
+
+
+# ------------------------------------------------------------------------------------------------ ready script
+
+
+@pytest.mark.parametrize("variant", ["prior", "no_prior"])
+def test_ready_script_aligns_the_photos_and_passes_arguments_the_trainer_accepts(variant, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    import train_dreambooth_unconditional
+
+    # Stand-ins for python (the alignment step) and accelerate: they record their command lines.
+    record = tmp_path / "commands.jsonl"
+    fake = tmp_path / "bin" / "record"
+    fake.parent.mkdir()
+    fake.write_text(f"#!{sys.executable}\nimport json, sys\n"
+                    f"open({str(record)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
+    fake.chmod(0o755)
+    (fake.parent / "accelerate").symlink_to(fake)
+    env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}", "PYTHON": str(fake),
+           "PHOTOS": "my_photos"}
+    result = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "dreambooth_ffhq256.sh"), variant, "--rank", "8"],
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    align, launch = read_jsonl(record)
+    assert align[:2] == ["align_faces.py", "my_photos"] and align[align.index("--output_size") + 1] == "256"
+    script = next(i for i, arg in enumerate(launch) if arg.endswith(".py"))
+    assert launch[0] == "launch" and launch[script] == "train_dreambooth_unconditional.py"
+    args = train_dreambooth_unconditional.parse_args(launch[script + 1:])
+    assert args.instance_data_dir == align[align.index("--output_dir") + 1]
+    assert args.resolution == 256 and args.rank == 8 and args.with_prior_preservation == (variant == "prior")
+    if variant == "prior":
+        assert args.prior_loss_weight == 0.5 and args.class_data_dir

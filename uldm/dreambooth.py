@@ -31,7 +31,7 @@ from pipeline_latent_uncond import UnconditionalLatentPipeline
 from .diffusion import per_sample_loss
 from .errors import InputError
 from .images import list_image_files
-from .sampling import make_scheduler
+from .sampling import batches, generators_for_indices, make_scheduler, save_image_atomically
 from .vae import downsample_factor
 
 logger = logging.getLogger(__name__)
@@ -153,13 +153,6 @@ def class_image_indices_to_generate(existing: Sequence[Path], missing: int) -> l
     return indices
 
 
-def save_image_atomically(image: Image.Image, path: Path) -> None:
-    # A hidden temporary name: other processes listing the folder never see a half-written image.
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    image.save(temporary, format="PNG")
-    os.replace(temporary, path)
-
-
 def generate_missing_class_images(pipeline: UnconditionalLatentPipeline, class_data_dir: str | os.PathLike,
                                   num_class_images: int, accelerator, *, seed: int, batch_size: int,
                                   num_inference_steps: int, scheduler_name: str) -> int:
@@ -191,14 +184,16 @@ def generate_missing_class_images(pipeline: UnconditionalLatentPipeline, class_d
         latent_scaling_factor=pipeline.latent_scale, latent_shift_factor=pipeline.latent_shift,
     )
     sampler.set_progress_bar_config(disable=True)
-    batches = [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
+    progress = tqdm(total=len(mine), desc="Generating class images", disable=not accelerator.is_local_main_process)
     with torch.no_grad(), accelerator.autocast():
-        for batch in tqdm(batches, desc="Generating class images", disable=not accelerator.is_local_main_process):
-            generators = [torch.Generator().manual_seed(seed + index) for index in batch]
-            images = sampler(batch_size=len(batch), generator=generators, num_inference_steps=num_inference_steps,
-                             output_type="pil").images
+        for batch in batches(mine, batch_size):
+            images = sampler(batch_size=len(batch), generator=generators_for_indices(seed, batch),
+                             num_inference_steps=num_inference_steps, output_type="pil").images
             for index, image in zip(batch, images):
+                # Written under a hidden name, then renamed: nobody lists a half-written image.
                 save_image_atomically(image, folder / GENERATED_CLASS_IMAGE.format(index=index))
+            progress.update(len(batch))
+    progress.close()
     # The barrier diffusers lacks: nobody reads the folder before every process has written its share.
     accelerator.wait_for_everyone()
     return missing
