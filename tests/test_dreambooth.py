@@ -141,7 +141,7 @@ def test_prior_preservation_generates_only_the_missing_class_images_and_logs_bot
     before = folder_state(class_dir)
     out = tmp_path / "prior"
     common = dict(with_prior_preservation=True, class_data_dir=class_dir, num_class_images=5, prior_loss_weight=0.5,
-                  snr_gamma=5.0, sample_batch_size=2)
+                  snr_gamma=5.0, sample_batch_size=2, num_validation_images=0)
     run_script(SCRIPT, db_args(base_dir, instance_dir, out, **common))
 
     after = folder_state(class_dir)
@@ -206,7 +206,7 @@ def test_lora_resumes_exactly_and_its_small_adapter_reproduces_the_samples(base_
     class_dir = tmp_path / "class"
     make_blob_images(class_dir, 4, size=RESOLUTION, seed=7)
     common = dict(use_lora=True, rank=4, with_prior_preservation=True, class_data_dir=class_dir, num_class_images=4,
-                  max_train_steps=4, gradient_accumulation_steps=2, random_flip=True, cache_latents=True,
+                  max_train_steps=4, train_batch_size=2, gradient_accumulation_steps=2, random_flip=True, cache_latents=True,
                   use_ema=True, checkpointing_steps=100, snr_gamma=5.0)
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     run_script(SCRIPT, db_args(base_dir, instance_dir, straight, **common))
@@ -219,13 +219,15 @@ def test_lora_resumes_exactly_and_its_small_adapter_reproduces_the_samples(base_
             os.kill(os.getpid(), signal.SIGTERM)  # the loop saves a checkpoint at the end of step 2 and stops
 
     monkeypatch.setattr(uldm.training.MetricsWriter, "log", log_then_signal)
-    run_script(SCRIPT, db_args(base_dir, instance_dir, interrupted, **common))
+    # Validation samples (only the straight run makes them) must not change the training either.
+    run_script(SCRIPT, db_args(base_dir, instance_dir, interrupted, **common, num_validation_images=0))
     monkeypatch.setattr(uldm.training.MetricsWriter, "log", original_log)
     assert [p.name for p in interrupted.glob("checkpoint-*")] == ["checkpoint-2"]
     assert not (interrupted / "adapter_model.safetensors").exists()
     checkpoint_weights = load_file(interrupted / "checkpoint-2" / "model.safetensors")
     assert checkpoint_weights and all(".lora_" in key for key in checkpoint_weights), "checkpoints hold the adapter only"
-    run_script(SCRIPT, db_args(base_dir, instance_dir, interrupted, resume_from_checkpoint="latest", **common))
+    run_script(SCRIPT, db_args(base_dir, instance_dir, interrupted, resume_from_checkpoint="latest", **common,
+                               num_validation_images=0))
 
     a, b = read_jsonl(straight / "metrics.jsonl"), read_jsonl(interrupted / "metrics.jsonl")
     assert [row["step"] for row in b] == [1, 2, 3, 4]
