@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
+from pathlib import Path
 
 from accelerate.utils import set_seed
 
@@ -96,7 +97,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     cli.add_logging_args(parser, validation_steps=500)
     cli.add_checkpoint_args(parser)
     args = parser.parse_args(argv)
-    check_args(args)
+    try:
+        check_args(args)
+    except InputError as error:
+        parser.error(str(error))
     return args
 
 
@@ -228,7 +232,7 @@ def write_vae_card(args, vae, loop, final: dict, std: float, scale: float, sourc
         images={"Held-out images (left) and reconstructions (right)": f"{args.output_dir}/reconstructions.png",
                 "Loss": f"{args.output_dir}/loss_curve.png"},
         facts=facts,
-        usage=USAGE,
+        usage=USAGE.format(location=Path(args.output_dir).name),
     )
 
 
