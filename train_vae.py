@@ -159,7 +159,7 @@ def main(args: argparse.Namespace) -> None:
                 max_train_steps, loop.global_step, args.train_batch_size, accelerator.num_processes,
                 args.gradient_accumulation_steps)
 
-    grid_pixels = stack_pixels(holdout, args.num_validation_images or 16)
+    grid_pixels = stack_pixels(holdout, max(1, args.num_validation_images))
 
     def validate(step: int, metrics: MetricsWriter):
         """Held-out metrics and a grid of fixed held-out images beside their reconstructions (main process)."""

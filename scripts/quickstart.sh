@@ -30,8 +30,8 @@ if [[ "$QUICK" == 1 ]]; then
   NUM_IMAGES=64;   VAE_STEPS=6;   VAE_BATCH=8;  LDM_STEPS=6;    LDM_BATCH=16
   NUM_SAMPLES=16;  SAMPLE_STEPS=4; CLASS_IMAGES=8; DB_STEPS=4;  VALIDATION_STEPS=0
 else
-  NUM_IMAGES=1024; VAE_STEPS=800; VAE_BATCH=32; LDM_STEPS=1500; LDM_BATCH=64
-  NUM_SAMPLES=64;  SAMPLE_STEPS=25; CLASS_IMAGES=64; DB_STEPS=150; VALIDATION_STEPS=250
+  NUM_IMAGES=1024; VAE_STEPS=2400; VAE_BATCH=8; LDM_STEPS=2500; LDM_BATCH=32
+  NUM_SAMPLES=64;  SAMPLE_STEPS=25; CLASS_IMAGES=64; DB_STEPS=300; VALIDATION_STEPS=500
 fi
 DATA="$OUT/data"
 COMMON=(--resolution 32 --checkpointing_steps 0 --report_to tensorboard --seed 0)
@@ -87,7 +87,7 @@ if [[ -f train_dreambooth_unconditional.py ]]; then
   "${LAUNCH[@]}" train_dreambooth_unconditional.py "${COMMON[@]}" --pretrained_model_name_or_path "$OUT/ldm" \
     --instance_data_dir "$DATA/subject" --with_prior_preservation --class_data_dir "$OUT/class_images" \
     --num_class_images "$CLASS_IMAGES" --prior_loss_weight 0.5 --class_sampling_steps "$SAMPLE_STEPS" \
-    --sample_batch_size 16 --train_batch_size 4 --max_train_steps "$DB_STEPS" --learning_rate 2e-4 \
+    --sample_batch_size 16 --train_batch_size 4 --max_train_steps "$DB_STEPS" --learning_rate 5e-5 \
     --lr_scheduler constant --lr_warmup_steps 0 --validation_steps 0 --num_validation_images 16 \
     --validation_inference_steps "$SAMPLE_STEPS" --output_dir "$OUT/dreambooth"
   cp "$OUT/dreambooth/loss_curve.png" "$OUT/loss_dreambooth.png"

@@ -137,14 +137,14 @@ def draw_face(factors: FaceFactors, resolution: int = 32) -> Image.Image:
     for side in (-1, 1):
         ex = cx + side * eye_dx
         if factors.eyes == "wide":
-            white = half_w * 0.24
+            white = half_w * 0.28
             draw.ellipse((ex - white, eye_y - white, ex + white, eye_y + white), fill=(255, 255, 255))
-        pupil = half_w * 0.12
+        pupil = half_w * (0.14 if factors.eyes == "wide" else 0.17)
         draw.ellipse((ex - pupil, eye_y - pupil, ex + pupil, eye_y + pupil), fill=(20, 20, 20))
 
-    mouth_w, mouth_y, line = half_w * 0.5, cy + half_h * 0.38, max(2, round(half_w * 0.1))
+    mouth_w, mouth_y, line = half_w * 0.5, cy + half_h * 0.38, max(2, round(half_w * 0.14))
     if factors.mouth == "open":
-        r = half_w * 0.17
+        r = half_w * 0.2
         draw.ellipse((cx - r, mouth_y - r, cx + r, mouth_y + r), fill=(120, 20, 30))
     elif factors.mouth == "smile":
         draw.arc((cx - mouth_w, mouth_y - mouth_w * 0.8, cx + mouth_w, mouth_y + mouth_w * 0.4),
