@@ -4,16 +4,19 @@
     python bench/bench_cache_latents.py            # 256 px, Stable Diffusion's VAE layout (random weights)
     python bench/bench_cache_latents.py --quick    # tiny sizes, seconds
 
-Both runs are the real training script, run in this process (`main(parse_args(argv))`) on a folder of
-generated images; images/s come from its metrics.jsonl, the first --warmup_steps steps left out. The
-time spent building the cache (encoding every image, and its mirror image with --random_flip) is
-measured separately and reported both apart ("steady state") and spread over N epochs.
+For each UNet (--unets) the real training script runs twice in this process (`main(parse_args(argv))`)
+on a folder of generated images, once encoding every batch and once with --cache_latents; images/s
+come from its metrics.jsonl, the first --warmup_steps steps left out. The time spent building the
+cache (encoding every image, and its mirror image with --random_flip) is measured separately (the
+first cached run builds it, later ones reuse it) and reported both apart ("steady state") and
+spread over N epochs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -34,9 +37,9 @@ DEFAULTS = {
     "resolution": (256, 32),
     "num_images": (4, 4),
     "train_batch_size": (2, 2),
-    "warmup_steps": (2, 1),
-    "steps": (4, 2),
-    "unet": ("small-sdvae256", "tiny"),
+    "warmup_steps": (1, 1),
+    "steps": (3, 2),
+    "unets": (["small-sdvae256", "seed-ffhq256-sdvae"], ["tiny"]),
     "vae": ("sd", "tiny-kl-f4"),
 }
 
@@ -46,12 +49,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resolution", type=int, default=None, help="Image size (default 256; --quick 32).")
     parser.add_argument("--num_images", type=int, default=None, help="Images in the generated data set (default 4).")
     parser.add_argument("--train_batch_size", type=int, default=None, help="Default 2.")
-    parser.add_argument("--steps", type=int, default=None, help="Timed training steps per run (default 4; --quick 2).")
-    parser.add_argument("--warmup_steps", type=int, default=None,
-                        help="Steps before the timed ones, left out (default 2; --quick 1).")
-    parser.add_argument("--unet", type=str, default=None,
-                        help="UNet: a preset (default small-sdvae256, the small-data-set recipe's; seed-ffhq256-sdvae), "
-                             "'cpu-latent' (a reduced one) or a JSON file. Its sample_size must match the latents.")
+    parser.add_argument("--steps", type=int, default=None, help="Timed training steps per run (default 3; --quick 2).")
+    parser.add_argument("--warmup_steps", type=int, default=None, help="Steps before the timed ones, left out (default 1).")
+    parser.add_argument("--unets", nargs="+", default=None,
+                        help="UNets: presets (default small-sdvae256 seed-ffhq256-sdvae, the recipes' UNets; --quick: "
+                             "tiny), 'cpu-latent' (a reduced one) or JSON files. Their sample_size must match the latents.")
     parser.add_argument("--vae", type=str, default=None,
                         help="'sd' (Stable Diffusion's VAE layout, default) or a configs/vae preset (--quick: tiny-kl-f4).")
     parser.add_argument("--no_random_flip", action="store_true",
@@ -127,21 +129,29 @@ def training_argv(args, images: Path, vae_dir: Path, unet_config: Path, output_d
     return [str(value) for value in argv]
 
 
-def projected_speedups(results_dir: Path, encode_overhead_s: float) -> list[list]:
-    """Steady-state speedup the cache would give other UNets, from their measured training step (train_step.json)."""
-    path = results_dir / "train_step.json"
-    if not path.is_file():
-        return []
-    train_step = json.loads(path.read_text())
-    if train_step.get("quick") or encode_overhead_s <= 0:
-        return []
-    rows = []
-    for config in train_step["results"]["configs"].values():
-        if config.get("space") != "latent" or config.get("precision") != "fp32":
-            continue
-        step_s = config["seconds_per_image"]
-        rows.append([config["label"], step_s, step_s + encode_overhead_s, (step_s + encode_overhead_s) / step_s])
-    return rows
+def speeds_for_unet(args, work: Path, unet: str) -> dict:
+    """Steady images/s without and with the cache for one UNet, and the seconds spent building the cache."""
+    config = work / f"unet-{Path(unet).stem}.json"
+    config.write_text(json.dumps(models.unet_config(unet)))
+    plain_rows, _ = run_training(training_argv(args, work / "images", work / "vae", config, work / "plain"))
+    cached_argv = training_argv(args, work / "images", work / "vae", config, work / "cached")
+    cached_rows, cache_build_or_load_s = run_training(
+        cached_argv + ["--cache_latents", "--latent_cache_dir", str(work / "latent_cache")])
+    for output in ("plain", "cached"):  # the next UNet starts a fresh run, not a resumed one
+        shutil.rmtree(work / output)
+    plain = steady_images_per_sec(plain_rows, args.train_batch_size, args.warmup_steps)
+    cached = steady_images_per_sec(cached_rows, args.train_batch_size, args.warmup_steps)
+    return {"images_per_sec_without_cache": plain, "images_per_sec_with_cache": cached,
+            "speedup_steady_state": cached / plain, "cache_build_or_load_s": cache_build_or_load_s}
+
+
+def amortised_speeds(cached: float, plain: float, cache_s_per_image: float, epochs: list[int]) -> list[dict]:
+    """Images/s with the cache when the one-off encoding is spread over N epochs (per image: its share + a step)."""
+    amortised = []
+    for n in epochs:
+        images_per_sec = 1.0 / (cache_s_per_image / n + 1.0 / cached)
+        amortised.append({"epochs": n, "images_per_sec": images_per_sec, "speedup": images_per_sec / plain})
+    return amortised
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -154,71 +164,64 @@ def run(args: argparse.Namespace) -> dict:
     from uldm.models import count_parameters
 
     result = report.start_result(NAME, "Training with and without --cache_latents", args)
+    unets = {}
     with tempfile.TemporaryDirectory(prefix="bench-cache-") as temporary:
         work = Path(temporary)
         make_images(work / "images", args.num_images, args.resolution)
         vae = models.build_vae(args.vae)
         vae.save_pretrained(work / "vae")
-        unet_config = work / "unet.json"
-        unet_config.write_text(json.dumps(models.unet_config(args.unet)))
-        unet_parameters = count_parameters(models.build_unet(args.unet))
-
-        plain_rows, _ = run_training(training_argv(args, work / "images", work / "vae", unet_config, work / "plain"))
-        cached_argv = training_argv(args, work / "images", work / "vae", unet_config, work / "cached")
-        cached_rows, cache_build_s = run_training(
-            cached_argv + ["--cache_latents", "--latent_cache_dir", str(work / "latent_cache")])
-
-    plain = steady_images_per_sec(plain_rows, args.train_batch_size, args.warmup_steps)
-    cached = steady_images_per_sec(cached_rows, args.train_batch_size, args.warmup_steps)
-    encodes_per_image = 1 if args.no_random_flip else 2
+        for unet in args.unets:
+            print(f"Training {unet} without and with --cache_latents...", flush=True)
+            unets[unet] = speeds_for_unet(args, work, unet)
+            unets[unet]["parameters"] = count_parameters(models.build_unet(unet))
+    # The first cached run built the cache; the later ones only loaded it.
+    cache_build_s = unets[args.unets[0]]["cache_build_or_load_s"]
     cache_s_per_image = cache_build_s / args.num_images
-    # Per-image epoch time with the cache: its steady step plus the one-off encoding spread over N epochs.
-    amortised = [{"epochs": n, "images_per_sec": 1.0 / (cache_s_per_image / n + 1.0 / cached)}
-                 for n in args.amortise_epochs]
-    for entry in amortised:
-        entry["speedup"] = entry["images_per_sec"] / plain
-    speedup = cached / plain
+    for speeds in unets.values():
+        speeds["amortised"] = amortised_speeds(speeds["images_per_sec_with_cache"],
+                                               speeds["images_per_sec_without_cache"], cache_s_per_image,
+                                               args.amortise_epochs)
+    encodes_per_image = 1 if args.no_random_flip else 2
 
     result["settings"] = {
         "resolution": args.resolution, "num_images": args.num_images, "train_batch_size": args.train_batch_size,
         "warmup_steps": args.warmup_steps, "timed_steps": args.steps, "random_flip": not args.no_random_flip,
-        "unet": models.unet_label(args.unet),
-        "unet_parameters": unet_parameters, "vae": models.vae_label(args.vae),
+        "unets": {unet: models.unet_label(unet) for unet in args.unets}, "vae": models.vae_label(args.vae),
         "vae_parameters": count_parameters(vae), "dataloader_num_workers": 0,
     }
     result["results"] = {
-        "images_per_sec_without_cache": plain,
-        "images_per_sec_with_cache": cached,
-        "speedup_steady_state": speedup,
+        "unets": unets,
         "cache_build_s": cache_build_s,
         "cache_build_s_per_image": cache_s_per_image,
         "encodes_per_image": encodes_per_image,
-        "amortised": amortised,
     }
+    rows = []
+    for unet, speeds in unets.items():
+        plain, cached = speeds["images_per_sec_without_cache"], speeds["images_per_sec_with_cache"]
+        rows += [[unet, "encode every step (no cache)", plain, 1 / plain, 1.0],
+                 [unet, "--cache_latents, steady state", cached, 1 / cached, speeds["speedup_steady_state"]]]
+        rows += [[unet, f"--cache_latents incl. the one-off encoding over {e['epochs']} epoch(s)",
+                  e["images_per_sec"], 1 / e["images_per_sec"], e["speedup"]] for e in speeds["amortised"]]
     report.add_table(result, f"Training images/s at {args.resolution} px, batch {args.train_batch_size}",
-                     ["run", "images/s", "s/image", "speedup"],
-                     [["encode every step (no cache)", plain, 1 / plain, 1.0],
-                      ["--cache_latents, steady state", cached, 1 / cached, speedup]]
-                     + [[f"--cache_latents incl. one-off encode over {e['epochs']} epoch(s)", e["images_per_sec"],
-                         1 / e["images_per_sec"], e["speedup"]] for e in amortised])
+                     ["UNet", "run", "images/s", "s/image", "speed-up"], rows)
     report.add_table(result, "Building the cache (one-off)",
                      ["images", "encodes per image", "seconds", "s per image"],
                      [[args.num_images, encodes_per_image, cache_build_s, cache_s_per_image]])
-    projections = [] if args.quick else projected_speedups(Path(args.results_dir), 1 / plain - 1 / cached)
-    if projections:
-        report.add_table(result, "Projected steady-state speedup for other UNets (their measured training step "
-                                 "from the train_step benchmark plus the per-image encoding cost measured here)",
-                         ["UNet", "s/image cached", "s/image uncached", "speedup"], projections)
-    if args.resolution == 256:
-        report.add_target(result, f"cached latents ≥ {TARGET_SPEEDUP}x the images/s of encoding every step at 256 px",
-                          f"{speedup:.1f}x ({cached:.3g} vs {plain:.3g} images/s)", speedup >= TARGET_SPEEDUP)
-    else:
-        report.add_target(result, f"cached latents ≥ {TARGET_SPEEDUP}x at 256 px",
-                          f"not judged at {args.resolution} px ({speedup:.1f}x here)", None)
+    for unet, speeds in unets.items():
+        speedup = speeds["speedup_steady_state"]
+        if args.resolution == 256:
+            report.add_target(result, f"{unet}: cached latents ≥ {TARGET_SPEEDUP}x the images/s of encoding every "
+                                      "step at 256 px",
+                              f"{speedup:.2f}x ({speeds['images_per_sec_with_cache']:.3g} vs "
+                              f"{speeds['images_per_sec_without_cache']:.3g} images/s)", speedup >= TARGET_SPEEDUP)
+        else:
+            report.add_target(result, f"{unet}: cached latents ≥ {TARGET_SPEEDUP}x at 256 px",
+                              f"not judged at {args.resolution} px ({speedup:.2f}x here)", None)
     result["notes"] += [
-        f"UNet: {result['settings']['unet']}, {unet_parameters / 1e6:.1f}M parameters; VAE: "
-        f"{result['settings']['vae']}, {count_parameters(vae) / 1e6:.1f}M parameters; fp32; data loading in the "
-        "training process (0 workers).",
+        "UNets: " + ", ".join(f"{models.unet_label(unet)} ({speeds['parameters'] / 1e6:.1f}M parameters)"
+                              for unet, speeds in unets.items())
+        + f"; VAE: {result['settings']['vae']}, {count_parameters(vae) / 1e6:.1f}M parameters; fp32; data loading "
+        "in the training process (0 workers).",
         "The gain depends on how the encoder's cost compares with the UNet's training step: the smaller the UNet, "
         "the larger the gain. Without the cache each image is encoded once per step (the mirror image is "
         "encoded instead when flipped); the cache stores the encoding of the image and of its mirror image.",

@@ -6,8 +6,9 @@
 
 A step is what the training scripts do: noise and timesteps, forward, MSE, backward, gradient
 clipping, AdamW step. Each configuration runs in a fresh subprocess at two batch sizes (smaller
-first). Memory on the CPU is the subprocess's peak resident set size (getrusage) minus its size
-after the imports; on a GPU it is torch.cuda.max_memory_allocated. The per-image cost is the slope
+first). Memory on the CPU is the subprocess's peak resident set size during that batch size's steps
+(VmHWM, reset before each batch size through /proc/self/clear_refs) minus its resident size after
+the imports; on a GPU it is torch.cuda.max_memory_allocated. The per-image cost is the slope
 between the two batch sizes, which separates it from the fixed cost (weights, gradients, AdamW's
 two moments: 16 bytes per parameter in fp32). From these figures the GPU memory that the ready
 scripts' batch sizes need is estimated.
@@ -43,8 +44,9 @@ CONFIGS = {
     "small_fp32": ("small UNet (small-sdvae256), 4x32x32", "small-sdvae256", "latent", "fp32", (1, 2)),
 }
 QUICK_CONFIGS = {
-    "tiny_latent": ("tiny latent UNet, 4x8x8", "tiny", "latent", "fp32", (1, 2)),
-    "tiny_pixel": ("tiny pixel UNet, 3x32x32", "tiny-pixel", "pixel", "fp32", (1, 2)),
+    # Batches far apart, so the activations of tiny models stand out from the allocator's noise.
+    "tiny_latent": ("tiny latent UNet, 4x8x8", "tiny", "latent", "fp32", (2, 16)),
+    "tiny_pixel": ("tiny pixel UNet, 3x32x32", "tiny-pixel", "pixel", "fp32", (2, 16)),
 }
 DEFAULT_CONFIGS = ("seed_latent", "pixel_default", "ldm_vqf4", "small_fp32", "small_bf16")
 
@@ -60,6 +62,9 @@ SCRIPT_ESTIMATES = (
 )
 # Room left on a card for the CUDA context, cuDNN workspaces and allocator fragmentation.
 CARD_HEADROOM = 0.9
+# Below this share of the named card, the script's comment asks for a much larger card than needed.
+OVERSTATED_BELOW = 0.5
+CARD_SIZES_GB = (8, 12, 16, 24, 32, 40, 48, 80, 141)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,7 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--configs", nargs="+", default=None, choices=sorted(CONFIGS) + sorted(QUICK_CONFIGS),
                         help=f"Configurations to measure (default: {' '.join(DEFAULT_CONFIGS)}; --quick: tiny ones).")
     parser.add_argument("--batch_sizes", type=int, nargs=2, default=None, metavar=("SMALL", "LARGE"),
-                        help="Two batch sizes for every configuration (default: each configuration's own, 1 and 2).")
+                        help="Two batch sizes for every configuration (default: each configuration's own: 1 and 2; "
+                             "--quick 2 and 16).")
     parser.add_argument("--warmup_steps", type=int, default=1,
                         help="Untimed steps at each batch size (at least 1, so AdamW's moments exist at the peak).")
     parser.add_argument("--steps", type=int, default=1, help="Timed steps at each batch size.")
@@ -87,9 +93,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------ in the subprocess
 
 
-def peak_bytes() -> int:
-    """Peak resident set size of this process (ru_maxrss is in KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def process_status_bytes(field: str) -> int | None:
+    """VmRSS (resident now) or VmHWM (peak resident) of this process from /proc/self/status, in bytes."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Set the peak resident size back to the current one (Linux >= 4.0); False where that is impossible.
+
+    Without it the peak would still hold transient memory of the imports, which tiny models never exceed."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def resident_now() -> int:
+    return process_status_bytes("VmRSS") or peak_rss()
+
+
+def peak_rss() -> int:
+    """Peak resident set size since the last reset (getrusage's ru_maxrss, in KiB, never resets)."""
+    return process_status_bytes("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def measure_in_this_process(spec: dict) -> dict:
@@ -100,7 +132,7 @@ def measure_in_this_process(spec: dict) -> dict:
     from bench import models
     from uldm.models import count_parameters
 
-    baseline = peak_bytes()  # python, torch and diffusers loaded, no model yet
+    baseline = resident_now()  # python, torch and diffusers loaded, no model yet
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -110,9 +142,12 @@ def measure_in_this_process(spec: dict) -> dict:
                                      autocast_dtype=torch.bfloat16 if spec["precision"] == "bf16" else None)
 
     measurements = []
+    peak_resets = True
     for batch_size in spec["batch_sizes"]:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        else:
+            peak_resets = reset_peak_rss() and peak_resets
         for _ in range(spec["warmup_steps"]):
             step(batch_size)
         report.synchronize()
@@ -124,12 +159,12 @@ def measure_in_this_process(spec: dict) -> dict:
         if device.type == "cuda":
             memory = torch.cuda.max_memory_allocated()
         else:
-            # The peak only grows, so the larger batch (measured second) sets it: it includes the freed
-            # and reused memory of the smaller batch.
-            memory = peak_bytes() - baseline
+            # Where the peak cannot be reset it only grows; the larger batch, measured second, then sets it.
+            memory = peak_rss() - baseline
         measurements.append({"batch_size": batch_size, "seconds_per_step": seconds, "memory_bytes": memory})
     return {"parameters": count_parameters(model), "measurements": measurements,
             "memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS minus baseline",
+            "peak_reset_per_batch_size": device.type == "cuda" or peak_resets,
             "baseline_rss_bytes": baseline, "device": device.type}
 
 
@@ -193,10 +228,14 @@ def script_estimates(configs: dict) -> list[dict]:
         config = configs[key]
         needed = (max(config["memory_fixed_bytes"], config["expected_fixed_bytes"])
                   + batch_size * config["memory_per_image_bytes"] + 4 * config["parameters"])
+        share = needed / (card_gb * 1e9)
+        verdict = ("more than that card" if share > CARD_HEADROOM else
+                   "far less than that card" if share < OVERSTATED_BELOW else "fits that card")
+        smallest = next((size for size in CARD_SIZES_GB if needed <= CARD_HEADROOM * size * 1e9), None)
         estimates.append({
             "script": script, "config": key, "batch_size": batch_size, "precision": config["precision"],
-            "estimated_gb": needed / 1e9, "assumed_card": card, "card_gb": card_gb,
-            "fits": needed <= CARD_HEADROOM * card_gb * 1e9,
+            "estimated_gb": needed / 1e9, "assumed_card": card, "card_gb": card_gb, "verdict": verdict,
+            "consistent": verdict == "fits that card", "smallest_card_gb": smallest,
         })
     return estimates
 
@@ -235,7 +274,7 @@ def run(args: argparse.Namespace) -> dict | None:
                        c["expected_fixed_bytes"] / GIB] for c in configs.values()])
     latent = next((c for c in configs.values() if c["space"] == "latent" and c["precision"] == "fp32"), None)
     pixel = next((c for c in configs.values() if c["space"] == "pixel"), None)
-    if latent and pixel:
+    if latent and pixel and latent["memory_per_image_bytes"] > 0:
         comparison = {"time_ratio": pixel["seconds_per_image"] / latent["seconds_per_image"],
                       "memory_per_image_ratio": pixel["memory_per_image_bytes"] / latent["memory_per_image_bytes"]}
         result["results"]["pixel_over_latent"] = comparison
@@ -245,23 +284,28 @@ def run(args: argparse.Namespace) -> dict | None:
             f"({pixel['label']} vs {latent['label']}).")
     if estimates:
         report.add_table(result, "Estimated GPU memory for the ready scripts (CPU-measured estimates)",
-                         ["script", "batch", "precision", "estimate (GB)", "script assumes", "consistent"],
+                         ["script", "batch", "precision", "estimate (GB)", "the script's comment names", "verdict",
+                          "smallest card that fits (GB)"],
                          [[e["script"], e["batch_size"], e["precision"], e["estimated_gb"], e["assumed_card"],
-                           e["fits"]] for e in estimates])
+                           e["verdict"], e["smallest_card_gb"]] for e in estimates])
         result["notes"].append(
             "The GPU figures are estimates from CPU measurements: fixed memory (the larger of the measured one and "
-            "16 B/parameter) + batch x measured memory per image + the EMA copy (4 B/parameter). The CPU runs "
-            "attention without memory-efficient SDPA and keeps freed memory in its allocator, so a GPU usually "
-            "needs less; the CUDA context (~0.5-1 GB) is not included. 'consistent' means the estimate is within "
-            f"{CARD_HEADROOM:.0%} of the card the script's comment names.")
+            "16 B/parameter) + batch x measured memory per image + the EMA copy (4 B/parameter). They assume the "
+            "GPU saves the same activations as the CPU (PyTorch's SDPA picks a memory-efficient attention kernel on "
+            "both); the CPU figure is a peak RSS, which also counts memory freed but kept by the allocator, so a GPU "
+            "usually needs somewhat less. Not included: the CUDA context (~0.5-1 GB) and cuDNN workspaces. "
+            f"'fits that card' means within {CARD_HEADROOM:.0%} of the card the script's comment names; 'far less' "
+            f"means under {OVERSTATED_BELOW:.0%} of it.")
         for estimate in estimates:
-            if not estimate["fits"]:
+            if not estimate["consistent"]:
                 message = (f"{estimate['script']}: batch {estimate['batch_size']} ({estimate['precision']}) is "
-                           f"estimated to need {estimate['estimated_gb']:.0f} GB, more than {estimate['assumed_card']} "
-                           "that its comment names: the script's comment should be revised.")
+                           f"estimated to need {estimate['estimated_gb']:.0f} GB, {estimate['verdict']} its comment "
+                           f"names ({estimate['assumed_card']}); a {estimate['smallest_card_gb']} GB card should do. "
+                           "The comment should be revised.")
                 result["notes"].append(message)
-                print("WARNING: " + message, flush=True)
-    if any(c["precision"] == "bf16" for c in configs.values()) and not configs[next(iter(configs))]["memory_kind"].startswith("cuda"):
+                print("NOTE: " + message, flush=True)
+    on_cpu = all(c["memory_kind"] == "peak RSS minus baseline" for c in configs.values())
+    if on_cpu and any(c["precision"] == "bf16" for c in configs.values()):
         result["notes"].append("bf16 on this CPU runs without bf16 hardware: its time is not meaningful, its memory is.")
     report.finish_result(result, args)
     return result

@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """Run every benchmark, one after the other, and rewrite docs/benchmarks.md.
 
-    python bench/run_all.py            # the full measurements (tens of minutes on a 2-core CPU)
-    python bench/run_all.py --quick    # tiny sizes, a smoke test
+    python bench/run_all.py            # the full measurements (about an hour on a busy 2-core CPU)
+    python bench/run_all.py --quick    # tiny sizes, a smoke test (results in a temporary folder)
     python bench/run_all.py --only sampling gpu
 
-The training-step benchmark runs before the cache benchmark, which projects its speed-up onto the
-UNets measured there. Each benchmark waits for a quiet machine (--max_load) before it measures.
+Each benchmark waits for a quiet machine (--max_load) before it measures; --max_wait_s bounds the
+waiting of the whole run.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ if str(REPO_ROOT) not in sys.path:
 from bench import bench_cache_latents, bench_gpu, bench_sampling, bench_train_step, report  # noqa: E402
 
 BENCHMARKS = {
-    "train_step": bench_train_step,
     "cache_latents": bench_cache_latents,
+    "train_step": bench_train_step,
     "sampling": bench_sampling,
     "gpu": bench_gpu,
 }
