@@ -8,9 +8,9 @@
 # latents are used with scale 1.0 (latent_scaling_factor auto does that for VQ models; see diffusers
 # bug #6725 for what happens otherwise).
 #
-# GPU memory: batch 42 at 64x64 latents on ONE GPU assumes an 80 GB card (A100/H100 80GB); on 40-48 GB
-# cards use --train_batch_size 21 --gradient_accumulation_steps 2, or 2 GPUs x 21. docs/benchmarks.md
-# estimates the need at about 31 GB from CPU measurements, so a 40 GB card is likely to fit batch 42.
+# GPU memory: batch 42 at 64x64 latents on ONE GPU needs about 33 GB (fp32, with EMA), as estimated
+# in docs/benchmarks.md from CPU measurements: a 40-48 GB card. On 24-32 GB cards (21 x 2 accumulation)
+# use --train_batch_size 21 --gradient_accumulation_steps 2 (about 19 GB), or 2 GPUs x 21.
 set -euo pipefail
 DATA_DIR=${DATA_DIR:-data/ffhq256}
 OUTPUT_DIR=${OUTPUT_DIR:-outputs/ffhq256-ldm-vqf4}

@@ -3,12 +3,12 @@
 # 4x32x32 latents of Stable Diffusion's VAE, global batch 84, lr 8.4e-5, 500 warm-up steps, EMA,
 # 70 epochs, fp32.
 #
-# GPU memory: the batch of 84 on ONE GPU assumes an 80 GB card (A100/H100 80GB). With several GPUs keep
-# the global batch: 2 GPUs x 42, 4 x 21, 7 x 12 (--train_batch_size is per GPU), or use
-# --gradient_accumulation_steps (e.g. 4 x 21 on a 24-40 GB card). --gradient_checkpointing cuts
-# activation memory by roughly 3x for about 30% more time. docs/benchmarks.md estimates the need at
-# about 26 GB from memory per image measured on the CPU (no memory-efficient attention there), so a
-# 40 GB card is likely to fit batch 84 too.
+# GPU memory: the batch of 84 on ONE GPU needs about 24 GB (fp32, with EMA), as estimated in
+# docs/benchmarks.md from memory per image measured on the CPU: a 32-40 GB card; the seed itself ran
+# on an 80 GB A100. With several GPUs keep the global batch: 2 GPUs x 42, 4 x 21, 7 x 12
+# (--train_batch_size is per GPU), or use --gradient_accumulation_steps: 4 x 21 needs about 10 GB, for
+# 12-24 GB cards. --gradient_checkpointing cuts activation memory further for
+# about 30% more time.
 #
 # Data: FFHQ at 256 px as a folder of PNGs (e.g. from the ffhq-dataset's thumbnails or a 1024 set
 # downscaled), or any aligned face folder made with align_faces.py --output_size 256.

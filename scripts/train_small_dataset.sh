@@ -6,8 +6,9 @@
 #   bash scripts/train_small_dataset.sh pokemon   # huggan/pokemon, ~830 images, 400 epochs
 #   bash scripts/train_small_dataset.sh flowers   # huggan/flowers-102-categories, ~8,200 images, 100 epochs
 #
-# GPU memory: batch 64 in bf16 assumes a 24 GB card (RTX 3090/4090, A10, L4); on 12-16 GB cards use
-# BATCH_SIZE=32 or add --gradient_checkpointing. Extra arguments are passed on to the training script.
+# GPU memory: batch 64 in bf16 needs about 6 GB by docs/benchmarks.md's estimate (from CPU
+# measurements): an 8-12 GB card or anything larger; on cards under 8 GB use BATCH_SIZE=32
+# (about 4 GB) or add --gradient_checkpointing. Extra arguments are passed on to the training script.
 set -euo pipefail
 case "${1:-}" in
   pokemon) DATASET=huggan/pokemon; EPOCHS=400 ;;

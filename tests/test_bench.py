@@ -9,7 +9,7 @@ import json
 
 import torch
 
-from bench import bench_gpu, report, run_all
+from bench import bench_gpu, bench_train_step, report, run_all
 
 COMMON_KEYS = {"name", "title", "quick", "machine", "started", "duration_s", "load_at_start", "load_at_end",
                "settings", "results", "tables", "targets", "notes"}
@@ -58,6 +58,11 @@ def test_every_benchmark_runs_quickly_and_writes_results_and_report(tmp_path):
         for measurement in config["measurements"]:
             assert_positive(measurement, "seconds_per_step", "memory_bytes")
     assert_positive(train_step["pixel_over_latent"], "time_ratio", "memory_per_image_ratio")
+    measured = json.loads((results_dir / "train_step.json").read_text())
+    bench_train_step.main(["--rereport", "--results_dir", str(results_dir), "--report", str(report_path)])
+    rebuilt = json.loads((results_dir / "train_step.json").read_text())
+    assert rebuilt["tables"] == measured["tables"] and rebuilt["results"] == measured["results"], \
+        "rebuilding the report from saved measurements changes nothing when nothing else changed"
 
     sampling = read_result(results_dir, "sampling")["results"]
     assert [run["scheduler"] for run in sampling["runs"]] == ["ddpm", "ddim", "dpmsolver++", "unipc", "euler"]
