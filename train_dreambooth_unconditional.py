@@ -28,7 +28,6 @@ import os
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_seed
 
 from pipeline_latent_uncond import UnconditionalLatentPipeline
 from uldm import args as cli
@@ -44,10 +43,7 @@ from uldm.latent_cache import build_or_load_latent_cache, cache_key, latents_fro
 from uldm.model_card import write_model_card
 from uldm.models import count_parameters
 from uldm.sampling import SCHEDULER_NAMES, make_scheduler
-from uldm.training import (
-    TrainingLoop, build_ema, build_lr_scheduler, build_optimizer, configure_logging, make_accelerator,
-    plan_steps, save_run_arguments, scaled_learning_rate,
-)
+from uldm.training import TrainingLoop, build_training_loop, save_run_arguments, start_run
 from uldm.validation import fixed_validation_noise, image_grid, log_image_grid
 from uldm.vae import LatentScaling, describe_vae, latent_shape, vae_dtype_for, vae_fingerprint
 
@@ -165,9 +161,7 @@ def instance_photos(folder: str, resolution: int, limit: int = 64) -> torch.Tens
 
 @exit_cleanly_on_input_errors
 def main(args: argparse.Namespace) -> None:
-    accelerator = make_accelerator(args)
-    configure_logging(accelerator)
-    set_seed(args.seed)
+    accelerator = start_run(args)
 
     # Everything that can be wrong with the input is checked before anything is written or generated.
     pipeline = load_base_pipeline(args.pretrained_model_name_or_path, args.revision)
@@ -212,17 +206,9 @@ def main(args: argparse.Namespace) -> None:
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
-    max_train_steps, _ = plan_steps(len(train_set), args, accelerator.num_processes)
-    optimizer = build_optimizer(trainable, args, scaled_learning_rate(args, accelerator.num_processes))
-    lr_scheduler = build_lr_scheduler(optimizer, args, max_train_steps)
-    ema = build_ema(unet, args)
-    unet, optimizer = accelerator.prepare(unet, optimizer)
-    if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name or "train_dreambooth_unconditional",
-                                  config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
-
-    loop = TrainingLoop(accelerator, args, unet, optimizer, lr_scheduler, train_set, max_train_steps, ema=ema)
-    loop.resume(args.resume_from_checkpoint)
+    loop = build_training_loop(accelerator, args, unet, train_set, "train_dreambooth_unconditional",
+                               parameters=trainable)
+    unet, max_train_steps = loop.model, loop.max_train_steps
 
     shape = latent_shape(vae, args.resolution)
     validation_noise = fixed_validation_noise(args.num_validation_images, shape, args.seed, accelerator.device)

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 
 import torch
-from accelerate.utils import set_seed
 
 from pipeline_latent_uncond import UnconditionalLatentPipeline
 from uldm import args as cli
@@ -28,10 +26,7 @@ from uldm.latent_cache import build_or_load_latent_cache, cache_key, latents_fro
 from uldm.model_card import write_model_card
 from uldm.models import build_unet, count_parameters
 from uldm.sampling import make_scheduler
-from uldm.training import (
-    TrainingLoop, build_ema, build_lr_scheduler, build_optimizer, configure_logging, make_accelerator,
-    plan_steps, save_run_arguments, scaled_learning_rate,
-)
+from uldm.training import build_training_loop, save_run_arguments, start_run
 from uldm.validation import fixed_validation_noise, log_image_grid
 from uldm.vae import (
     RunningMoments, check_unet_matches_latents, describe_vae, latent_shape, load_vae, resolve_latent_scaling,
@@ -94,9 +89,7 @@ def measure_latent_std(train_set, vae, args, accelerator, shift: float) -> float
 
 @exit_cleanly_on_input_errors
 def main(args: argparse.Namespace) -> None:
-    accelerator = make_accelerator(args)
-    configure_logging(accelerator)
-    set_seed(args.seed)
+    accelerator = start_run(args)
     if accelerator.is_main_process:
         save_run_arguments(args, args.output_dir)
 
@@ -132,18 +125,9 @@ def main(args: argparse.Namespace) -> None:
                                             args.beta_end, args.prediction_type)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    max_train_steps, _ = plan_steps(len(train_set), args, accelerator.num_processes)
-    optimizer = build_optimizer(unet.parameters(), args, scaled_learning_rate(args, accelerator.num_processes))
-    lr_scheduler = build_lr_scheduler(optimizer, args, max_train_steps)
-    ema = build_ema(unet, args)
-    unet, optimizer = accelerator.prepare(unet, optimizer)
-    if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name or "train_unconditional_latent",
-                                  config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+    loop = build_training_loop(accelerator, args, unet, train_set, "train_unconditional_latent")
+    unet, max_train_steps = loop.model, loop.max_train_steps
     accelerator.log({"latent_scaling_factor": scaling.scale}, step=0)
-
-    loop = TrainingLoop(accelerator, args, unet, optimizer, lr_scheduler, train_set, max_train_steps, ema=ema)
-    loop.resume(args.resume_from_checkpoint)
     logger.info(
         "Training %d steps from step %d: %d images, batch %d x %d processes x %d accumulation",
         max_train_steps, loop.global_step, len(train_set), args.train_batch_size, accelerator.num_processes,
@@ -197,7 +181,7 @@ def main(args: argparse.Namespace) -> None:
                 summary=f"A UNet2DModel ({count_parameters(loop.unwrapped_model) / 1e6:.1f}M parameters) trained "
                         f"with DDPM on the latents of {describe_vae(vae)}, with train_unconditional_latent.py.",
                 args=args,
-                images={"Samples (EMA weights)" if ema else "Samples": grid, "Loss": f"{args.output_dir}/loss_curve.png"},
+                images={"Samples (EMA weights)" if loop.ema else "Samples": grid, "Loss": f"{args.output_dir}/loss_curve.png"},
                 facts={"steps": loop.global_step, "images seen": loop.state.samples_seen,
                        "latent scale": f"{scaling.scale:.6f} ({scaling.source})", "latent shift": scaling.shift},
             )

@@ -20,7 +20,6 @@ import logging
 import shutil
 from pathlib import Path
 
-from accelerate.utils import set_seed
 
 from uldm import args as cli
 from uldm.autoencoder import (
@@ -32,10 +31,7 @@ from uldm.data import build_image_dataset, sharded_verifier
 from uldm.errors import InputError, exit_cleanly_on_input_errors
 from uldm.model_card import write_model_card
 from uldm.models import count_parameters
-from uldm.training import (
-    MetricsWriter, TrainingLoop, build_ema, build_lr_scheduler, build_optimizer, configure_logging,
-    make_accelerator, plan_steps, read_metrics, save_run_arguments, scaled_learning_rate,
-)
+from uldm.training import MetricsWriter, build_training_loop, read_metrics, save_run_arguments, start_run
 from uldm.validation import log_image_grid
 from uldm.vae import describe_vae, latent_shape
 
@@ -121,9 +117,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 @exit_cleanly_on_input_errors
 def main(args: argparse.Namespace) -> None:
-    accelerator = make_accelerator(args)
-    configure_logging(accelerator)
-    set_seed(args.seed)
+    accelerator = start_run(args)
     if accelerator.is_main_process:
         save_run_arguments(args, args.output_dir)
 
@@ -143,18 +137,9 @@ def main(args: argparse.Namespace) -> None:
     perceptual = load_lpips(args.perceptual_weights_path).to(accelerator.device) if args.perceptual_weight else None
     criterion = AutoencoderLoss(args.reconstruction_loss, args.kl_weight, args.perceptual_weight, perceptual)
 
-    max_train_steps, _ = plan_steps(len(train_set), args, accelerator.num_processes)
-    model = AutoencoderForTraining(vae)
-    optimizer = build_optimizer(model.parameters(), args, scaled_learning_rate(args, accelerator.num_processes))
-    lr_scheduler = build_lr_scheduler(optimizer, args, max_train_steps)
-    ema = build_ema(vae, args)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name or "train_vae",
-                                  config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
-
-    loop = TrainingLoop(accelerator, args, model, optimizer, lr_scheduler, train_set, max_train_steps, ema=ema)
-    loop.resume(args.resume_from_checkpoint)
+    loop = build_training_loop(accelerator, args, AutoencoderForTraining(vae), train_set, "train_vae",
+                               ema_model=vae)
+    model, max_train_steps = loop.model, loop.max_train_steps
     logger.info("Training %d steps from step %d: batch %d x %d processes x %d accumulation",
                 max_train_steps, loop.global_step, args.train_batch_size, accelerator.num_processes,
                 args.gradient_accumulation_steps)

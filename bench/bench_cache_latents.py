@@ -60,12 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Train without --random_flip (the cache then stores one encoding per image, not two).")
     parser.add_argument("--amortise_epochs", type=int, nargs="+", default=[1, 10, 100],
                         help="Epoch counts over which the one-off encoding is spread.")
-    report.add_common_args(parser)
-    args = parser.parse_args(argv)
-    report.resolve_output_paths(args)
-    for name, (full, quick) in DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, quick if args.quick else full)
+    args = report.parse_benchmark_args(parser, argv, DEFAULTS)
     for name in ("resolution", "num_images", "train_batch_size", "steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1.")

@@ -57,12 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Untimed steps per variant (torch.compile compiles during them).")
     parser.add_argument("--steps", type=int, default=None, help="Timed steps per variant.")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    report.add_common_args(parser)
-    args = parser.parse_args(argv)
-    report.resolve_output_paths(args)
-    for name, (full, quick) in DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, quick if args.quick else full)
+    args = report.parse_benchmark_args(parser, argv, DEFAULTS)
     for name in ("train_batch_size", "sample_batch_size", "warmup_steps", "steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1.")

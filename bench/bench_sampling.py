@@ -50,12 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--projection_unets", nargs="*", default=None,
                         help="UNets whose forward pass is timed to project the scheduler ratio (default: "
                              "small-sdvae256 seed-ffhq256-sdvae; none with --quick).")
-    report.add_common_args(parser)
-    args = parser.parse_args(argv)
-    report.resolve_output_paths(args)
-    for name, (full, quick) in DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, quick if args.quick else full)
+    args = report.parse_benchmark_args(parser, argv, DEFAULTS)
     args.schedulers = [parse_scheduler(parser, text) for text in args.schedulers]
     if args.num_images < 1:
         parser.error("--num_images must be at least 1.")

@@ -81,9 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Measure nothing: rebuild the tables and the ready scripts' memory verdicts from the "
                              "saved results (e.g. after a script's comment changed).")
     parser.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
-    report.add_common_args(parser)
-    args = parser.parse_args(argv)
-    report.resolve_output_paths(args)
+    args = report.parse_benchmark_args(parser, argv)
     if args.configs is None:
         args.configs = list(QUICK_CONFIGS) if args.quick else list(DEFAULT_CONFIGS)
     if args.batch_sizes and not 0 < args.batch_sizes[0] < args.batch_sizes[1]:

@@ -214,6 +214,18 @@ def resolve_output_paths(args: argparse.Namespace) -> None:
         args.report = str(QUICK_REPORT if args.quick else DEFAULT_REPORT)
 
 
+def parse_benchmark_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+                         defaults: dict[str, tuple[Any, Any]] | None = None) -> argparse.Namespace:
+    """Parse a benchmark's options plus the common ones; an option left unset takes its (full, quick) default."""
+    add_common_args(parser)
+    args = parser.parse_args(argv)
+    resolve_output_paths(args)
+    for name, (full, quick) in (defaults or {}).items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    return args
+
+
 def start_result(name: str, title: str, args: argparse.Namespace, wait: bool = True) -> dict[str, Any]:
     """A new result record; waits for a quiet machine first (unless wait=False or --quick)."""
     waited = wait_for_quiet_machine(args.max_load, args.max_wait_s) if wait and not args.quick else 0.0

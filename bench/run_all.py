@@ -33,9 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), default=list(BENCHMARKS),
                         help="Run only these benchmarks (in the order above).")
-    report.add_common_args(parser)
-    args = parser.parse_args(argv)
-    report.resolve_output_paths(args)
+    args = report.parse_benchmark_args(parser, argv)
     return args
 
 

@@ -131,6 +131,17 @@ def run_script(module_name: str, argv: list[str]):
         reset_accelerate_state()
 
 
+def to_argv(options: dict) -> list[str]:
+    """Command-line arguments from {name: value}: True is a bare flag, None and False are left out."""
+    argv = []
+    for key, value in options.items():
+        if value is True:
+            argv.append(f"--{key}")
+        elif value is not None and value is not False:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
 def subprocess_env(**extra) -> dict:
     env = dict(os.environ)
     env.update({"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",

@@ -61,7 +61,8 @@ def test_publishing_a_step_again_replaces_it_only_when_whole(tmp_path):
 
 def test_a_crash_while_saving_leaves_the_previous_checkpoint_usable(train_images, tiny_vae_dir, tmp_path, monkeypatch):
     """The process dies while writing checkpoint-4: checkpoint-2 stays `latest`, the run resumes from it."""
-    from test_train_latent import base_args, metrics
+    from test_train_latent import base_args
+    from uldm.training import read_metrics
 
     original_save = ckpt.TrainingState.save
 
@@ -83,7 +84,7 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_usable(train_images
     run_script("train_unconditional_latent", args + ["--resume_from_checkpoint", "latest"])
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-6"]
     assert not (out / f"{ckpt.TEMP_PREFIX}4").exists()
-    assert [row["step"] for row in metrics(out)] == [1, 2, 3, 4, 5, 6]
+    assert [row["step"] for row in read_metrics(out)] == [1, 2, 3, 4, 5, 6]
     assert json.loads((out / "checkpoint-6" / "training_state.json").read_text())["global_step"] == 6
 
 

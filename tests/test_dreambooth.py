@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import build_tiny_kl_vae, build_tiny_unet, make_blob_images, run_script
+from conftest import build_tiny_kl_vae, build_tiny_unet, make_blob_images, run_script, to_argv
 
 SCRIPT = "train_dreambooth_unconditional"
 RESOLUTION = 32
@@ -72,14 +72,7 @@ def db_args(base, instance, output_dir, **overrides) -> list[str]:
         "class_sampling_steps": 2,
         "report_to": "none",
     }
-    options.update(overrides)
-    argv = []
-    for key, value in options.items():
-        if value is True:
-            argv.append(f"--{key}")
-        elif value is not None and value is not False:
-            argv += [f"--{key}", str(value)]
-    return argv
+    return to_argv({**options, **overrides})
 
 
 def read_jsonl(path) -> list[dict]:

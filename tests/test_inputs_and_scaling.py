@@ -3,7 +3,6 @@ latent scaling and the batch order behave as documented."""
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 
@@ -12,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO_ROOT, build_tiny_kl_vae, build_tiny_unet, build_tiny_vq_vae, make_blob_images, run_script
+from conftest import build_tiny_kl_vae, build_tiny_unet, build_tiny_vq_vae, make_blob_images, run_script
 from uldm.data import EpochBatchSampler, Preprocessing, image_folder_dataset
 from uldm.errors import InputError
 from uldm.images import list_image_files, load_rgb_image

@@ -125,7 +125,7 @@ def test_quickstart_script_runs_from_a_clean_copy(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     out = repo / "outputs" / "quickstart"
     check_quickstart_outputs(out)
-    assert f"Look at outputs/quickstart/" in result.stdout
+    assert "Look at outputs/quickstart/" in result.stdout
     if not HAS_DREAMBOOTH:
         assert "Skipping DreamBooth" in result.stdout
 

@@ -8,13 +8,14 @@ import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO_ROOT, run_script, subprocess_env, venv_bin
+from uldm.training import read_metrics
+
+from conftest import REPO_ROOT, run_script, subprocess_env, to_argv, venv_bin
 
 SCRIPT = "train_unconditional_latent"
 
@@ -36,25 +37,14 @@ def base_args(images, vae_dir, output_dir, **overrides) -> list[str]:
         "report_to": "none",
         "output_dir": output_dir,
     }
-    options.update(overrides)
-    argv = []
-    for key, value in options.items():
-        if value is True:
-            argv.append(f"--{key}")
-        elif value is not None and value is not False:
-            argv += [f"--{key}", str(value)]
-    return argv
-
-
-def metrics(output_dir) -> list[dict]:
-    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+    return to_argv({**options, **overrides})
 
 
 def test_training_learns(train_images, tiny_vae_dir, tmp_path):
     out = tmp_path / "out"
     run_script(SCRIPT, base_args(train_images, tiny_vae_dir, out, max_train_steps=30, cache_latents=True,
                                  lr_scheduler="constant_with_warmup"))
-    losses = [row["loss"] for row in metrics(out)]
+    losses = [row["loss"] for row in read_metrics(out)]
     assert len(losses) == 30
     start, end = sum(losses[:3]) / 3, sum(losses[-5:]) / 5
     assert end < 0.6 * start, f"loss did not fall enough: {start:.3f} -> {end:.3f}"
@@ -116,7 +106,7 @@ def test_accelerate_launch_checkpoints_resumes_and_saves_a_loadable_pipeline(tra
     result = subprocess.run(launch + second, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Resuming from" in result.stderr and "checkpoint-6" in result.stderr
-    assert [row["step"] for row in metrics(out)] == list(range(1, 10))
+    assert [row["step"] for row in read_metrics(out)] == list(range(1, 10))
     for name in ("model_index.json", "pipeline_latent_uncond.py", "README.md", "training_args.json",
                  "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
         assert (out / name).is_file(), name
@@ -169,7 +159,7 @@ def test_exact_resume_after_sigterm_mid_epoch_with_accumulation(train_images, ti
 
     run_script(SCRIPT, base_args(train_images, tiny_vae_dir, interrupted, resume_from_checkpoint="latest", **common))
 
-    a, b = metrics(straight), metrics(interrupted)
+    a, b = read_metrics(straight), read_metrics(interrupted)
     assert [row["step"] for row in b] == list(range(1, 6))
     for row_a, row_b in zip(a, b):
         assert row_a["lr"] == pytest.approx(row_b["lr"], rel=1e-12, abs=1e-15)

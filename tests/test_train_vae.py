@@ -10,7 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_script
+from uldm.training import read_metrics
+
+from conftest import run_script, to_argv
 
 SCRIPT = "train_vae"
 
@@ -33,22 +35,11 @@ def vae_args(images, output_dir, **overrides) -> list[str]:
         "report_to": "none",
         "output_dir": output_dir,
     }
-    options.update(overrides)
-    argv = []
-    for key, value in options.items():
-        if value is True:
-            argv.append(f"--{key}")
-        elif value is not None and value is not False:
-            argv += [f"--{key}", str(value)]
-    return argv
-
-
-def metrics(output_dir) -> list[dict]:
-    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+    return to_argv({**options, **overrides})
 
 
 def held_out(output_dir) -> dict[int, dict]:
-    return {row["step"]: row for row in metrics(output_dir) if "val_psnr" in row}
+    return {row["step"]: row for row in read_metrics(output_dir) if "val_psnr" in row}
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +63,7 @@ def test_vae_learns_on_held_out_images(trained_vae):
     before, after = rows[0], rows[50]
     assert after["val_rec_loss"] < 0.5 * before["val_rec_loss"], (before, after)
     assert after["val_psnr"] > before["val_psnr"] + 4.0
-    losses = [row["loss"] for row in metrics(trained_vae) if "loss" in row]
+    losses = [row["loss"] for row in read_metrics(trained_vae) if "loss" in row]
     assert len(losses) == 50 and sum(losses[-5:]) / 5 < 0.6 * sum(losses[:3]) / 3
     for name in ("loss_curve.png", "reconstructions.png", "README.md", "training_args.json",
                  "samples/reconstruction_0000000.png", "samples/reconstruction_0000050.png"):
@@ -91,7 +82,7 @@ def test_saved_vae_loads_and_carries_the_measured_scale(trained_vae, faces):
 
     vae = AutoencoderKL.from_pretrained(trained_vae)
     assert "scaling_factor" not in (vae.config.get("_use_default_values") or [])
-    logged = metrics(trained_vae)[-1]
+    logged = read_metrics(trained_vae)[-1]
     assert vae.config.scaling_factor == pytest.approx(logged["scaling_factor"], rel=1e-6)
     assert vae.config.scaling_factor == pytest.approx(1 / logged["latent_std"], rel=1e-6)
     assert vae.config.scaling_factor != pytest.approx(0.18215)
@@ -131,8 +122,8 @@ def test_resume_is_exact(faces, tmp_path):
     run_script(SCRIPT, vae_args(faces, straight, max_train_steps=6, **common))
     run_script(SCRIPT, vae_args(faces, resumed, max_train_steps=3, **common))
     run_script(SCRIPT, vae_args(faces, resumed, max_train_steps=6, resume_from_checkpoint="latest", **common))
-    a = [row for row in metrics(straight) if "loss" in row]
-    b = [row for row in metrics(resumed) if "loss" in row]
+    a = [row for row in read_metrics(straight) if "loss" in row]
+    b = [row for row in read_metrics(resumed) if "loss" in row]
     assert [row["step"] for row in b] == list(range(1, 7))
     for row_a, row_b in zip(a, b):
         assert row_a["loss"] == pytest.approx(row_b["loss"], rel=1e-6, abs=1e-7)
@@ -151,7 +142,7 @@ def test_fine_tuning_keeps_or_measures_the_scale(tiny_vae_dir, faces, tmp_path):
                                     pretrained_vae_name_or_path=tiny_vae_dir, max_train_steps=2, **extra))
     assert AutoencoderKL.load_config(kept)["scaling_factor"] == pretrained
     assert AutoencoderKL.load_config(measured)["scaling_factor"] == pytest.approx(
-        1 / metrics(measured)[-1]["latent_std"], rel=1e-6)
+        1 / read_metrics(measured)[-1]["latent_std"], rel=1e-6)
     tuned = load_file(kept / "diffusion_pytorch_model.safetensors")
     original = load_file(Path(tiny_vae_dir) / "diffusion_pytorch_model.safetensors")
     assert any(not torch.equal(tuned[k], original[k]) for k in original), "the weights were trained"
@@ -166,7 +157,7 @@ def test_perceptual_loss_with_local_vgg_weights(faces, tmp_path):
     out = tmp_path / "perceptual"
     run_script(SCRIPT, vae_args(faces, out, max_train_steps=2, perceptual_weight=1.0,
                                 perceptual_weights_path=weights))
-    rows = [row for row in metrics(out) if "loss" in row]
+    rows = [row for row in read_metrics(out) if "loss" in row]
     assert all(row["perceptual_loss"] > 0 for row in rows)
     assert all(row["loss"] > row["rec_loss"] for row in rows)
 

@@ -103,6 +103,16 @@ def configure_logging(accelerator) -> None:
         diffusers.utils.logging.set_verbosity_error()
 
 
+def start_run(args):
+    """The accelerator of a training run, with logging configured and every process seeded."""
+    from accelerate.utils import set_seed
+
+    accelerator = make_accelerator(args)
+    configure_logging(accelerator)
+    set_seed(args.seed)
+    return accelerator
+
+
 def save_run_arguments(args, output_dir: str | os.PathLike, name: str = "training_args.json") -> Path:
     """The arguments of this run, as JSON, for reproducing it (also copied into the model card)."""
     path = Path(output_dir) / name
@@ -528,3 +538,24 @@ class TrainingLoop:
             "Try a lower --learning_rate, --max_grad_norm 1.0, or --mixed_precision bf16/no instead of fp16, "
             "then resume with --resume_from_checkpoint latest."
         )
+
+
+def build_training_loop(accelerator, args, model, train_set, tracker_name: str, parameters=None,
+                        ema_model=None) -> TrainingLoop:
+    """A TrainingLoop for `model` with the run's optimiser, schedule, EMA and trackers, resumed per the arguments.
+
+    `parameters` (default: all of the model's) are optimised; `ema_model` (default: `model`) is averaged.
+    The model is prepared by accelerate: train through `loop.model`.
+    """
+    max_train_steps, _ = plan_steps(len(train_set), args, accelerator.num_processes)
+    parameters = model.parameters() if parameters is None else parameters
+    optimizer = build_optimizer(parameters, args, scaled_learning_rate(args, accelerator.num_processes))
+    lr_scheduler = build_lr_scheduler(optimizer, args, max_train_steps)
+    ema = build_ema(model if ema_model is None else ema_model, args)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if accelerator.is_main_process:
+        accelerator.init_trackers(args.tracker_project_name or tracker_name,
+                                  config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+    loop = TrainingLoop(accelerator, args, model, optimizer, lr_scheduler, train_set, max_train_steps, ema=ema)
+    loop.resume(args.resume_from_checkpoint)
+    return loop
