@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .args import list_presets, read_json_preset
+from .args import read_model_config
 from .data import Preprocessing
 from .errors import InputError
 from .vae import RunningMoments, load_vae, sample_from_moments
@@ -57,15 +57,8 @@ def build_autoencoder(model_config_name_or_path: str | None = None, pretrained_v
                 "models only (VQ training needs a codebook loss, which this script does not implement)."
             )
     else:
-        config = read_json_preset(model_config_name_or_path, "vae")
-        if config is None:
-            try:
-                config = AutoencoderKL.load_config(model_config_name_or_path, subfolder=subfolder, revision=revision)
-            except (OSError, ValueError) as error:
-                raise InputError(
-                    f"--model_config_name_or_path {model_config_name_or_path!r} is neither a preset ("
-                    + ", ".join(list_presets("vae")) + f"), a JSON file, nor a model folder: {error}"
-                ) from error
+        config = read_model_config(model_config_name_or_path, "vae", AutoencoderKL, subfolder=subfolder,
+                                   revision=revision)
         vae = AutoencoderKL.from_config(config)
     vae.requires_grad_(True)
     vae.train()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .args import list_presets, read_json_preset
+from .args import list_presets, read_model_config
 from .errors import InputError
 
 
@@ -34,16 +34,8 @@ def build_unet(model_config_name_or_path: str | None = None, pretrained_model_na
     if not model_config_name_or_path:
         raise InputError("Give --model_config_name_or_path (a preset: " + ", ".join(list_presets("unet")) +
                          "; or a JSON file) or --pretrained_model_name_or_path.")
-    config = read_json_preset(model_config_name_or_path, "unet")
-    if config is None:
-        location, subfolder = _unet_location(model_config_name_or_path)
-        try:
-            config = UNet2DModel.load_config(location, subfolder=subfolder, revision=revision)
-        except (OSError, ValueError) as error:
-            raise InputError(
-                f"--model_config_name_or_path {model_config_name_or_path!r} is neither a preset ("
-                + ", ".join(list_presets("unet")) + f"), a JSON file, nor a model folder: {error}"
-            ) from error
+    location, subfolder = _unet_location(model_config_name_or_path)
+    config = read_model_config(model_config_name_or_path, "unet", UNet2DModel, location, subfolder, revision)
     return UNet2DModel.from_config(config)
 
 
