@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 
 import pytest
 
@@ -98,3 +100,18 @@ def test_a_new_run_refuses_to_overwrite_an_earlier_runs_checkpoints(train_images
     assert stop.value.code == 2
     assert "already holds checkpoints" in capsys.readouterr().err
     assert (out / "checkpoint-7" / "model.safetensors").read_bytes() == b"weights"
+
+
+def test_first_signal_asks_for_a_clean_stop_and_a_second_stops_at_once():
+    from uldm.training import GracefulStop
+
+    before = signal.getsignal(signal.SIGTERM)
+    stop = GracefulStop().install()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested, "the first signal only asks the loop to stop at the next step boundary"
+        with pytest.raises(KeyboardInterrupt, match="Second SIGTERM"):
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert signal.getsignal(signal.SIGTERM) is before, "after the second signal the old handler is back"
+    finally:
+        stop.uninstall()
