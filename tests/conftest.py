@@ -19,8 +19,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-# Keep the test-suite inside its 2-core budget and away from the network.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Keep the test-suite inside its 2-core budget and away from the network: the hub is never contacted,
+# whatever the caller's environment says (tests of "hub id unreachable" messages rely on this).
+os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
