@@ -78,19 +78,10 @@ def make_images(folder: Path, count: int, resolution: int) -> None:
         image.save(folder / f"{index:04d}.png")
 
 
-def reset_accelerate_state() -> None:
-    """accelerate keeps process-wide singletons; each in-process training run starts from scratch."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
 def run_training(argv: list[str]) -> tuple[list[dict], float]:
     """Run the training script in this process; returns its metrics rows and the seconds spent building a cache."""
     import train_unconditional_latent as script
-    from uldm.training import read_metrics
+    from uldm.training import read_metrics, reset_accelerate_state
 
     reset_accelerate_state()
     try:

@@ -111,18 +111,11 @@ def blob_images(tmp_path):
 # Running the scripts
 
 
-def reset_accelerate_state() -> None:
-    """accelerate keeps process-wide singletons; reset them between in-process runs."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
 def run_script(module_name: str, argv: list[str]):
     """Run a top-level script's main() in this process (much faster than a subprocess)."""
     import importlib
+
+    from uldm.training import reset_accelerate_state
 
     reset_accelerate_state()
     module = importlib.import_module(module_name)

@@ -113,6 +113,15 @@ def start_run(args):
     return accelerator
 
 
+def reset_accelerate_state() -> None:
+    """accelerate keeps process-wide singletons; reset them so that another run can start in this process."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
 def save_run_arguments(args, output_dir: str | os.PathLike, name: str = "training_args.json") -> Path:
     """The arguments of this run, as JSON, for reproducing it (also copied into the model card)."""
     path = Path(output_dir) / name
@@ -299,7 +308,7 @@ class TrainingLoop:
     """
 
     def __init__(self, accelerator, args, model, optimizer, lr_scheduler, dataset, max_train_steps: int,
-                 ema=None, collate_fn=None, trainable_parameters=None):
+                 ema=None):
         self.accelerator = accelerator
         self.args = args
         self.model = model
@@ -307,10 +316,8 @@ class TrainingLoop:
         self.lr_scheduler = lr_scheduler
         self.ema = ema
         self.dataset = dataset
-        self.collate_fn = collate_fn
         self.max_train_steps = max_train_steps
         self.output_dir = Path(args.output_dir)
-        self.trainable_parameters = trainable_parameters
         self.state = TrainingState(
             train_batch_size=args.train_batch_size,
             gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -338,8 +345,6 @@ class TrainingLoop:
         return self.accelerator.unwrap_model(self.model)
 
     def _parameters(self):
-        if self.trainable_parameters is not None:
-            return list(self.trainable_parameters)
         return [p for p in self.unwrapped_model.parameters() if p.requires_grad]
 
     # ---- randomness -------------------------------------------------------------------------
@@ -443,7 +448,6 @@ class TrainingLoop:
             self.dataset,
             batch_sampler=self.sampler,
             num_workers=self.args.dataloader_num_workers,
-            collate_fn=self.collate_fn,
             pin_memory=self.accelerator.device.type == "cuda",
         )
 
@@ -506,13 +510,15 @@ class TrainingLoop:
                     progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
 
                     done = self.global_step >= self.max_train_steps
-                    if args.checkpointing_steps and (self.global_step % args.checkpointing_steps == 0 or done):
+                    checkpoint_due = bool(args.checkpointing_steps) and (
+                        self.global_step % args.checkpointing_steps == 0 or done)
+                    if checkpoint_due:
                         self.save_checkpoint()
                         self.metrics.plot()
                     if on_step_end is not None:
                         on_step_end(self.global_step)
                     if stop_requested:
-                        if not (args.checkpointing_steps and (self.global_step % args.checkpointing_steps == 0 or done)):
+                        if not checkpoint_due:
                             self.save_checkpoint()
                         self.metrics.plot()
                         if accelerator.is_main_process:
