@@ -29,8 +29,8 @@ from uldm.sampling import make_scheduler
 from uldm.training import build_training_loop, save_run_arguments, start_run
 from uldm.validation import fixed_validation_noise, log_image_grid
 from uldm.vae import (
-    RunningMoments, check_unet_matches_latents, describe_vae, latent_shape, load_vae, resolve_latent_scaling,
-    vae_dtype_for, vae_fingerprint,
+    check_unet_matches_latents, describe_vae, latent_shape, load_vae, resolve_latent_scaling,
+    std_over_processes, vae_dtype_for, vae_fingerprint,
 )
 
 logger = logging.getLogger("train_unconditional_latent")
@@ -69,22 +69,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def measure_latent_std(train_set, vae, args, accelerator, shift: float) -> float:
-    """Std of the latents over many images, computed identically on every process."""
-    from accelerate.utils import broadcast
-
+def measure_latent_std(train_set, vae, args, accelerator) -> float:
+    """Std of the latents over many images, the same on every process: over the whole latent cache
+    (which every process reads), or over a seeded subset of images encoded in shards."""
     if args.cache_latents:
-        moments = train_set.latent_moments(shift)
-    else:
-        moments = measure_moments_sharded(train_set, vae, args.scale_estimation_images, args.encode_batch_size,
-                                          accelerator.process_index, accelerator.num_processes, args.seed)
-    totals = moments.as_tensor(accelerator.device)
-    if accelerator.num_processes > 1 and not args.cache_latents:
-        totals = accelerator.reduce(totals, reduction="sum")
-    std = torch.tensor([RunningMoments.std_from(totals.cpu())], dtype=torch.float64, device=accelerator.device)
-    if accelerator.num_processes > 1:
-        std = broadcast(std, from_process=0)
-    return std.item()
+        return std_over_processes(train_set.latent_moments(), accelerator, sharded=False)
+    moments = measure_moments_sharded(train_set, vae, args.scale_estimation_images, args.encode_batch_size,
+                                      accelerator.process_index, accelerator.num_processes, args.seed)
+    return std_over_processes(moments, accelerator)
 
 
 @exit_cleanly_on_input_errors
@@ -117,7 +109,7 @@ def main(args: argparse.Namespace) -> None:
         )
     scaling = resolve_latent_scaling(
         args.latent_scaling_factor, vae,
-        measure_std=lambda: measure_latent_std(train_set, vae, args, accelerator, 0.0),
+        measure_std=lambda: measure_latent_std(train_set, vae, args, accelerator),
     )
     logger.info("Latent scale %.6f, shift %.4f (%s)", scaling.scale, scaling.shift, scaling.source)
 

@@ -24,14 +24,15 @@ from pathlib import Path
 from uldm import args as cli
 from uldm.autoencoder import (
     RECONSTRUCTION_LOSSES, AutoencoderForTraining, AutoencoderLoss, build_autoencoder, centre_cropped_view,
-    default_holdout_size, evaluate_reconstructions, load_lpips, measure_latent_std, random_horizontal_flip,
+    default_holdout_size, evaluate_reconstructions, load_lpips, measure_latent_std,
     reconstruction_pairs, resolve_perceptual_weights, split_holdout, stack_pixels, store_scaling_factor,
 )
 from uldm.data import build_image_dataset, sharded_verifier
+from uldm.latent_cache import random_horizontal_flip
 from uldm.errors import InputError, exit_cleanly_on_input_errors
 from uldm.model_card import write_model_card
 from uldm.models import count_parameters
-from uldm.training import MetricsWriter, build_training_loop, read_metrics, save_run_arguments, start_run
+from uldm.training import build_training_loop, read_metrics, save_run_arguments, start_run
 from uldm.validation import log_image_grid
 from uldm.vae import describe_vae, latent_shape
 
@@ -146,7 +147,7 @@ def main(args: argparse.Namespace) -> None:
 
     grid_pixels = stack_pixels(holdout, max(1, args.num_validation_images))
 
-    def validate(step: int, metrics: MetricsWriter):
+    def validate(step: int):
         """Held-out metrics and a grid of fixed held-out images beside their reconstructions (main process)."""
         if not accelerator.is_main_process:
             return None, None
@@ -154,17 +155,17 @@ def main(args: argparse.Namespace) -> None:
             values = evaluate_reconstructions(wrapped.vae, holdout, args.encode_batch_size, args.reconstruction_loss)
             grid = log_image_grid(accelerator, reconstruction_pairs(wrapped.vae, grid_pixels), step,
                                   args.output_dir, tag="reconstruction")
-        metrics.log(values, step=step)
+        loop.metrics.log(values, step=step)
         logger.info("Step %d, held out: PSNR %.2f dB, %s error %.4f", step, values["val_psnr"],
                     args.reconstruction_loss, values["val_rec_loss"])
         return values, grid
 
     if loop.global_step == 0:  # the untrained model's numbers, for comparison
-        validate(0, MetricsWriter(accelerator, args.output_dir))
+        validate(0)
 
     def on_step_end(step: int):
         if args.validation_steps and step % args.validation_steps == 0 and step < max_train_steps:
-            validate(step, loop.metrics)
+            validate(step)
 
     def compute_loss(batch, generator):
         pixels = batch["pixel_values"]
@@ -175,7 +176,7 @@ def main(args: argparse.Namespace) -> None:
 
     finished = loop.run(compute_loss, on_step_end)
     if finished:
-        final, grid = validate(loop.global_step, loop.metrics)
+        final, grid = validate(loop.global_step)
         with loop.ema_weights() as wrapped:
             trained = wrapped.vae
             trained.eval()

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from .args import read_model_config
 from .data import Preprocessing
 from .errors import InputError
-from .vae import RunningMoments, load_vae, sample_from_moments
+from .vae import load_vae, sample_from_moments, std_over_processes
 
 logger = logging.getLogger(__name__)
 
@@ -179,11 +179,6 @@ class AutoencoderLoss:
         return loss, logs
 
 
-def random_horizontal_flip(pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    flip = torch.rand(pixel_values.shape[0], generator=generator, device=pixel_values.device) < 0.5
-    return torch.where(flip[:, None, None, None], pixel_values.flip(-1), pixel_values)
-
-
 # --------------------------------------------------------------------------------------------
 # Held-out split
 
@@ -304,10 +299,7 @@ def measure_latent_std(dataset, vae, num_images: int, batch_size: int, accelerat
 
     moments = measure_moments_sharded(dataset, vae, num_images, batch_size, accelerator.process_index,
                                       accelerator.num_processes, seed)
-    totals = moments.as_tensor(accelerator.device)
-    if accelerator.num_processes > 1:
-        totals = accelerator.reduce(totals, reduction="sum")
-    std = RunningMoments.std_from(totals.cpu())
+    std = std_over_processes(moments, accelerator)
     if not math.isfinite(std) or std <= 0:
         raise InputError(f"The latents' std is {std}; the autoencoder has collapsed. Try a lower --learning_rate.")
     return std

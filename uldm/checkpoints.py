@@ -14,7 +14,7 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import InputError
@@ -36,7 +36,6 @@ class TrainingState:
     train_batch_size: int = 0
     gradient_accumulation_steps: int = 1
     num_processes: int = 1
-    extra: dict = field(default_factory=dict)
 
     def save(self, folder: str | os.PathLike) -> None:
         path = Path(folder) / STATE_FILE

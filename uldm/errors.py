@@ -7,7 +7,6 @@ already written (checkpoints, outputs) is left in place.
 from __future__ import annotations
 
 import functools
-import logging
 import sys
 
 
@@ -27,7 +26,6 @@ def exit_cleanly_on_input_errors(main):
         try:
             return main(*args, **kwargs)
         except (InputError, NonFiniteLossError) as error:
-            logging.getLogger("uldm").error("%s", error)
             print(f"error: {error}", file=sys.stderr, flush=True)
             sys.exit(2)
 

@@ -168,14 +168,19 @@ def measure_moments_sharded(dataset, vae, num_images: int, batch_size: int, proc
     return latent_moments_of_batches(vae, (batch["pixel_values"] for batch in loader))
 
 
+def random_horizontal_flip(pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each image mirrored with probability 1/2, drawn from `generator`."""
+    flip = torch.rand(pixel_values.shape[0], generator=generator, device=pixel_values.device) < 0.5
+    return torch.where(flip[:, None, None, None], pixel_values.flip(-1), pixel_values)
+
+
 def latents_from_batch(batch: dict, vae, scaling, generator: torch.Generator, random_flip: bool) -> torch.Tensor:
     """Scaled latents of a batch of images ({"pixel_values"}) or of cached moments ({"mean", ...}),
     with a fresh posterior sample; flips (and the sample) are drawn from `generator`."""
     if "pixel_values" in batch:
         pixels = batch["pixel_values"]
         if random_flip:
-            flip = torch.rand(pixels.shape[0], generator=generator, device=pixels.device) < 0.5
-            pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
+            pixels = random_horizontal_flip(pixels, generator)
         mean, std = encode_moments(vae, pixels)
     else:
         mean, std = batch["mean"], batch.get("std")

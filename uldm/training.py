@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from accelerate.utils import send_to_device
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -56,7 +57,7 @@ def refuse_to_overwrite_checkpoints(args) -> None:
         )
 
 
-def make_accelerator(args, logging_dir_name: str = "logs"):
+def make_accelerator(args):
     """An Accelerator for the run; the LR schedule is stepped by the loop, once per optimiser step.
 
     Refuses (before any work) to start a new run over an earlier run's checkpoints."""
@@ -65,7 +66,7 @@ def make_accelerator(args, logging_dir_name: str = "logs"):
     from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
 
     output_dir = Path(args.output_dir)
-    project_config = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / logging_dir_name))
+    project_config = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs"))
     report_to = None if args.report_to in (None, "", "none") else args.report_to
     accelerator = Accelerator(
         gradient_accumulation_plugin=GradientAccumulationPlugin(
@@ -122,9 +123,9 @@ def reset_accelerate_state() -> None:
     PartialState._reset_state()
 
 
-def save_run_arguments(args, output_dir: str | os.PathLike, name: str = "training_args.json") -> Path:
+def save_run_arguments(args, output_dir: str | os.PathLike) -> Path:
     """The arguments of this run, as JSON, for reproducing it (also copied into the model card)."""
-    path = Path(output_dir) / name
+    path = Path(output_dir) / "training_args.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(vars(args), indent=2, sort_keys=True, default=str))
     return path
@@ -176,12 +177,12 @@ def build_ema(model, args):
     )
 
 
-def plan_steps(num_items: int, args, num_processes: int) -> tuple[int, int]:
-    """(max_train_steps, batches per epoch per process), from --max_train_steps or --num_epochs."""
+def plan_steps(num_items: int, args, num_processes: int) -> int:
+    """max_train_steps, from --max_train_steps or --num_epochs."""
     batches_per_epoch = EpochBatchSampler(num_items, args.train_batch_size, num_processes).batches_per_epoch()
     if args.max_train_steps:
-        return args.max_train_steps, batches_per_epoch
-    return math.ceil(args.num_epochs * batches_per_epoch / args.gradient_accumulation_steps), batches_per_epoch
+        return args.max_train_steps
+    return math.ceil(args.num_epochs * batches_per_epoch / args.gradient_accumulation_steps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,6 +234,8 @@ class MetricsWriter:
         self.accelerator = accelerator
         self.path = Path(output_dir) / METRICS_FILE
         self.output_dir = Path(output_dir)
+        self._lines_written = 0
+        self._lines_plotted = -1
         if accelerator.is_main_process and self.path.exists():
             self._truncate_after(resume_step)
 
@@ -252,11 +255,17 @@ class MetricsWriter:
         if self.accelerator.is_main_process:
             with self.path.open("a") as handle:
                 handle.write(json.dumps({"step": step, **values}) + "\n")
+            self._lines_written += 1
 
     def plot(self) -> Path | None:
+        """Redraw loss_curve.png from metrics.jsonl; nothing to do when nothing was logged since the last time."""
         if not self.accelerator.is_main_process or not self.path.exists():
             return None
-        return plot_loss_curve(self.path, self.output_dir / "loss_curve.png")
+        curve = self.output_dir / "loss_curve.png"
+        if self._lines_plotted == self._lines_written and curve.exists():
+            return curve
+        self._lines_plotted = self._lines_written
+        return plot_loss_curve(self.path, curve)
 
 
 def read_metrics(output_dir: str | os.PathLike) -> list[dict]:
@@ -287,16 +296,6 @@ class BatchTrace:
             entry["weights_checksum"] = sum(p.detach().double().abs().sum().item() for p in model.parameters())
         with self.path.open("a") as handle:
             handle.write(json.dumps(entry) + "\n")
-
-
-def batch_to_device(batch, device):
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {key: batch_to_device(value, device) for key, value in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(batch_to_device(value, device) for value in batch)
-    return batch
 
 
 class TrainingLoop:
@@ -358,6 +357,11 @@ class TrainingLoop:
     # ---- checkpoints ------------------------------------------------------------------------
 
     def resume(self, resume_from_checkpoint: str | None) -> None:
+        """Restore the checkpoint (if any), then open metrics.jsonl at the step training goes on from."""
+        self._restore(resume_from_checkpoint)
+        self.metrics = MetricsWriter(self.accelerator, self.output_dir, resume_step=self.global_step)
+
+    def _restore(self, resume_from_checkpoint: str | None) -> None:
         path = ckpt.resolve_resume_path(resume_from_checkpoint, self.output_dir)
         if path is None:
             if resume_from_checkpoint:
@@ -425,18 +429,20 @@ class TrainingLoop:
 
     # ---- the loop ---------------------------------------------------------------------------
 
-    def _agree_on_flags(self, loss: torch.Tensor, logs: dict) -> tuple[bool, bool, torch.Tensor]:
-        """One all-reduce: (any rank non-finite, any rank asked to stop, mean [loss, *logs])."""
-        values = [loss.detach().float()] + [torch.as_tensor(v).detach().float().to(loss.device) for v in logs.values()]
-        nonfinite = float(not all(torch.isfinite(v).all() for v in values))
-        flags = torch.stack(
-            [torch.tensor(nonfinite, device=loss.device), torch.tensor(float(self.stop.requested), device=loss.device)]
-            + [torch.nan_to_num(v.mean()) for v in values]
-        )
+    def _agree_on_flags(self, loss: torch.Tensor, logs: dict) -> tuple[bool, bool, list[float]]:
+        """One all-reduce and one device-to-host copy: (any rank non-finite, any rank asked to stop,
+        mean [loss, *logs] over the ranks)."""
+        values = [loss.detach().float().reshape(-1)] + [
+            torch.as_tensor(v).detach().float().to(loss.device).reshape(-1) for v in logs.values()
+        ]
+        nonfinite = torch.stack([(~torch.isfinite(v)).any() for v in values]).any().float()
+        stop = torch.tensor(float(self.stop.requested), device=loss.device)
+        flags = torch.stack([nonfinite, stop] + [torch.nan_to_num(v.mean()) for v in values])
         if self.accelerator.num_processes > 1:
             flags = self.accelerator.reduce(flags, reduction="sum")
-            flags[2:] /= self.accelerator.num_processes
-        return bool(flags[0] > 0), bool(flags[1] > 0), flags[2:]
+        host = flags.tolist()
+        means = [value / self.accelerator.num_processes for value in host[2:]]
+        return host[0] > 0, host[1] > 0, means
 
     def _loader(self) -> DataLoader:
         batches_per_epoch = self.sampler.batches_per_epoch()
@@ -454,7 +460,8 @@ class TrainingLoop:
     def run(self, compute_loss: Callable, on_step_end: Callable[[int], None] | None = None) -> bool:
         """Train to `max_train_steps`. Returns False if stopped early by a signal (checkpoint saved)."""
         args, accelerator = self.args, self.accelerator
-        self.metrics = MetricsWriter(accelerator, self.output_dir, resume_step=self.global_step)
+        if self.metrics is None:  # run() without resume(): a fresh start
+            self.metrics = MetricsWriter(accelerator, self.output_dir, resume_step=self.global_step)
         self.stop.install()
         progress = tqdm(total=self.max_train_steps, initial=self.global_step, desc="Training",
                         disable=not accelerator.is_local_main_process, dynamic_ncols=True)
@@ -467,7 +474,7 @@ class TrainingLoop:
             while self.global_step < self.max_train_steps:
                 for batch in self._loader():
                     trace.record(batch, self.global_step + 1)
-                    batch = batch_to_device(batch, accelerator.device)
+                    batch = send_to_device(batch, accelerator.device, non_blocking=True)
                     generator = self.step_generator()
                     with accelerator.accumulate(self.model):
                         result = compute_loss(batch, generator)
@@ -481,8 +488,8 @@ class TrainingLoop:
                         self.optimizer.step()
                         self.optimizer.zero_grad(set_to_none=True)
                     self.state.micro_batches += 1
-                    step_loss.append(means[0].item())
-                    for name, value in zip(logs, means[1:].tolist()):
+                    step_loss.append(means[0])
+                    for name, value in zip(logs, means[1:]):
                         step_logs.setdefault(name, []).append(value)
                     if not accelerator.sync_gradients:
                         continue
@@ -492,7 +499,7 @@ class TrainingLoop:
                         self.ema.step(self.unwrapped_model.parameters())
                     self.state.global_step += 1
                     self.state.samples_seen += global_batch
-                    trace.record(None, self.global_step, self.unwrapped_model)
+                    trace.record(None, self.global_step, self.model)
                     now = time.perf_counter()
                     values = {
                         "loss": sum(step_loss) / len(step_loss),
@@ -553,7 +560,7 @@ def build_training_loop(accelerator, args, model, train_set, tracker_name: str, 
     `parameters` (default: all of the model's) are optimised; `ema_model` (default: `model`) is averaged.
     The model is prepared by accelerate: train through `loop.model`.
     """
-    max_train_steps, _ = plan_steps(len(train_set), args, accelerator.num_processes)
+    max_train_steps = plan_steps(len(train_set), args, accelerator.num_processes)
     parameters = model.parameters() if parameters is None else parameters
     optimizer = build_optimizer(parameters, args, scaled_learning_rate(args, accelerator.num_processes))
     lr_scheduler = build_lr_scheduler(optimizer, args, max_train_steps)

@@ -242,6 +242,15 @@ class RunningMoments:
         return math.sqrt(max(total_sq / count - mean * mean, 0.0))
 
 
+def std_over_processes(moments: RunningMoments, accelerator, sharded: bool = True) -> float:
+    """Std of the latents whose moments each process gathered; summed over the processes first when each
+    one measured its own shard (`sharded`), so that every process gets the same number."""
+    totals = moments.as_tensor(accelerator.device)
+    if sharded and accelerator.num_processes > 1:
+        totals = accelerator.reduce(totals, reduction="sum")
+    return RunningMoments.std_from(totals.cpu())
+
+
 def latent_moments_of_batches(vae, batches: Iterable[torch.Tensor], shift: float = 0.0) -> RunningMoments:
     moments = RunningMoments()
     for pixel_values in batches:
