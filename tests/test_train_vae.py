@@ -194,3 +194,24 @@ def test_bad_input_gets_a_clear_message(faces, tiny_vae_dir, tmp_path, capsys, e
         run_script(SCRIPT, vae_args(faces, tmp_path / "out", **extra))
     assert stop.value.code == 2
     assert expected in capsys.readouterr().err
+
+
+def test_the_scale_is_measured_on_centre_crops_even_when_training_uses_random_crops(tmp_path):
+    from PIL import Image
+
+    from uldm.autoencoder import centre_cropped_view, split_holdout
+    from uldm.data import ImageFolderDataset, Preprocessing
+
+    paths = []
+    for index in range(6):  # wide images: a random crop and the centre crop differ
+        path = tmp_path / f"{index}.png"
+        Image.effect_noise((64, 32), 60 + 10 * index).convert("RGB").save(path)
+        paths.append(path)
+    images = ImageFolderDataset(paths, tmp_path, Preprocessing(32, center_crop=False), seed=0)
+    train_set, _ = split_holdout(images, 2, seed=0)
+    centred = centre_cropped_view(train_set)
+    reference = ImageFolderDataset(paths, tmp_path, Preprocessing(32, center_crop=True))
+    assert len(centred) == len(train_set) == 4
+    for position, index in enumerate(train_set.indices):
+        assert torch.equal(centred[position]["pixel_values"], reference[index]["pixel_values"])
+    assert not all(torch.equal(train_set[i]["pixel_values"], centred[i]["pixel_values"]) for i in range(4))

@@ -230,6 +230,8 @@ def split_holdout(dataset, num_holdout: int, seed: int) -> tuple[IndexSubset, In
 
 def centre_cropped_view(dataset):
     """The same images, preprocessed deterministically (centre crop)."""
+    if isinstance(dataset, IndexSubset):
+        return IndexSubset(centre_cropped_view(dataset.dataset), dataset.indices)
     preprocessing = getattr(dataset, "preprocessing", None)
     if preprocessing is None or preprocessing.center_crop:
         return dataset
