@@ -31,7 +31,7 @@ import torch
 
 from pipeline_latent_uncond import UnconditionalLatentPipeline
 from uldm import args as cli
-from uldm.data import Preprocessing, image_folder_dataset, sharded_verifier, verify_image_files
+from uldm.data import ImageFolderDataset, Preprocessing, image_folder_dataset, sharded_verifier
 from uldm.diffusion import noisy_latents_and_target
 from uldm.dreambooth import (
     DreamBoothDataset, DreamBoothLoss, add_lora_adapter, base_resolution, check_class_image_sizes, check_resolution,
@@ -123,40 +123,43 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_image_set(folder: str, args, preprocessing: Preprocessing, vae, vae_key: str, accelerator,
                     max_items: int | None = None):
-    """An image folder as a data set of images, or of cached latents with --cache_latents."""
+    """An image folder as a data set of images, or of cached latents with --cache_latents; and its
+    readable image files."""
     images = image_folder_dataset(folder, preprocessing, args.seed, max_items,
                                   verify=sharded_verifier(accelerator, args.resolution))
     if not args.cache_latents:
-        return images
+        return images, images.paths
     key = cache_key(images.fingerprint(), vae_key, preprocessing.key(), args.random_flip)
     return build_or_load_latent_cache(
         images, vae, args.latent_cache_dir or f"{args.output_dir}/latent_cache", key, args.random_flip,
         args.encode_batch_size, args.dataloader_num_workers, accelerator.process_index, accelerator.num_processes,
         accelerator.wait_for_everyone, description={"images": str(folder), "resolution": args.resolution},
-    )
+    ), images.paths
 
 
-def build_training_set(args, vae, accelerator) -> DreamBoothDataset:
-    """Instance (and class) examples as images, or as cached latents with --cache_latents."""
+def build_training_set(args, vae, accelerator) -> tuple[DreamBoothDataset, list[Path]]:
+    """Instance (and class) examples as images, or as cached latents with --cache_latents; and the
+    readable instance photos (checked once here, reused for the references and the model card)."""
     if args.cache_latents and not args.center_crop:
         logger.warning("--cache_latents stores one crop per image: using centre crops (as --center_crop).")
         args.center_crop = True
     preprocessing = Preprocessing(args.resolution, args.center_crop)
     base = args.pretrained_model_name_or_path
     vae_key = vae_fingerprint(vae, base, "vqvae" if (Path(base) / "vqvae").is_dir() else "vae", args.revision)
-    instance_set = build_image_set(args.instance_data_dir, args, preprocessing, vae, vae_key, accelerator)
+    instance_set, instance_files = build_image_set(args.instance_data_dir, args, preprocessing, vae, vae_key,
+                                                   accelerator)
     class_set = None
     if args.with_prior_preservation:
-        class_set = build_image_set(args.class_data_dir, args, preprocessing, vae, vae_key, accelerator,
-                                    max_items=args.num_class_images)
-    return DreamBoothDataset(instance_set, class_set, min_length=args.train_batch_size * accelerator.num_processes)
+        class_set, _ = build_image_set(args.class_data_dir, args, preprocessing, vae, vae_key, accelerator,
+                                       max_items=args.num_class_images)
+    dataset = DreamBoothDataset(instance_set, class_set, min_length=args.train_batch_size * accelerator.num_processes)
+    return dataset, instance_files
 
 
-def instance_photos(folder: str, resolution: int, limit: int = 64) -> torch.Tensor:
-    """Up to `limit` instance photos, centre-cropped, as N x 3 x R x R in [-1, 1]."""
-    dataset = image_folder_dataset(folder, Preprocessing(resolution, True),
-                                   verify=lambda paths: verify_image_files(paths, resolution, show_progress=False))
-    return torch.stack([dataset[i]["pixel_values"] for i in range(min(len(dataset), limit))])
+def instance_photos(paths: list[Path], folder: str, resolution: int, limit: int = 64) -> torch.Tensor:
+    """Up to `limit` of the (already checked) instance photos, centre-cropped, as N x 3 x R x R in [-1, 1]."""
+    dataset = ImageFolderDataset(paths[:limit], Path(folder), Preprocessing(resolution, True))
+    return torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))])
 
 
 @exit_cleanly_on_input_errors
@@ -190,7 +193,7 @@ def main(args: argparse.Namespace) -> None:
             scheduler_name=args.class_sampler,
         )
 
-    train_set = build_training_set(args, vae, accelerator)
+    train_set, instance_files = build_training_set(args, vae, accelerator)
     class_set = train_set.prior
     logger.info("Instance images: %d; class images: %d", len(instance_paths), len(class_set) if class_set else 0)
 
@@ -212,8 +215,11 @@ def main(args: argparse.Namespace) -> None:
 
     shape = latent_shape(vae, args.resolution)
     validation_noise = fixed_validation_noise(args.num_validation_images, shape, args.seed, accelerator.device)
-    photos = instance_photos(args.instance_data_dir, args.resolution)
-    references = SubjectReferences.from_pixels(pipeline, photos) if accelerator.is_main_process else None
+    # Only the main process validates and writes the model card, the only users of the photos.
+    photos = references = None
+    if accelerator.is_main_process:
+        photos = instance_photos(instance_files, args.instance_data_dir, args.resolution)
+        references = SubjectReferences.from_pixels(pipeline, photos)
 
     def make_pipeline(model, scheduler_name: str) -> UnconditionalLatentPipeline:
         return UnconditionalLatentPipeline(

@@ -174,13 +174,19 @@ class DemoDataset:
 
 
 def _write_set(folder: Path, stream: str, count: int, seed: int, resolution: int, make_factors,
-               factors_log) -> None:
+               factors_log, keep: int) -> list[Image.Image]:
+    """Draw and save the set; returns its first `keep` images (for the preview grid)."""
     folder.mkdir(parents=True, exist_ok=True)
+    kept = []
     for index in tqdm(range(count), desc=f"Drawing {stream}", leave=False):
         factors = make_factors(face_rng(seed, index, stream))
         name = f"{index:05d}.png"
-        draw_face(factors, resolution).save(folder / name)
+        image = draw_face(factors, resolution)
+        image.save(folder / name)
+        if index < keep:
+            kept.append(image)
         factors_log.write(json.dumps({"file": f"{folder.name}/{name}", **asdict(factors)}) + "\n")
+    return kept
 
 
 def _remove_stale_images(folder: Path, count: int) -> None:
@@ -207,11 +213,12 @@ def write_demo_dataset(output_dir: str | os.PathLike, num_images: int = 1024, nu
     _remove_stale_images(subject_dir, num_subject_images)
     root.mkdir(parents=True, exist_ok=True)
     with (root / FACTORS_FILE).open("w") as factors_log:
-        _write_set(faces_dir, "faces", num_images, seed, resolution, random_face_factors, factors_log)
-        _write_set(subject_dir, "subject", num_subject_images, seed, resolution, subject_factors, factors_log)
-    previews = sorted(faces_dir.glob("*.png"))[:preview_size]
-    image_grid([Image.open(path).convert("RGB") for path in previews]).save(root / PREVIEW_FILE)
-    subject = [Image.open(path).convert("RGB") for path in sorted(subject_dir.glob("*.png"))]
+        # The grids are built from the images as drawn (PNG is lossless: the same pixels as the files).
+        previews = _write_set(faces_dir, "faces", num_images, seed, resolution, random_face_factors, factors_log,
+                              keep=preview_size)
+        subject = _write_set(subject_dir, "subject", num_subject_images, seed, resolution, subject_factors,
+                             factors_log, keep=num_subject_images)
+    image_grid(previews).save(root / PREVIEW_FILE)
     image_grid(subject, columns=min(len(subject), 8)).save(root / SUBJECT_PREVIEW_FILE)
     return DemoDataset(root, faces_dir, subject_dir, num_images, num_subject_images)
 

@@ -24,14 +24,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from pipeline_latent_uncond import UnconditionalLatentPipeline
 
 from .diffusion import per_sample_loss
 from .errors import InputError
 from .images import list_image_files
-from .sampling import batches, generators_for_indices, make_scheduler, save_image_atomically
+from .sampling import make_scheduler, write_samples
 from .vae import downsample_factor
 
 logger = logging.getLogger(__name__)
@@ -78,9 +77,7 @@ def load_base_pipeline(name_or_path: str, revision: str | None = None,
 
 def base_resolution(pipeline: UnconditionalLatentPipeline) -> int:
     """Image side the base model generates: the UNet's latent size times the VAE's downsampling."""
-    size = pipeline.unet.config.sample_size
-    size = size if isinstance(size, int) else size[0]
-    return size * downsample_factor(pipeline.vae)
+    return pipeline.latent_shape(1)[2] * downsample_factor(pipeline.vae)
 
 
 def check_resolution(requested: int | None, pipeline: UnconditionalLatentPipeline) -> int:
@@ -176,7 +173,6 @@ def generate_missing_class_images(pipeline: UnconditionalLatentPipeline, class_d
         return 0
 
     indices = class_image_indices_to_generate(existing, missing)
-    mine = indices[accelerator.process_index :: accelerator.num_processes]
     logger.info("Generating %d class images into %s (%d there already, %d steps of %s).",
                 missing, folder, len(existing), num_inference_steps, scheduler_name)
     sampler = UnconditionalLatentPipeline(
@@ -184,18 +180,10 @@ def generate_missing_class_images(pipeline: UnconditionalLatentPipeline, class_d
         latent_scaling_factor=pipeline.latent_scale, latent_shift_factor=pipeline.latent_shift,
     )
     sampler.set_progress_bar_config(disable=True)
-    progress = tqdm(total=len(mine), desc="Generating class images", disable=not accelerator.is_local_main_process)
-    with torch.no_grad(), accelerator.autocast():
-        for batch in batches(mine, batch_size):
-            images = sampler(batch_size=len(batch), generator=generators_for_indices(seed, batch),
-                             num_inference_steps=num_inference_steps, output_type="pil").images
-            for index, image in zip(batch, images):
-                # Written under a hidden name, then renamed: nobody lists a half-written image.
-                save_image_atomically(image, folder / GENERATED_CLASS_IMAGE.format(index=index))
-            progress.update(len(batch))
-    progress.close()
-    # The barrier diffusers lacks: nobody reads the folder before every process has written its share.
-    accelerator.wait_for_everyone()
+    # Ends with the barrier diffusers lacks: nobody reads the folder before every process has written its share.
+    write_samples(sampler, folder, indices, accelerator, file_name=lambda k: GENERATED_CLASS_IMAGE.format(index=k),
+                  seed=seed, batch_size=batch_size, num_inference_steps=num_inference_steps,
+                  description="Generating class images")
     return missing
 
 
@@ -275,15 +263,14 @@ def lora_target_modules(spec: str) -> list[str]:
     return names
 
 
-def add_lora_adapter(unet, rank: int, alpha: float | None = None, target_modules: Sequence[str] = (),
-                     dropout: float = 0.0):
+def add_lora_adapter(unet, rank: int, alpha: float | None, target_modules: Sequence[str], dropout: float = 0.0):
     """Freeze the UNet and inject a trainable LoRA adapter; returns its LoraConfig."""
     from peft import LoraConfig, inject_adapter_in_model
 
     if rank < 1:
         raise InputError(f"--rank must be at least 1, not {rank}.")
     config = LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=dropout, init_lora_weights="gaussian",
-                        target_modules=list(target_modules or LORA_TARGET_PRESETS["attention+conv"]))
+                        target_modules=list(target_modules))
     unet.requires_grad_(False)
     try:
         inject_adapter_in_model(config, unet)
@@ -428,20 +415,21 @@ class SubjectReferences:
     closest the model can get through its VAE), both for the subject distance."""
 
     latents: torch.Tensor  # N x C x h x w, scaled like the UNet's latents (posterior mean)
-    reconstructions: np.ndarray  # N x H x W x 3 in [0, 1]
+    reconstruction_thumbnails: torch.Tensor  # N x 3 x 32 x 32 (`thumbnails` of the reconstructions)
 
     @classmethod
     @torch.no_grad()
     def from_pixels(cls, pipeline: UnconditionalLatentPipeline, pixel_values: torch.Tensor) -> "SubjectReferences":
         latents = pipeline.encode_images(pixel_values, sample_posterior=False)
         images = pipeline.decode_latents(latents).permute(0, 2, 3, 1).cpu().numpy()
-        return cls(latents.cpu(), images)
+        return cls(latents.cpu(), thumbnails(images))
 
     def measure(self, latents: torch.Tensor, images: np.ndarray) -> dict[str, float]:
         """Subject distance and spread of a set of samples, in latent space and in (32 px) pixels."""
+        small = thumbnails(images)
         return {
-            "instance_distance": float(nearest_distances(thumbnails(images), thumbnails(self.reconstructions)).mean()),
-            "sample_spread": mean_pairwise_distance(thumbnails(images)),
+            "instance_distance": float(nearest_distances(small, self.reconstruction_thumbnails).mean()),
+            "sample_spread": mean_pairwise_distance(small),
             "instance_latent_distance": float(nearest_distances(latents, self.latents).mean()),
             "sample_latent_spread": mean_pairwise_distance(latents),
         }

@@ -32,7 +32,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image
 
-from .images import load_rgb_image
+from .images import load_rgb_image, save_image_atomically
 
 FFHQ_SIZE = 1024
 # FFHQ samples the quad at 4x the output size and reduces with LANCZOS, which antialiases.
@@ -381,13 +381,6 @@ def select_faces(faces: list[DetectedFace], options: AlignOptions) -> tuple[list
     return (big_enough[:1] if options.faces == "largest" else big_enough), too_small
 
 
-def _save_png_atomically(image: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    image.save(partial, format="PNG")
-    os.replace(partial, path)
-
-
 def _rounded(points: Points, decimals: int = 3) -> list[list[float]]:
     return np.round(np.asarray(points, dtype=np.float64), decimals).tolist()
 
@@ -408,7 +401,9 @@ def align_image_file(source: str | os.PathLike, output_stem: str, output_dir: st
         for k, (face, quad) in enumerate(chosen):
             aligned = warp_quad(image, quad, options.output_size, options.transform_size, options.padding)
             output = f"{output_stem}_{k}.png"
-            _save_png_atomically(aligned, Path(output_dir) / output)
+            path = Path(output_dir) / output  # output may name a subfolder (mirrors the input's)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_image_atomically(aligned, path)
             outcome.records.append({
                 "source": source,
                 "output": output,

@@ -1,4 +1,4 @@
-"""Finding image files and opening them as clean 8-bit RGB, whatever they are on disk.
+"""Finding image files, opening them as clean 8-bit RGB whatever they are on disk, and saving PNGs atomically.
 
 Phone photos carry their orientation in EXIF, scans come as CMYK or 16-bit greyscale, web
 images as palettes with transparency. Every script reads images through `load_rgb_image`
@@ -86,3 +86,16 @@ def load_rgb_image(path: str | os.PathLike) -> Image.Image:
     with Image.open(path) as image:
         image.load()
         return to_rgb(image)
+
+
+def _temporary_path(path: Path) -> Path:
+    # Hidden and unique per process, so readers never see a half-written file and writers never collide.
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def save_image_atomically(image: Image.Image, path: str | os.PathLike) -> None:
+    """Save as PNG under a hidden temporary name, then rename: nobody ever lists a half-written image."""
+    path = Path(path)
+    temporary = _temporary_path(path)
+    image.save(temporary, format="PNG")
+    os.replace(temporary, path)

@@ -28,10 +28,11 @@ import torch
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.functional import pil_to_tensor
 from tqdm.auto import tqdm
 
 from uldm.data import Preprocessing, load_hf_dataset
-from uldm.face_align import face_model_path
+from uldm.face_align import LANDMARK_MODEL, face_detector, face_model_path, landmark_predictor
 from uldm.images import list_image_files, load_rgb_image, to_rgb
 
 # Bump when the reference preprocessing changes, so that old feature caches are not reused.
@@ -54,11 +55,6 @@ def preprocess_like_training(
     random, as in training without --center_crop; pass a seeded `rng` for reproducible crops.
     """
     return Preprocessing(resolution, center_crop).resize_and_crop(image, rng)
-
-
-def pil_to_uint8_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image to a 3xHxW uint8 tensor, the input FID/KID feature extractors expect."""
-    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,7 +150,7 @@ class ReferenceImages(Dataset):
         # One generator per image: the same crops whatever the number of workers.
         rng = None if self.center_crop else np.random.default_rng([self.seed, index])
         image = preprocess_like_training(self.images[index], self.resolution, self.center_crop, rng)
-        return pil_to_uint8_tensor(image)
+        return pil_to_tensor(image)  # 3xHxW uint8, what the FID/KID feature extractors expect
 
     def fingerprint(self) -> dict[str, Any]:
         preprocessing = {
@@ -192,7 +188,7 @@ class SampleImages(Dataset):
                 f"resolution is {self.resolution}x{self.resolution}. Samples are not resized; pass "
                 f"--resolution equal to the samples' size (the reference is resized to it)."
             )
-        return pil_to_uint8_tensor(image)
+        return pil_to_tensor(image)  # 3xHxW uint8, what the FID/KID feature extractors expect
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,9 +475,11 @@ def load_face_descriptor_models(landmarks: int = 5) -> FaceDescriptorModels:
 
     if landmarks not in SHAPE_PREDICTORS:
         raise ValueError(f"landmarks must be 5 or 68, not {landmarks}.")
+    model_file = SHAPE_PREDICTORS[landmarks]
     return FaceDescriptorModels(
-        detector=dlib.get_frontal_face_detector(),
-        shape_predictor=dlib.shape_predictor(str(face_model_path(SHAPE_PREDICTORS[landmarks]))),
+        detector=face_detector("hog"),  # shared with face alignment (cached there)
+        shape_predictor=(landmark_predictor() if model_file == LANDMARK_MODEL
+                         else dlib.shape_predictor(str(face_model_path(model_file)))),
         encoder=dlib.face_recognition_model_v1(str(face_model_path(FACE_DESCRIPTOR_MODEL))),
     )
 

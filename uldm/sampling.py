@@ -4,7 +4,8 @@
 * Per-image noise (`generators_for_indices`): image i always comes from a generator seeded with
   seed + i, so its pixels do not depend on the batch size or on how many processes share the work.
 * A sample folder (`write_missing_samples`): images `{i:06d}.png`, written atomically, resumable,
-  spread over the processes of an `accelerate.Accelerator`; `save_samples_npz` packs it into an .npz.
+  spread over the processes of an `accelerate.Accelerator` (`write_samples` does the drawing, for
+  any file names); `save_samples_npz` packs it into an .npz.
 * `make_image_grid` for preview grids.
 """
 
@@ -14,7 +15,7 @@ import math
 import os
 import zipfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -28,6 +29,8 @@ from diffusers import (
 from diffusers.utils import make_image_grid as diffusers_make_image_grid
 from PIL import Image
 from tqdm.auto import tqdm
+
+from .images import _temporary_path, save_image_atomically  # the latter also imported from here by sample.py
 
 # name -> (class, config overrides). The config of the saved scheduler supplies the noise schedule.
 SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
@@ -82,18 +85,6 @@ def missing_indices(output_dir: str | os.PathLike, num_images: int) -> list[int]
     return [i for i in range(num_images) if not (output_dir / sample_file_name(i)).is_file()]
 
 
-def _temporary_path(path: Path) -> Path:
-    # Hidden and unique per process, so readers never see a half-written file and writers never collide.
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def save_image_atomically(image: Image.Image, path: str | os.PathLike) -> None:
-    path = Path(path)
-    temporary = _temporary_path(path)
-    image.save(temporary, format="PNG")
-    os.replace(temporary, path)
-
-
 def batches(items: Sequence[int], batch_size: int) -> Iterator[list[int]]:
     for start in range(0, len(items), batch_size):
         yield list(items[start : start + batch_size])
@@ -114,9 +105,8 @@ def write_missing_samples(
     """Make sure output_dir holds `{i:06d}.png` for every i < num_images; returns the indices this process made.
 
     Every process must call this (it synchronises them). Images already present are kept, so an
-    interrupted run resumes where it stopped. The missing indices are split between the processes;
-    image i is drawn with generator seed + i, so it is the same whatever the split or batch size.
-    Runs under `accelerator.autocast()` (fp16/bf16 compute with fp32 latents when mixed precision is on).
+    interrupted run resumes where it stopped. The missing indices are split between the processes
+    (see `write_samples`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
@@ -124,12 +114,40 @@ def write_missing_samples(
     output_dir.mkdir(parents=True, exist_ok=True)
     missing = missing_indices(output_dir, num_images)
     accelerator.wait_for_everyone()  # all processes have listed the folder before anyone writes to it
-    with accelerator.split_between_processes(missing) as own_indices:
+    return write_samples(pipeline, output_dir, missing, accelerator, seed=seed, batch_size=batch_size,
+                         num_inference_steps=num_inference_steps, eta=eta, description=description)
+
+
+def write_samples(
+    pipeline,
+    output_dir: str | os.PathLike,
+    indices: Sequence[int],
+    accelerator,
+    *,
+    file_name: Callable[[int], str] = sample_file_name,
+    seed: int = 0,
+    batch_size: int = 16,
+    num_inference_steps: int = 50,
+    eta: float = 0.0,
+    description: str = "Sampling",
+) -> list[int]:
+    """Draw image i for every i in `indices` and write it to output_dir / file_name(i); returns this process' indices.
+
+    Every process must call this with the same `indices` (it synchronises them at the end, so on
+    return every process sees all the images). The indices are split between the processes; image i
+    is drawn with generator seed + i, so it is the same whatever the split or batch size. Runs under
+    `accelerator.autocast()` (fp16/bf16 compute with fp32 latents when mixed precision is on).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    output_dir = Path(output_dir)
+    indices = list(indices)
+    with accelerator.split_between_processes(indices) as own_indices:
         own_indices = list(own_indices)
 
     progress = tqdm(total=len(own_indices), desc=description, unit="img", disable=not accelerator.is_main_process)
     if accelerator.num_processes > 1:
-        progress.set_postfix_str(f"main process' share of {len(missing)} missing")
+        progress.set_postfix_str(f"main process' share of {len(indices)}")
     for batch in batches(own_indices, batch_size):
         with accelerator.autocast():
             images = pipeline(
@@ -140,7 +158,7 @@ def write_missing_samples(
                 output_type="pil",
             ).images
         for index, image in zip(batch, images):
-            save_image_atomically(image, output_dir / sample_file_name(index))
+            save_image_atomically(image, output_dir / file_name(index))
         progress.update(len(batch))
     progress.close()
     accelerator.wait_for_everyone()
