@@ -39,7 +39,7 @@ from uldm.dreambooth import (
     SubjectReferences, register_adapter_only_checkpoints, save_lora_adapter, side_by_side, training_noise_scheduler,
 )
 from uldm.errors import exit_cleanly_on_input_errors
-from uldm.latent_cache import build_or_load_latent_cache, cache_key, latents_from_batch
+from uldm.latent_cache import cached_latents, centre_crops_for_the_cache, latents_from_batch
 from uldm.model_card import write_model_card
 from uldm.models import count_parameters
 from uldm.sampling import SCHEDULER_NAMES, make_scheduler
@@ -129,20 +129,14 @@ def build_image_set(folder: str, args, preprocessing: Preprocessing, vae, vae_ke
                                   verify=sharded_verifier(accelerator, args.resolution))
     if not args.cache_latents:
         return images, images.paths
-    key = cache_key(images.fingerprint(), vae_key, preprocessing.key(), args.random_flip)
-    return build_or_load_latent_cache(
-        images, vae, args.latent_cache_dir or f"{args.output_dir}/latent_cache", key, args.random_flip,
-        args.encode_batch_size, args.dataloader_num_workers, accelerator.process_index, accelerator.num_processes,
-        accelerator.wait_for_everyone, description={"images": str(folder), "resolution": args.resolution},
-    ), images.paths
+    description = {"images": str(folder), "resolution": args.resolution}
+    return cached_latents(images, vae, vae_key, args, accelerator, description), images.paths
 
 
 def build_training_set(args, vae, accelerator) -> tuple[DreamBoothDataset, list[Path]]:
     """Instance (and class) examples as images, or as cached latents with --cache_latents; and the
     readable instance photos (checked once here, reused for the references and the model card)."""
-    if args.cache_latents and not args.center_crop:
-        logger.warning("--cache_latents stores one crop per image: using centre crops (as --center_crop).")
-        args.center_crop = True
+    centre_crops_for_the_cache(args)
     preprocessing = Preprocessing(args.resolution, args.center_crop)
     base = args.pretrained_model_name_or_path
     vae_key = vae_fingerprint(vae, base, "vqvae" if (Path(base) / "vqvae").is_dir() else "vae", args.revision)

@@ -19,10 +19,12 @@ import torch
 
 from pipeline_latent_uncond import UnconditionalLatentPipeline
 from uldm import args as cli
-from uldm.data import Preprocessing, build_image_dataset, sharded_verifier
+from uldm.data import build_image_dataset, sharded_verifier
 from uldm.diffusion import build_noise_scheduler, noisy_latents_and_target, per_sample_loss
 from uldm.errors import exit_cleanly_on_input_errors
-from uldm.latent_cache import build_or_load_latent_cache, cache_key, latents_from_batch, measure_moments_sharded
+from uldm.latent_cache import (
+    cached_latents, centre_crops_for_the_cache, latents_from_batch, measure_moments_sharded,
+)
 from uldm.model_card import write_model_card
 from uldm.models import build_unet, count_parameters
 from uldm.sampling import make_scheduler
@@ -92,21 +94,14 @@ def main(args: argparse.Namespace) -> None:
     check_unet_matches_latents(unet, vae, args.resolution)
     logger.info("VAE: %s; UNet: %.1fM parameters", describe_vae(vae), count_parameters(unet) / 1e6)
 
-    if args.cache_latents and not args.center_crop:
-        logger.warning("--cache_latents stores one crop per image: using centre crops (as --center_crop).")
-        args.center_crop = True
+    centre_crops_for_the_cache(args)
     images = build_image_dataset(args, verify=sharded_verifier(accelerator, args.resolution))
     logger.info("Training images: %d", len(images))
     train_set = images
     if args.cache_latents:
-        key = cache_key(images.fingerprint(), vae_fingerprint(vae, args.vae_name_or_path, args.vae_subfolder, args.revision),
-                        Preprocessing(args.resolution, True).key(), args.random_flip)
-        train_set = build_or_load_latent_cache(
-            images, vae, args.latent_cache_dir or f"{args.output_dir}/latent_cache", key, args.random_flip,
-            args.encode_batch_size, args.dataloader_num_workers, accelerator.process_index,
-            accelerator.num_processes, accelerator.wait_for_everyone,
-            description={"vae": args.vae_name_or_path, "resolution": args.resolution},
-        )
+        vae_key = vae_fingerprint(vae, args.vae_name_or_path, args.vae_subfolder, args.revision)
+        train_set = cached_latents(images, vae, vae_key, args, accelerator,
+                                   description={"vae": args.vae_name_or_path, "resolution": args.resolution})
     scaling = resolve_latent_scaling(
         args.latent_scaling_factor, vae,
         measure_std=lambda: measure_latent_std(train_set, vae, args, accelerator),

@@ -81,11 +81,12 @@ def make_images(folder: Path, count: int, resolution: int) -> None:
 def run_training(argv: list[str]) -> tuple[list[dict], float]:
     """Run the training script in this process; returns its metrics rows and the seconds spent building a cache."""
     import train_unconditional_latent as script
+    from uldm import latent_cache
     from uldm.training import read_metrics, reset_accelerate_state
 
     reset_accelerate_state()
     try:
-        with report.timing_calls(script, "build_or_load_latent_cache") as cache_timer:
+        with report.timing_calls(latent_cache, "build_or_load_latent_cache") as cache_timer:
             script.main(script.parse_args(argv))
     finally:
         reset_accelerate_state()

@@ -175,3 +175,4 @@ def test_exact_resume_after_sigterm_mid_epoch_with_accumulation(train_images, ti
     # The EMA really differs from the live weights (so the comparison above covers both).
     key = next(k for k in ema_a if k.endswith("conv_in.weight"))
     assert not torch.equal(ema_a[key], live_a[key])
+

@@ -141,9 +141,7 @@ def build_or_load_latent_cache(
         missing = [name for name in part_names if not (folder / name / "done").is_file()]
         if missing:
             raise RuntimeError(f"Latent cache parts {missing} were not written; is {cache_root} shared by all processes?")
-        has_std = (folder / part_names[0] / "std.npy").is_file() or any(
-            (folder / name / "std.npy").is_file() for name in part_names
-        )
+        has_std = any((folder / name / "std.npy").is_file() for name in part_names)
         meta = {
             "format": CACHE_FORMAT_VERSION,
             "num_items": len(dataset),
@@ -189,3 +187,21 @@ def latents_from_batch(batch: dict, vae, scaling, generator: torch.Generator, ra
             mean = torch.where(flip, batch["mean_flipped"], mean)
             std = None if std is None else torch.where(flip, batch["std_flipped"], std)
     return scaling.apply(sample_from_moments(mean, std, generator))
+
+
+def centre_crops_for_the_cache(args) -> None:
+    """--cache_latents stores one crop per image, so it implies --center_crop (said once, in the log)."""
+    if args.cache_latents and not args.center_crop:
+        logger.warning("--cache_latents stores one crop per image: using centre crops (as --center_crop).")
+        args.center_crop = True
+
+
+def cached_latents(images, vae, vae_key: str, args, accelerator, description: dict) -> "LatentCacheDataset":
+    """The latent cache of `images` under --latent_cache_dir (default <output_dir>/latent_cache), keyed by
+    the images, the VAE, the preprocessing and --random_flip; encoded by all processes together on first use."""
+    key = cache_key(images.fingerprint(), vae_key, images.preprocessing.key(), args.random_flip)
+    return build_or_load_latent_cache(
+        images, vae, args.latent_cache_dir or f"{args.output_dir}/latent_cache", key, args.random_flip,
+        args.encode_batch_size, args.dataloader_num_workers, accelerator.process_index, accelerator.num_processes,
+        accelerator.wait_for_everyone, description=description,
+    )
