@@ -48,10 +48,7 @@ class LatentCacheDataset(Dataset):
         if self.with_flips:
             self.fields += [f"{name}_flipped" for name in list(self.fields)]
         # Memory-mapped, so processes on one machine share the pages instead of copying them.
-        self.parts = [
-            {name: np.load(folder / part / f"{name}.npy", mmap_mode="r") for name in self.fields + ["index"]}
-            for part in meta["parts"]
-        ]
+        self.parts = [self._load_part(folder / part) for part in meta["parts"]]
         self.location = np.empty((meta["num_items"], 2), dtype=np.int64)
         self.location[:] = -1
         for part_number, part in enumerate(self.parts):
@@ -69,6 +66,12 @@ class LatentCacheDataset(Dataset):
         item = {name: torch.from_numpy(np.asarray(part[name][row], dtype=np.float32)) for name in self.fields}
         item["index"] = index
         return item
+
+    def _load_part(self, part: Path) -> dict[str, np.ndarray]:
+        index = np.load(part / "index.npy", mmap_mode="r")
+        if len(index) == 0:  # a process that had no images to encode wrote nothing else
+            return {"index": index}
+        return {"index": index, **{name: np.load(part / f"{name}.npy", mmap_mode="r") for name in self.fields}}
 
     def latent_moments(self, shift: float = 0.0) -> RunningMoments:
         """Moments of latent samples over the whole cache (unflipped), without touching the VAE."""
