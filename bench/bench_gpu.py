@@ -91,22 +91,25 @@ def seconds_per_call(function, warmup: int, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def measure_variant(args, device: torch.device, name: str) -> dict:
+def measure_variant(args, device: torch.device, name: str) -> tuple[dict, int]:
     dtype, sdpa, channels_last, compiled, tf32 = VARIANTS[name]
     # "fp32" means true fp32: TF32 off for matmuls and convolutions (cuDNN allows it by default).
     previous_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     try:
-        return time_variant(args, device, name)
+        return time_variant(args, device, name)  # (measurements, UNet parameter count)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous_tf32
         if compiled:
             torch._dynamo.reset()  # drop the compiled graphs, which hold on to the model
 
 
-def time_variant(args, device: torch.device, name: str) -> dict:
+def time_variant(args, device: torch.device, name: str) -> tuple[dict, int]:
+    from uldm.models import count_parameters
+
     dtype, sdpa, channels_last, compiled, _ = VARIANTS[name]
     model = build_variant(args.unet, device, sdpa, channels_last).train()
+    num_parameters = count_parameters(model)
     shape = models.sample_shape(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-6)
     runnable = torch.compile(model) if compiled else model
@@ -130,8 +133,9 @@ def time_variant(args, device: torch.device, name: str) -> dict:
             runnable(latents, timestep)
 
     sample_s = seconds_per_call(forward, args.warmup_steps, args.steps)
-    return {"variant": name, "train_images_per_sec": args.train_batch_size / train_s,
-            "train_peak_memory_bytes": peak, "sampling_unet_images_per_sec": args.sample_batch_size / sample_s}
+    measured = {"variant": name, "train_images_per_sec": args.train_batch_size / train_s,
+                "train_peak_memory_bytes": peak, "sampling_unet_images_per_sec": args.sample_batch_size / sample_s}
+    return measured, num_parameters
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -154,17 +158,16 @@ def run(args: argparse.Namespace) -> dict:
         return result
 
     device = torch.device(device_name)
-    from uldm.models import count_parameters
-
     variants = []
     for name in args.variants:
         print(f"Measuring {name}...", flush=True)
-        variants.append(measure_variant(args, device, name))
+        measured, num_parameters = measure_variant(args, device, name)
+        variants.append(measured)
     baseline = variants[0]
     for variant in variants:
         variant["train_speedup"] = variant["train_images_per_sec"] / baseline["train_images_per_sec"]
         variant["sampling_speedup"] = variant["sampling_unet_images_per_sec"] / baseline["sampling_unet_images_per_sec"]
-    result["settings"] = {"unet": args.unet, "unet_parameters": count_parameters(models.build_unet(args.unet)),
+    result["settings"] = {"unet": args.unet, "unet_parameters": num_parameters,
                           "train_batch_size": args.train_batch_size, "sample_batch_size": args.sample_batch_size,
                           "warmup_steps": args.warmup_steps, "timed_steps": args.steps, "device": str(device)}
     result["results"] = {"skipped": False, "variants": variants}

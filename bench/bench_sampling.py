@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> dict:
         "vae": models.vae_label(args.vae),
         "vae_parameters": count_parameters(pipeline.vae),
         "num_images_per_call": args.num_images, "device": device.type, "precision": "fp32",
-        "latent_shape": list(models.sample_shape(pipeline.unet)),
+        "latent_shape": list(pipeline.latent_shape(1)[1:]),
     }
     result["results"] = {"runs": runs, "mean_decode_seconds": decode_seconds}
     report.add_table(result, f"UnconditionalLatentPipeline, {args.num_images} image(s) per call",

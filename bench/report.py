@@ -52,20 +52,11 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def memory_total_gib() -> float | None:
+def meminfo_gib(key: str) -> float | None:
+    """A /proc/meminfo entry (e.g. "MemTotal", "MemAvailable") in GiB; None where there is no such file or entry."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    return None
-
-
-def memory_available_gib() -> float | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+            if line.startswith(f"{key}:"):
                 return round(int(line.split()[1]) / 2**20, 1)
     except OSError:
         pass
@@ -82,7 +73,7 @@ def machine_info() -> dict[str, Any]:
     return {
         "cpu_model": cpu_model(),
         "cpu_cores": os.cpu_count(),
-        "memory_gib": memory_total_gib(),
+        "memory_gib": meminfo_gib("MemTotal"),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
@@ -138,7 +129,6 @@ class CallTimer:
 
     def __init__(self):
         self.seconds = 0.0
-        self.calls = 0
 
     def wrap(self, function: Callable) -> Callable:
         def timed(*args, **kwargs):
@@ -147,7 +137,6 @@ class CallTimer:
                 return function(*args, **kwargs)
             finally:
                 self.seconds += time.perf_counter() - start
-                self.calls += 1
 
         return timed
 
@@ -237,7 +226,7 @@ def start_result(name: str, title: str, args: argparse.Namespace, wait: bool = T
         "started": datetime.datetime.now().isoformat(timespec="seconds"),
         "load_at_start": load_average(),
         "waited_for_quiet_s": round(waited, 1),
-        "memory_available_gib_at_start": memory_available_gib(),
+        "memory_available_gib_at_start": meminfo_gib("MemAvailable"),
         "_start_time": time.monotonic(),
         "settings": {},
         "results": {},

@@ -5,7 +5,6 @@ Nothing here downloads anything; every model is randomly initialised from config
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -26,24 +25,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
-def read_preset(relative_path: str) -> dict:
-    with open(REPO_ROOT / relative_path) as handle:
-        config = json.load(handle)
-    return {key: value for key, value in config.items() if not key.startswith("_")}
-
-
-def build_tiny_unet(seed: int = 0):
+def build_tiny_unet(seed: int = 0, **overrides):
     from diffusers import UNet2DModel
 
+    from uldm.args import read_json_preset
+
     torch.manual_seed(seed)
-    return UNet2DModel(**read_preset("configs/unet/tiny.json"))
+    return UNet2DModel(**{**read_json_preset("tiny", "unet"), **overrides})
 
 
 def build_tiny_kl_vae(seed: int = 0, **overrides):
     from diffusers import AutoencoderKL
 
+    from uldm.args import read_json_preset
+
     torch.manual_seed(seed)
-    return AutoencoderKL(**{**read_preset("configs/vae/tiny-kl-f4.json"), **overrides})
+    return AutoencoderKL(**{**read_json_preset("tiny-kl-f4", "vae"), **overrides})
 
 
 def build_tiny_vq_vae(seed: int = 0):
@@ -85,28 +82,6 @@ def make_blob_images(folder: Path, count: int, size: int = 32, seed: int = 0) ->
     return paths
 
 
-@pytest.fixture
-def tiny_unet():
-    return build_tiny_unet()
-
-
-@pytest.fixture
-def tiny_kl_vae():
-    return build_tiny_kl_vae()
-
-
-@pytest.fixture
-def tiny_vq_vae():
-    return build_tiny_vq_vae()
-
-
-@pytest.fixture
-def blob_images(tmp_path):
-    folder = tmp_path / "images"
-    make_blob_images(folder, 16)
-    return folder
-
-
 # --------------------------------------------------------------------------------------------
 # Running the scripts
 
@@ -134,6 +109,47 @@ def to_argv(options: dict) -> list[str]:
         elif value is not None and value is not False:
             argv += [f"--{key}", str(value)]
     return argv
+
+
+def latent_training_args(images, vae_dir, output_dir, **overrides) -> list[str]:
+    """Command-line arguments for a short train_unconditional_latent.py run on the tiny presets.
+
+    An override of None leaves that option out (the script's default applies)."""
+    options = {
+        "train_data_dir": images,
+        "vae_name_or_path": vae_dir,
+        "model_config_name_or_path": "tiny",
+        "resolution": 32,
+        "train_batch_size": 4,
+        "max_train_steps": 12,
+        "learning_rate": 1e-3,
+        "lr_warmup_steps": 2,
+        "validation_steps": 0,
+        "num_validation_images": 4,
+        "validation_inference_steps": 3,
+        "checkpointing_steps": 0,
+        "report_to": "none",
+        "output_dir": output_dir,
+    }
+    return to_argv({**options, **overrides})
+
+
+def make_command_recorder(bin_dir: Path, record: Path, names=("accelerate",)) -> Path:
+    """A stand-in executable that appends its command line (without the program) as one JSON line to `record`,
+    also linked under each of `names` in `bin_dir`: put `bin_dir` first on PATH. Returns the stand-in."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    fake = bin_dir / "record"
+    fake.write_text(f"#!{sys.executable}\nimport json, sys\n"
+                    f"open({str(record)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
+    fake.chmod(0o755)
+    for name in names:
+        (bin_dir / name).symlink_to(fake)
+    return fake
+
+
+def path_with(folder: Path) -> str:
+    """$PATH with `folder` in front."""
+    return f"{folder}{os.pathsep}{os.environ['PATH']}"
 
 
 def subprocess_env(**extra) -> dict:

@@ -63,7 +63,7 @@ def test_publishing_a_step_again_replaces_it_only_when_whole(tmp_path):
 
 def test_a_crash_while_saving_leaves_the_previous_checkpoint_usable(train_images, tiny_vae_dir, tmp_path, monkeypatch):
     """The process dies while writing checkpoint-4: checkpoint-2 stays `latest`, the run resumes from it."""
-    from test_train_latent import base_args
+    from conftest import latent_training_args
     from uldm.training import read_metrics
 
     original_save = ckpt.TrainingState.save
@@ -74,7 +74,7 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_usable(train_images
         original_save(self, folder)
 
     out = tmp_path / "out"
-    args = base_args(train_images, tiny_vae_dir, out, max_train_steps=6, checkpointing_steps=2,
+    args = latent_training_args(train_images, tiny_vae_dir, out, max_train_steps=6, checkpointing_steps=2,
                      checkpoints_total_limit=1)
     monkeypatch.setattr(ckpt.TrainingState, "save", die_at_step_4)
     with pytest.raises(KeyboardInterrupt):
@@ -91,12 +91,12 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_usable(train_images
 
 
 def test_a_new_run_refuses_to_overwrite_an_earlier_runs_checkpoints(train_images, tiny_vae_dir, tmp_path, capsys):
-    from test_train_latent import base_args
+    from conftest import latent_training_args
 
     out = tmp_path / "out"
     make_checkpoint(out, 7)
     with pytest.raises(SystemExit) as stop:
-        run_script("train_unconditional_latent", base_args(train_images, tiny_vae_dir, out, max_train_steps=1))
+        run_script("train_unconditional_latent", latent_training_args(train_images, tiny_vae_dir, out, max_train_steps=1))
     assert stop.value.code == 2
     assert "already holds checkpoints" in capsys.readouterr().err
     assert (out / "checkpoint-7" / "model.safetensors").read_bytes() == b"weights"

@@ -16,6 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import build_tiny_kl_vae, build_tiny_unet, make_blob_images, run_script, to_argv
+from uldm.training import read_metrics
 
 SCRIPT = "train_dreambooth_unconditional"
 RESOLUTION = 32
@@ -25,16 +26,15 @@ RESOLUTION = 32
 def base_dir(tmp_path_factory) -> Path:
     """A tiny base pipeline: random UNet, random f4 KL VAE made deterministic (posterior std ~0, else the
     random posterior noise drowns the image in the latents), latents scaled to unit std."""
-    from diffusers import DDPMScheduler
-
     from pipeline_latent_uncond import UnconditionalLatentPipeline
+    from uldm.diffusion import build_noise_scheduler
 
     vae = build_tiny_kl_vae()
     with torch.no_grad():
         vae.quant_conv.weight[4:] = 0  # the log-variance half of the posterior
         vae.quant_conv.bias[4:] = -30
         std = vae.encode(torch.rand(8, 3, RESOLUTION, RESOLUTION) * 2 - 1).latent_dist.mean.std().item()
-    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195, clip_sample=False)
+    scheduler = build_noise_scheduler()
     pipeline = UnconditionalLatentPipeline(unet=build_tiny_unet(), vae=vae, scheduler=scheduler,
                                            latent_scaling_factor=1.0 / std)
     folder = tmp_path_factory.mktemp("base") / "pipeline"
@@ -119,7 +119,7 @@ def test_fine_tuning_moves_samples_towards_the_subject_and_saves_a_loadable_pipe
     assert measured[-1]["instance_latent_distance"] < measured[0]["instance_latent_distance"]
     for step in (0, 15, 30):
         assert (out / "samples" / f"validation_{step:07d}.png").is_file()
-    losses = read_jsonl(out / "metrics.jsonl")
+    losses = read_metrics(out)
     assert len(losses) == 30 and "instance_loss" in losses[0] and "prior_loss" not in losses[0]
     card = (out / "README.md").read_text()
     assert "Instance images (left)" in card and "card_instances_vs_samples.png" in card
@@ -143,7 +143,7 @@ def test_prior_preservation_generates_only_the_missing_class_images_and_logs_bot
     assert all(after[name] == before[name] for name in before), "existing class images are left alone"
     assert all(Image.open(class_dir / name).size == (RESOLUTION, RESOLUTION) for name in generated)
 
-    rows = read_jsonl(out / "metrics.jsonl")
+    rows = read_metrics(out)
     assert len(rows) == 4
     for row in rows:
         assert np.isfinite(row["instance_loss"]) and np.isfinite(row["prior_loss"])
@@ -164,12 +164,10 @@ def test_class_images_cut_short_are_completed_with_the_same_indices():
 
 def test_min_snr_weights_apply_to_each_half_of_the_batch():
     """diffusers #5791: a B-sized weight on the 2B losses crashed, and the prior half was never weighted."""
-    from diffusers import DDPMScheduler
-
-    from uldm.diffusion import min_snr_weights
+    from uldm.diffusion import build_noise_scheduler, min_snr_weights
     from uldm.dreambooth import DreamBoothLoss
 
-    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195, clip_sample=False)
+    scheduler = build_noise_scheduler()
     generator = torch.Generator().manual_seed(0)
     prediction, target = torch.randn(6, 4, 8, 8, generator=generator), torch.randn(6, 4, 8, 8, generator=generator)
     timesteps = torch.tensor([5, 400, 990, 10, 500, 999])
@@ -222,7 +220,7 @@ def test_lora_resumes_exactly_and_its_small_adapter_reproduces_the_samples(base_
     run_script(SCRIPT, db_args(base_dir, instance_dir, interrupted, resume_from_checkpoint="latest", **common,
                                num_validation_images=0))
 
-    a, b = read_jsonl(straight / "metrics.jsonl"), read_jsonl(interrupted / "metrics.jsonl")
+    a, b = read_metrics(straight), read_metrics(interrupted)
     assert [row["step"] for row in b] == [1, 2, 3, 4]
     for row_a, row_b in zip(a, b):
         for key in ("loss", "instance_loss", "prior_loss"):
@@ -301,22 +299,15 @@ def test_class_images_of_another_size_are_refused_and_kept(base_dir, instance_di
 @pytest.mark.parametrize("variant", ["prior", "no_prior"])
 def test_ready_script_aligns_the_photos_and_passes_arguments_the_trainer_accepts(variant, tmp_path):
     import subprocess
-    import sys
 
-    from conftest import REPO_ROOT
+    from conftest import REPO_ROOT, make_command_recorder, path_with
 
     import train_dreambooth_unconditional
 
     # Stand-ins for python (the alignment step) and accelerate: they record their command lines.
     record = tmp_path / "commands.jsonl"
-    fake = tmp_path / "bin" / "record"
-    fake.parent.mkdir()
-    fake.write_text(f"#!{sys.executable}\nimport json, sys\n"
-                    f"open({str(record)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
-    fake.chmod(0o755)
-    (fake.parent / "accelerate").symlink_to(fake)
-    env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}", "PYTHON": str(fake),
-           "PHOTOS": "my_photos"}
+    fake = make_command_recorder(tmp_path / "bin", record)
+    env = {**os.environ, "PATH": path_with(fake.parent), "PYTHON": str(fake), "PHOTOS": "my_photos"}
     result = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "dreambooth_ffhq256.sh"), variant, "--rank", "8"],
                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]

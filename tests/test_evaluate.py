@@ -249,8 +249,7 @@ def empty_torch_hub(tmp_path, monkeypatch):
     return tmp_path / "torch_home" / "hub" / "checkpoints"
 
 
-def test_missing_inception_weights_offline_explain_where_to_get_them(empty_torch_hub, monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_missing_inception_weights_offline_explain_where_to_get_them(empty_torch_hub, tmp_path):
     with pytest.raises(metrics.InceptionWeightsMissing) as missing:
         metrics.resolve_inception_weights()
     message = str(missing.value)
@@ -297,8 +296,7 @@ def test_inception_loads_a_local_weights_file_in_the_fid_inception_layout(tmp_pa
     assert metrics.feature_extractor_fingerprint(other) != metrics.feature_extractor_fingerprint(extractor)
 
 
-def test_cli_reports_missing_weights_as_a_message(blobs, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_cli_reports_missing_weights_as_a_message(blobs, tmp_path):
     with pytest.raises(SystemExit) as exit_:
         evaluate.cli(["--samples_dir", str(blobs / "a"), "--reference_dir", str(blobs / "b"),
                       "--inception_weights", str(tmp_path / "missing.pth")])

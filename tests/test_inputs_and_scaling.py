@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import build_tiny_kl_vae, build_tiny_unet, build_tiny_vq_vae, make_blob_images, run_script
+from conftest import (build_tiny_kl_vae, build_tiny_unet, build_tiny_vq_vae, latent_training_args, make_blob_images,
+                      run_script)
 from uldm.data import EpochBatchSampler, Preprocessing, image_folder_dataset
 from uldm.errors import InputError
 from uldm.images import list_image_files, load_rgb_image
@@ -224,8 +225,7 @@ def test_encode_scale_unscale_decode_round_trip():
     assert torch.allclose(((direct + 1) / 2).clamp(0, 1), through_pipeline.float(), atol=1e-5)
 
 
-def test_missing_vae_says_the_machine_may_be_offline(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_missing_vae_says_the_machine_may_be_offline(tmp_path):
     with pytest.raises(InputError, match="offline") as error:
         load_vae("someone/no-such-vae")
     assert "--vae_subfolder" in str(error.value) or "local" in str(error.value)
@@ -244,17 +244,20 @@ def test_unet_that_does_not_fit_the_latents_is_refused():
 # The script's answers to bad input
 
 
-def _script_args(images, vae_dir, out, *extra):
-    return ["--train_data_dir", images, "--vae_name_or_path", vae_dir, "--model_config_name_or_path", "tiny",
-            "--resolution", "32", "--train_batch_size", "4", "--validation_steps", "0", "--report_to", "none",
-            "--output_dir", out, *extra]
+# Options of latent_training_args that these runs leave to the script's defaults (None: not passed).
+SCRIPT_DEFAULTS = dict(max_train_steps=None, learning_rate=None, lr_warmup_steps=None, num_validation_images=None,
+                       validation_inference_steps=None, checkpointing_steps=None)
+
+
+def _script_args(images, vae_dir, out, **overrides):
+    return latent_training_args(images, vae_dir, out, **{**SCRIPT_DEFAULTS, **overrides})
 
 
 def test_script_exits_with_a_message_on_bad_input(tiny_vae_dir, train_images, tmp_path, capsys):
     cases = [
-        (_script_args(tmp_path / "nowhere", tiny_vae_dir, tmp_path / "o1", "--max_train_steps", "1"), "does not exist"),
-        (_script_args(train_images, tmp_path / "no-vae", tmp_path / "o2", "--max_train_steps", "1"), "VAE"),
-        (_script_args(train_images, tiny_vae_dir, tmp_path / "o3", "--max_train_steps", "1", "--resolution", "64"),
+        (_script_args(tmp_path / "nowhere", tiny_vae_dir, tmp_path / "o1", max_train_steps=1), "does not exist"),
+        (_script_args(train_images, tmp_path / "no-vae", tmp_path / "o2", max_train_steps=1), "VAE"),
+        (_script_args(train_images, tiny_vae_dir, tmp_path / "o3", max_train_steps=1, resolution=64),
          "does not match the VAE"),
     ]
     for argv, expected in cases:
@@ -266,9 +269,8 @@ def test_script_exits_with_a_message_on_bad_input(tiny_vae_dir, train_images, tm
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tiny_vae_dir, train_images, tmp_path, capsys):
     out = tmp_path / "out"
-    argv = _script_args(train_images, tiny_vae_dir, out, "--max_train_steps", "10", "--learning_rate", "1e30",
-                        "--max_grad_norm", "0", "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
-                        "--checkpointing_steps", "1")
+    argv = _script_args(train_images, tiny_vae_dir, out, max_train_steps=10, learning_rate="1e30", max_grad_norm=0,
+                        lr_scheduler="constant", lr_warmup_steps=0, checkpointing_steps=1)
     with pytest.raises(SystemExit) as stop:
         run_script("train_unconditional_latent", argv)
     assert stop.value.code == 2

@@ -8,6 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from conftest import REPO_ROOT, subprocess_env, venv_bin
+from uldm.training import read_metrics
 
 
 def read_trace(prefix: Path, rank: int) -> list[dict]:
@@ -56,7 +57,7 @@ def test_two_processes_shard_the_data_keep_equal_weights_and_write_one_set_of_ou
     for step in (3, 6):
         checkpoint = out / f"checkpoint-{step}"
         assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [row["step"] for row in read_metrics(out)]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["validation_0000003.png", "validation_0000006.png"]
     writers = {path.name.split(".")[-2] for path in (out / "logs").rglob("events.out.tfevents.*")}

@@ -22,7 +22,7 @@ from diffusers import (
     VQModel,
 )
 
-from conftest import REPO_ROOT, build_tiny_kl_vae, build_tiny_unet, build_tiny_vq_vae, read_preset
+from conftest import REPO_ROOT, build_tiny_kl_vae, build_tiny_unet, build_tiny_vq_vae
 from pipeline_latent_uncond import UnconditionalLatentPipeline
 
 STEPS = 2
@@ -37,8 +37,7 @@ def seeded(seed: int) -> torch.Generator:
 
 def build_tiny_vq_unet(seed: int = 0) -> UNet2DModel:
     """The tiny UNet preset, on the 3-channel latents of the tiny VQ-f4 model."""
-    torch.manual_seed(seed)
-    return UNet2DModel(**{**read_preset("configs/unet/tiny.json"), "in_channels": 3, "out_channels": 3})
+    return build_tiny_unet(seed, in_channels=3, out_channels=3)
 
 
 def make_kl_pipeline(scheduler_class=DDPMScheduler, **config) -> UnconditionalLatentPipeline:

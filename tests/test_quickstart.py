@@ -104,6 +104,13 @@ def copy_of_repository(destination: Path) -> Path:
     return destination
 
 
+def check_latent_scale_is_the_vaes(out: Path) -> None:
+    """The pipeline's latent scaling factor is the one saved in the VAE's config."""
+    vae_config = json.loads((out / "vae" / "config.json").read_text())
+    model_index = json.loads((out / "ldm" / "model_index.json").read_text())
+    assert model_index["latent_scaling_factor"] == pytest.approx(vae_config["scaling_factor"], rel=1e-9)
+
+
 def check_quickstart_outputs(out: Path) -> None:
     for name in GRIDS:
         with Image.open(out / name) as image:
@@ -113,9 +120,7 @@ def check_quickstart_outputs(out: Path) -> None:
     reconstructions = pixels(out / "2_reconstructions.png")
     assert reconstructions.shape[0] % 32 == 0 and reconstructions.shape[1] % 64 == 0, "pairs of 32 px images"
     assert pixels(out / "3_base_samples.png").shape == (4 * 32, 4 * 32, 3)
-    vae_config = json.loads((out / "vae" / "config.json").read_text())
-    model_index = json.loads((out / "ldm" / "model_index.json").read_text())
-    assert model_index["latent_scaling_factor"] == pytest.approx(vae_config["scaling_factor"], rel=1e-9)
+    check_latent_scale_is_the_vaes(out)
 
 
 def test_quickstart_script_runs_from_a_clean_copy(tmp_path):
@@ -156,9 +161,7 @@ def check_quickstart_outputs_notebook(notebook, out: Path) -> None:
         assert (out / name).is_file(), name
     if HAS_DREAMBOOTH:
         assert (out / "samples_dreambooth" / "grid.png").is_file()
-    vae_config = json.loads((out / "vae" / "config.json").read_text())
-    model_index = json.loads((out / "ldm" / "model_index.json").read_text())
-    assert model_index["latent_scaling_factor"] == pytest.approx(vae_config["scaling_factor"], rel=1e-9)
+    check_latent_scale_is_the_vaes(out)
 
 
 def test_notebook_and_script_use_the_same_settings():

@@ -5,19 +5,18 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState
-from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from PIL import Image
 
 import sample as sample_script
-from conftest import REPO_ROOT, build_tiny_kl_vae, build_tiny_unet
+from conftest import REPO_ROOT, build_tiny_kl_vae, build_tiny_unet, subprocess_env, venv_bin
 from pipeline_latent_uncond import UnconditionalLatentPipeline
+from uldm.diffusion import build_noise_scheduler
 from uldm.sampling import (
     SCHEDULER_NAMES,
     generators_for_indices,
@@ -27,6 +26,7 @@ from uldm.sampling import (
     sample_file_name,
     save_samples_npz,
 )
+from uldm.training import reset_accelerate_state
 
 NUM_IMAGES = 6
 SAMPLE_ARGS = ["--num_images", str(NUM_IMAGES), "--num_inference_steps", "2", "--batch_size", "2",
@@ -38,7 +38,7 @@ def saved_pipeline(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("pipeline") / "tiny"
     pipeline = UnconditionalLatentPipeline(
         unet=build_tiny_unet(), vae=build_tiny_kl_vae(),
-        scheduler=DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195, clip_sample=False),
+        scheduler=build_noise_scheduler(),
     )
     pipeline.save_pretrained(folder)
     return folder
@@ -51,19 +51,17 @@ def sampler_command(pipeline: Path, output_dir: Path, *extra: str) -> list[str]:
 def run_sampler_here(pipeline: Path, output_dir: Path, *extra: str) -> None:
     """sample.py's main() in this process: plain, single-process use (saves a slow interpreter start)."""
     # accelerate keeps process-wide state; start and leave it clean, as accelerate's own tests do.
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate_state()
     try:
         sample_script.main(sampler_command(pipeline, output_dir, *extra))
     finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
+        reset_accelerate_state()
 
 
 def run_sampler_with_torchrun(pipeline: Path, output_dir: Path, *extra: str, processes: int = 2) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    torchrun = str(Path(sys.executable).parent / "torchrun")
-    command = [torchrun, "--standalone", f"--nproc_per_node={processes}", str(REPO_ROOT / "sample.py"),
+    command = [venv_bin("torchrun"), "--standalone", f"--nproc_per_node={processes}", str(REPO_ROOT / "sample.py"),
                *sampler_command(pipeline, output_dir, *extra)]
-    result = subprocess.run(command, cwd=output_dir.parent, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, cwd=output_dir.parent, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
 
 
@@ -154,7 +152,7 @@ def test_generators_for_indices_depend_only_on_seed_plus_index():
 
 
 def test_make_scheduler_keeps_the_saved_noise_schedule():
-    saved = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195, clip_sample=False)
+    saved = build_noise_scheduler()
     for name in SCHEDULER_NAMES:
         scheduler = make_scheduler(name, saved.config)
         torch.testing.assert_close(scheduler.betas, saved.betas)

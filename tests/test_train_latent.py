@@ -13,36 +13,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from uldm.args import read_json_preset
 from uldm.training import read_metrics
 
-from conftest import REPO_ROOT, run_script, subprocess_env, to_argv, venv_bin
+from conftest import REPO_ROOT, latent_training_args, run_script, subprocess_env, venv_bin
 
 SCRIPT = "train_unconditional_latent"
 
 
-def base_args(images, vae_dir, output_dir, **overrides) -> list[str]:
-    options = {
-        "train_data_dir": images,
-        "vae_name_or_path": vae_dir,
-        "model_config_name_or_path": "tiny",
-        "resolution": 32,
-        "train_batch_size": 4,
-        "max_train_steps": 12,
-        "learning_rate": 1e-3,
-        "lr_warmup_steps": 2,
-        "validation_steps": 0,
-        "num_validation_images": 4,
-        "validation_inference_steps": 3,
-        "checkpointing_steps": 0,
-        "report_to": "none",
-        "output_dir": output_dir,
-    }
-    return to_argv({**options, **overrides})
-
-
 def test_training_learns(train_images, tiny_vae_dir, tmp_path):
     out = tmp_path / "out"
-    run_script(SCRIPT, base_args(train_images, tiny_vae_dir, out, max_train_steps=30, cache_latents=True,
+    run_script(SCRIPT, latent_training_args(train_images, tiny_vae_dir, out, max_train_steps=30, cache_latents=True,
                                  lr_scheduler="constant_with_warmup"))
     losses = [row["loss"] for row in read_metrics(out)]
     assert len(losses) == 30
@@ -65,19 +46,19 @@ def test_cached_latents_never_call_the_encoder_after_the_first_pass(train_images
     cache = tmp_path / "cache"
     # 24 images, batch 4: 6 steps per epoch; 18 steps = 3 epochs. Encoding: 24/8 batches x 2 (flips).
     common = dict(cache_latents=True, random_flip=True, latent_cache_dir=cache, encode_batch_size=8, max_train_steps=18)
-    run_script(SCRIPT, base_args(train_images, tiny_vae_dir, tmp_path / "a", **common))
+    run_script(SCRIPT, latent_training_args(train_images, tiny_vae_dir, tmp_path / "a", **common))
     assert len(calls) == 3 * 2
     assert len(list(cache.iterdir())) == 1
 
     calls.clear()
-    run_script(SCRIPT, base_args(train_images, tiny_vae_dir, tmp_path / "b", **common))
+    run_script(SCRIPT, latent_training_args(train_images, tiny_vae_dir, tmp_path / "b", **common))
     assert calls == [], "a complete cache for the same settings must be reused"
 
     # Another resolution (with a matching UNet) or another VAE must not reuse the cache.
     unet16 = tmp_path / "unet16.json"
-    config = json.loads((REPO_ROOT / "configs/unet/tiny.json").read_text())
+    config = read_json_preset("tiny", "unet")
     unet16.write_text(json.dumps({**config, "sample_size": 4}))
-    run_script(SCRIPT, base_args(train_images, tiny_vae_dir, tmp_path / "c", resolution=16,
+    run_script(SCRIPT, latent_training_args(train_images, tiny_vae_dir, tmp_path / "c", resolution=16,
                                  model_config_name_or_path=unet16, **{**common, "max_train_steps": 1}))
     assert len(calls) == 3 * 2 and len(list(cache.iterdir())) == 2
 
@@ -86,7 +67,7 @@ def test_cached_latents_never_call_the_encoder_after_the_first_pass(train_images
     other_vae = tmp_path / "other-vae"
     build_tiny_kl_vae(seed=1).save_pretrained(other_vae)
     calls.clear()
-    run_script(SCRIPT, base_args(train_images, other_vae, tmp_path / "d", **{**common, "max_train_steps": 1}))
+    run_script(SCRIPT, latent_training_args(train_images, other_vae, tmp_path / "d", **{**common, "max_train_steps": 1}))
     assert len(calls) == 3 * 2 and len(list(cache.iterdir())) == 3
 
 
@@ -94,13 +75,13 @@ def test_accelerate_launch_checkpoints_resumes_and_saves_a_loadable_pipeline(tra
     out = tmp_path / "run"
     launch = [venv_bin("accelerate"), "launch", "--num_processes", "1", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO_ROOT / f"{SCRIPT}.py")]
-    first = base_args(train_images, tiny_vae_dir, out, max_train_steps=6, checkpointing_steps=3,
+    first = latent_training_args(train_images, tiny_vae_dir, out, max_train_steps=6, checkpointing_steps=3,
                       checkpoints_total_limit=1, use_ema=True, lr_scheduler="constant")
     result = subprocess.run(launch + first, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6"], "limit 1 keeps only the newest"
 
-    second = base_args(train_images, tiny_vae_dir, out, max_train_steps=9, checkpointing_steps=3,
+    second = latent_training_args(train_images, tiny_vae_dir, out, max_train_steps=9, checkpointing_steps=3,
                        use_ema=True, lr_scheduler="constant", resume_from_checkpoint="latest",
                        validation_steps=100)
     result = subprocess.run(launch + second, env=subprocess_env(), capture_output=True, text=True, timeout=300)
@@ -140,7 +121,7 @@ def test_exact_resume_after_sigterm_mid_epoch_with_accumulation(train_images, ti
                   cache_latents=True, checkpointing_steps=100, lr_scheduler="cosine", lr_warmup_steps=3,
                   snr_gamma=5.0)
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    run_script(SCRIPT, base_args(train_images, tiny_vae_dir, straight, **common))
+    run_script(SCRIPT, latent_training_args(train_images, tiny_vae_dir, straight, **common))
 
     original_log = uldm.training.MetricsWriter.log
 
@@ -150,14 +131,14 @@ def test_exact_resume_after_sigterm_mid_epoch_with_accumulation(train_images, ti
             os.kill(os.getpid(), signal.SIGTERM)  # a real signal: the loop stops at the next step boundary
 
     monkeypatch.setattr(uldm.training.MetricsWriter, "log", log_then_signal)
-    run_script(SCRIPT, base_args(train_images, tiny_vae_dir, interrupted, **common))
+    run_script(SCRIPT, latent_training_args(train_images, tiny_vae_dir, interrupted, **common))
     monkeypatch.setattr(uldm.training.MetricsWriter, "log", original_log)
     assert [p.name for p in interrupted.glob("checkpoint-*")] == ["checkpoint-2"]
     assert not (interrupted / "model_index.json").exists(), "a stopped run must not save a final pipeline"
     state = json.loads((interrupted / "checkpoint-2" / "training_state.json").read_text())
     assert state["micro_batches"] == 8  # 2 batches into the second epoch
 
-    run_script(SCRIPT, base_args(train_images, tiny_vae_dir, interrupted, resume_from_checkpoint="latest", **common))
+    run_script(SCRIPT, latent_training_args(train_images, tiny_vae_dir, interrupted, resume_from_checkpoint="latest", **common))
 
     a, b = read_metrics(straight), read_metrics(interrupted)
     assert [row["step"] for row in b] == list(range(1, 6))
