@@ -90,32 +90,19 @@ def batches(items: Sequence[int], batch_size: int) -> Iterator[list[int]]:
         yield list(items[start : start + batch_size])
 
 
-def write_missing_samples(
-    pipeline,
-    output_dir: str | os.PathLike,
-    num_images: int,
-    accelerator,
-    *,
-    seed: int = 0,
-    batch_size: int = 16,
-    num_inference_steps: int = 50,
-    eta: float = 0.0,
-    description: str = "Sampling",
-) -> list[int]:
+def write_missing_samples(pipeline, output_dir: str | os.PathLike, num_images: int, accelerator,
+                          **sampling) -> list[int]:
     """Make sure output_dir holds `{i:06d}.png` for every i < num_images; returns the indices this process made.
 
     Every process must call this (it synchronises them). Images already present are kept, so an
-    interrupted run resumes where it stopped. The missing indices are split between the processes
-    (see `write_samples`).
+    interrupted run resumes where it stopped. The missing indices are split between the processes;
+    `sampling` (seed, batch_size, num_inference_steps, eta, description) goes to `write_samples`.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     missing = missing_indices(output_dir, num_images)
     accelerator.wait_for_everyone()  # all processes have listed the folder before anyone writes to it
-    return write_samples(pipeline, output_dir, missing, accelerator, seed=seed, batch_size=batch_size,
-                         num_inference_steps=num_inference_steps, eta=eta, description=description)
+    return write_samples(pipeline, output_dir, missing, accelerator, **sampling)
 
 
 def write_samples(
