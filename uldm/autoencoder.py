@@ -216,8 +216,6 @@ def split_holdout(dataset, num_holdout: int, seed: int) -> tuple[IndexSubset, In
     The held-out part is always centre-cropped and never flipped, so its metrics are comparable
     between evaluations and runs.
     """
-    if num_holdout < 1:
-        raise InputError("--num_holdout_images must be at least 1: PSNR is measured on held-out images.")
     if num_holdout >= len(dataset):
         raise InputError(
             f"--num_holdout_images {num_holdout} leaves no training images out of {len(dataset)}; use fewer."

@@ -83,9 +83,6 @@ class ImageDataset(Dataset):
         """Identifies the content, for cache keys."""
         raise NotImplementedError
 
-    def describe(self, index: int) -> str:
-        return f"item {index}"
-
     def __getitem__(self, index: int) -> dict:
         rng = None if self.preprocessing.center_crop else stable_random(self.seed, self.epoch, index)
         return {"pixel_values": self.preprocessing(self.load_image(index), rng), "index": index}
@@ -102,9 +99,6 @@ class ImageFolderDataset(ImageDataset):
 
     def load_image(self, index: int) -> Image.Image:
         return load_rgb_image(self.paths[index])
-
-    def describe(self, index: int) -> str:
-        return str(self.paths[index])
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256()

@@ -16,11 +16,13 @@ from typing import Callable, Iterable
 
 import torch
 
+from pipeline_latent_uncond import SUPPORTED_VAE_CLASSES as VAE_CLASSES, vae_latent_channels
+
 from .errors import InputError
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_VAE_CLASSES = ("AutoencoderKL", "VQModel", "AutoencoderTiny")
+SUPPORTED_VAE_CLASSES = tuple(cls.__name__ for cls in VAE_CLASSES)
 _VAE_SUBFOLDER_GUESSES = ("vae", "vqvae")
 
 
@@ -84,12 +86,6 @@ def vae_kind(vae) -> str:
     return type(vae).__name__
 
 
-def latent_channels(vae) -> int:
-    if vae_kind(vae) == "VQModel":
-        return vae.config.vq_embed_dim or vae.config.latent_channels
-    return vae.config.latent_channels
-
-
 def downsample_factor(vae) -> int:
     if vae_kind(vae) == "AutoencoderTiny":
         return 2 ** (len(vae.config.num_encoder_blocks) - 1)
@@ -100,7 +96,7 @@ def latent_shape(vae, resolution: int) -> tuple[int, int, int]:
     factor = downsample_factor(vae)
     if resolution % factor:
         raise InputError(f"--resolution {resolution} is not a multiple of the VAE's downsampling factor {factor}.")
-    return latent_channels(vae), resolution // factor, resolution // factor
+    return vae_latent_channels(vae), resolution // factor, resolution // factor
 
 
 def check_unet_matches_latents(unet, vae, resolution: int) -> None:
@@ -281,4 +277,4 @@ def vae_dtype_for(mixed_precision: str | None) -> torch.dtype:
 
 
 def describe_vae(vae) -> str:
-    return f"{vae_kind(vae)} (f{downsample_factor(vae)}, {latent_channels(vae)} latent channels)"
+    return f"{vae_kind(vae)} (f{downsample_factor(vae)}, {vae_latent_channels(vae)} latent channels)"
