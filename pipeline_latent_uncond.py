@@ -11,13 +11,10 @@ instead, which reads `model_index.json` itself and never runs code found in a mo
 path also loads the CompVis LDM layout (`LDMPipeline` with a `vqvae`, e.g. CompVis/ldm-celebahq-256).
 
 Latent scaling. The UNet works on `z = (vae_latent - shift) * scale`; decoding uses
-`vae.decode(z / scale + shift)`. When no scale is given it is resolved from the VAE:
-
-* `VQModel`: scale 1.0, shift 0. CompVis VQ-f4 latents are already near unit variance, and
-  diffusers' `VQModel` reports `scaling_factor=0.18215` when its config lacks the key, which
-  `LDMPipeline` then divides by (diffusers issue #6725). We never read a VQModel's scaling_factor.
-* `AutoencoderKL` / `AutoencoderTiny`: `vae.config.scaling_factor`, shift `vae.config.shift_factor`
-  (0 when absent or null).
+`vae.decode(z / scale + shift)`. When no scale is given it is resolved from the VAE by
+`configured_latent_scaling`, the project's one rule (the training code imports it from here):
+1.0 for a `VQModel` (diffusers issue #6725), otherwise the `scaling_factor`/`shift_factor` that the
+VAE's config file sets; diffusers' filled-in default 0.18215 does not count as set.
 
 VQ latents, as in CompVis LDM: the diffusion model lives on the *pre-quantisation* latents,
 `vae.encode(x).latents` (see `encode_images`), and decoding goes through the codebook
@@ -58,31 +55,65 @@ _LOAD_OPTIONS = ("subfolder", "revision", "torch_dtype", "local_files_only", "ca
                  "unet", "vae", "scheduler")
 
 
-def resolve_latent_scale(vae, latent_scaling_factor: float | None = None) -> float:
-    """The factor that multiplies VAE latents before diffusion (see the module docstring)."""
-    if latent_scaling_factor is not None:
-        scale = float(latent_scaling_factor)
-        if not (scale > 0 and scale != float("inf")):
-            raise ValueError(f"latent_scaling_factor must be a positive finite number, got {latent_scaling_factor}.")
-        return scale
+def configured_latent_scaling(vae) -> tuple[float | None, float]:
+    """(scale, shift) that the VAE itself sets: the one latent-scale rule of this project.
+
+    * `VQModel`: (1.0, 0.0) always. CompVis VQ-f4 latents are already near unit variance, and
+      diffusers' `VQModel` reports `scaling_factor=0.18215` when its config lacks the key, which
+      `LDMPipeline` then divides by (diffusers issue #6725).
+    * `AutoencoderKL` / `AutoencoderTiny`: the config's `scaling_factor` and `shift_factor` where
+      the config file sets them. diffusers fills a missing `scaling_factor` with 0.18215 and records
+      that in `_use_default_values`; such a default is not a measured scale, so it gives None (the
+      caller must measure or be told the scale). A missing or null shift is 0.
+    """
     if isinstance(vae, VQModel):
-        return 1.0
+        return 1.0, 0.0
+    defaults = set(getattr(vae.config, "_use_default_values", None) or [])
     scale = getattr(vae.config, "scaling_factor", None)
+    shift = getattr(vae.config, "shift_factor", None)
+    if "scaling_factor" in defaults:
+        scale = None
+    if "shift_factor" in defaults or shift is None:
+        shift = 0.0
+    return (None if scale is None else float(scale)), float(shift)
+
+
+def check_latent_scale(scale) -> float:
+    scale = float(scale)
+    if not (scale > 0 and scale != float("inf")):
+        raise ValueError(f"latent_scaling_factor must be a positive finite number, got {scale}.")
+    return scale
+
+
+def resolve_latent_scale(vae, latent_scaling_factor: float | None = None) -> float:
+    """The factor that multiplies VAE latents before diffusion: the given one, else the VAE's own."""
+    if latent_scaling_factor is not None:
+        return check_latent_scale(latent_scaling_factor)
+    scale, _ = configured_latent_scaling(vae)
     if scale is None:
         raise ValueError(
-            f"Cannot tell the latent scale of a {type(vae).__name__}: its config has no scaling_factor. "
-            "Pass latent_scaling_factor=... (e.g. 1/std of its latents)."
+            f"Cannot tell the latent scale of a {type(vae).__name__}: its config sets no scaling_factor "
+            "(diffusers' default 0.18215 is not a measured scale). Pass latent_scaling_factor=... "
+            "(e.g. 1/std of its latents)."
         )
-    return float(scale)
+    return scale
 
 
 def resolve_latent_shift(vae, latent_shift_factor: float | None = None) -> float:
     """The value subtracted from VAE latents before scaling; 0 unless the VAE (or the caller) sets one."""
     if latent_shift_factor is not None:
         return float(latent_shift_factor)
-    if isinstance(vae, VQModel):
-        return 0.0
-    return float(getattr(vae.config, "shift_factor", None) or 0.0)
+    return configured_latent_scaling(vae)[1]
+
+
+def scale_latents(vae_latents: torch.Tensor, scale: float, shift: float = 0.0) -> torch.Tensor:
+    """VAE latents -> the latents the UNet is trained on: (z - shift) * scale."""
+    return (vae_latents - shift) * scale
+
+
+def unscale_latents(latents: torch.Tensor, scale: float, shift: float = 0.0) -> torch.Tensor:
+    """UNet latents -> VAE latents: z / scale + shift."""
+    return latents / scale + shift
 
 
 def vae_latent_channels(vae) -> int:
@@ -145,11 +176,11 @@ class UnconditionalLatentPipeline(DiffusionPipeline):
 
     def scale_latents(self, vae_latents: torch.Tensor) -> torch.Tensor:
         """VAE latents -> the latents the UNet is trained on: (z - shift) * scale."""
-        return (vae_latents - self.latent_shift) * self.latent_scale
+        return scale_latents(vae_latents, self.latent_scale, self.latent_shift)
 
     def unscale_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """UNet latents -> VAE latents: z / scale + shift."""
-        return latents / self.latent_scale + self.latent_shift
+        return unscale_latents(latents, self.latent_scale, self.latent_shift)
 
     @torch.no_grad()
     def encode_images(

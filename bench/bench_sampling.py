@@ -71,7 +71,7 @@ def build_pipeline(unet_name: str, vae_name: str, device: torch.device):
     from uldm.diffusion import build_noise_scheduler
 
     pipeline = UnconditionalLatentPipeline(unet=models.build_unet(unet_name).eval(), vae=models.build_vae(vae_name),
-                                           scheduler=build_noise_scheduler())
+                                           scheduler=build_noise_scheduler(), latent_scaling_factor=0.18215)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
 

@@ -42,7 +42,8 @@ def build_tiny_vq_unet(seed: int = 0) -> UNet2DModel:
 
 def make_kl_pipeline(scheduler_class=DDPMScheduler, **config) -> UnconditionalLatentPipeline:
     pipe = UnconditionalLatentPipeline(
-        unet=build_tiny_unet(), vae=build_tiny_kl_vae(), scheduler=scheduler_class(clip_sample=False), **config
+        unet=build_tiny_unet(), vae=build_tiny_kl_vae(scaling_factor=0.18215), scheduler=scheduler_class(clip_sample=False),
+        **config,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -201,9 +202,15 @@ def test_bad_inputs_give_clear_errors(kl_pipe):
 
 
 def test_latent_scale_resolution_and_round_trip():
-    kl_default = make_kl_pipeline()
-    assert kl_default.latent_scale == kl_default.vae.config.scaling_factor == pytest.approx(0.18215)
-    assert kl_default.latent_shift == 0.0
+    kl_configured = make_kl_pipeline()
+    assert kl_configured.latent_scale == kl_configured.vae.config.scaling_factor == pytest.approx(0.18215)
+    assert kl_configured.latent_shift == 0.0
+
+    # diffusers fills a missing scaling_factor with 0.18215; that default is no scale, so it must be given.
+    unset = build_tiny_kl_vae()
+    assert unset.config.scaling_factor == pytest.approx(0.18215)
+    with pytest.raises(ValueError, match="sets no scaling_factor"):
+        UnconditionalLatentPipeline(unet=build_tiny_unet(), vae=unset, scheduler=DDPMScheduler())
 
     shifted = UnconditionalLatentPipeline(unet=build_tiny_unet(), vae=build_tiny_kl_vae(scaling_factor=0.3,
                                           shift_factor=0.1), scheduler=DDPMScheduler())

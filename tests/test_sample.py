@@ -37,7 +37,7 @@ SAMPLE_ARGS = ["--num_images", str(NUM_IMAGES), "--num_inference_steps", "2", "-
 def saved_pipeline(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("pipeline") / "tiny"
     pipeline = UnconditionalLatentPipeline(
-        unet=build_tiny_unet(), vae=build_tiny_kl_vae(),
+        unet=build_tiny_unet(), vae=build_tiny_kl_vae(), latent_scaling_factor=0.18215,
         scheduler=build_noise_scheduler(),
     )
     pipeline.save_pretrained(folder)
