@@ -22,33 +22,31 @@ their spread) show the subject/diversity trade-off as training goes.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 from pathlib import Path
 
 import torch
 
-from pipeline_latent_uncond import UnconditionalLatentPipeline
 from uldm import args as cli
 from uldm.data import ImageFolderDataset, Preprocessing, image_folder_dataset, sharded_verifier
 from uldm.diffusion import noisy_latents_and_target
 from uldm.dreambooth import (
     DreamBoothDataset, DreamBoothLoss, add_lora_adapter, base_resolution, check_class_image_sizes, check_resolution,
-    generate_missing_class_images, list_instance_images, load_base_pipeline, lora_target_modules,
+    generate_missing_class_images, list_instance_images, load_base_pipeline, lora_target_modules, pipeline_scaling,
     SubjectReferences, register_adapter_only_checkpoints, save_lora_adapter, side_by_side, training_noise_scheduler,
 )
-from uldm.errors import exit_cleanly_on_input_errors
-from uldm.latent_cache import cached_latents, centre_crops_for_the_cache, latents_from_batch
+from uldm.errors import InputError, exit_cleanly_on_input_errors
+from uldm.latent_cache import CacheConfig, cached_latents
+from uldm.latents import latents_from_batch
 from uldm.model_card import write_model_card
 from uldm.models import count_parameters
-from uldm.sampling import SCHEDULER_NAMES, make_scheduler
-from uldm.training import TrainingLoop, build_training_loop, save_run_arguments, start_run
-from uldm.validation import fixed_validation_noise, image_grid, log_image_grid
-from uldm.vae import LatentScaling, describe_vae, latent_shape, vae_dtype_for, vae_fingerprint
+from uldm.sampling import SCHEDULER_NAMES, build_pipeline, save_pipeline
+from uldm.training import Validation, ValidationResult, build_training_loop, finish_run, read_metrics, start_run
+from uldm.validation import ValidationConfig, fixed_validation_noise, image_grid, sample_from_noise
+from uldm.vae import describe_vae, latent_shape, vae_dtype_for, vae_fingerprint
 
 logger = logging.getLogger("train_dreambooth_unconditional")
-
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -113,39 +111,45 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.learning_rate = 1e-4 if args.use_lora else 5e-6
     if args.with_prior_preservation:
         if not args.class_data_dir:
-            parser.error("--with_prior_preservation needs --class_data_dir (a folder; missing images are generated).")
+            raise InputError("--with_prior_preservation needs --class_data_dir (a folder; missing images are generated).")
         if args.num_class_images < 1 or args.sample_batch_size < 1 or args.class_sampling_steps < 1:
-            parser.error("--num_class_images, --sample_batch_size and --class_sampling_steps must be at least 1.")
+            raise InputError("--num_class_images, --sample_batch_size and --class_sampling_steps must be at least 1.")
     elif args.class_data_dir:
         logger.warning("--class_data_dir is ignored without --with_prior_preservation.")
     return args
 
 
 def build_image_set(folder: str, args, preprocessing: Preprocessing, vae, vae_key: str, accelerator,
-                    max_items: int | None = None):
+                    cache_config: CacheConfig | None, max_items: int | None = None):
     """An image folder as a data set of images, or of cached latents with --cache_latents; and its
     readable image files."""
     images = image_folder_dataset(folder, preprocessing, args.seed, max_items,
                                   verify=sharded_verifier(accelerator, args.resolution))
-    if not args.cache_latents:
+    if cache_config is None:
         return images, images.paths
     description = {"images": str(folder), "resolution": args.resolution}
-    return cached_latents(images, vae, vae_key, args, accelerator, description), images.paths
+    return cached_latents(images, vae, vae_key, cache_config, args.random_flip, accelerator, description), images.paths
 
 
 def build_training_set(args, vae, accelerator) -> tuple[DreamBoothDataset, list[Path]]:
-    """Instance (and class) examples as images, or as cached latents with --cache_latents; and the
-    readable instance photos (checked once here, reused for the references and the model card)."""
-    centre_crops_for_the_cache(args)
-    preprocessing = Preprocessing(args.resolution, args.center_crop)
+    """Instance (and class) examples as images, or as cached latents with --cache_latents (which stores one crop
+    per image, so it implies --center_crop); and the readable instance photos (checked once here, reused for the
+    references and the model card)."""
+    if args.cache_latents and not args.center_crop:
+        logger.warning("--cache_latents stores one crop per image: using centre crops (as --center_crop).")
+    preprocessing = Preprocessing(args.resolution, args.center_crop or args.cache_latents)
+    cache_config = None
+    if args.cache_latents:
+        cache_config = CacheConfig(args.latent_cache_dir or f"{args.output_dir}/latent_cache", args.encode_batch_size,
+                                   args.dataloader_num_workers)
     base = args.pretrained_model_name_or_path
     vae_key = vae_fingerprint(vae, base, "vqvae" if (Path(base) / "vqvae").is_dir() else "vae", args.revision)
     instance_set, instance_files = build_image_set(args.instance_data_dir, args, preprocessing, vae, vae_key,
-                                                   accelerator)
+                                                   accelerator, cache_config)
     class_set = None
     if args.with_prior_preservation:
         class_set, _ = build_image_set(args.class_data_dir, args, preprocessing, vae, vae_key, accelerator,
-                                       max_items=args.num_class_images)
+                                       cache_config, max_items=args.num_class_images)
     dataset = DreamBoothDataset(instance_set, class_set, min_length=args.train_batch_size * accelerator.num_processes)
     return dataset, instance_files
 
@@ -157,17 +161,17 @@ def instance_photos(paths: list[Path], folder: str, resolution: int, limit: int 
 
 
 @exit_cleanly_on_input_errors
-def main(args: argparse.Namespace) -> None:
-    accelerator = start_run(args)
-
+def main(argv=None) -> None:
+    args = parse_args(argv)
     # Everything that can be wrong with the input is checked before anything is written or generated.
     pipeline = load_base_pipeline(args.pretrained_model_name_or_path, args.revision)
     args.resolution = check_resolution(args.resolution, pipeline)
     instance_paths = list_instance_images(args.instance_data_dir)
     if args.with_prior_preservation:
         check_class_image_sizes(args.class_data_dir, args.resolution)
-    if accelerator.is_main_process:
-        save_run_arguments(args, args.output_dir)
+    config = cli.training_config(args)
+    validation_config = cli.config_from(ValidationConfig, args)
+    accelerator = start_run(config)
 
     unet, vae = pipeline.unet, pipeline.vae
     vae.requires_grad_(False).eval()
@@ -175,7 +179,7 @@ def main(args: argparse.Namespace) -> None:
     if vae.dtype != vae_dtype_for(accelerator.mixed_precision):
         vae.to(dtype=vae_dtype_for(accelerator.mixed_precision))
     unet.to(accelerator.device)
-    scaling = LatentScaling(pipeline.latent_scale, pipeline.latent_shift, "the base pipeline")
+    scaling = pipeline_scaling(pipeline)
     logger.info("Base model %s: %d px, VAE %s, UNet %.1fM parameters, latent scale %.5f",
                 args.pretrained_model_name_or_path, base_resolution(pipeline), describe_vae(vae),
                 count_parameters(unet) / 1e6, scaling.scale)
@@ -203,56 +207,34 @@ def main(args: argparse.Namespace) -> None:
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
-    loop = build_training_loop(accelerator, args, unet, train_set, "train_dreambooth_unconditional",
-                               parameters=trainable)
-    unet, max_train_steps = loop.model, loop.max_train_steps
 
-    shape = latent_shape(vae, args.resolution)
-    validation_noise = fixed_validation_noise(args.num_validation_images, shape, args.seed, accelerator.device)
+    validation_noise = fixed_validation_noise(validation_config.num_validation_images,
+                                              latent_shape(vae, args.resolution), args.seed, accelerator.device)
     # Only the main process validates and writes the model card, the only users of the photos.
     photos = references = None
     if accelerator.is_main_process:
         photos = instance_photos(instance_files, args.instance_data_dir, args.resolution)
         references = SubjectReferences.from_pixels(pipeline, photos)
 
-    def make_pipeline(model, scheduler_name: str) -> UnconditionalLatentPipeline:
-        return UnconditionalLatentPipeline(
-            unet=model, vae=vae, scheduler=make_scheduler(scheduler_name, pipeline.scheduler.config),
-            latent_scaling_factor=scaling.scale, latent_shift_factor=scaling.shift,
-        )
-
-    def validate(step: int) -> Path | None:
+    def validate(step: int) -> ValidationResult | None:
         """Samples from the same noise every time (step 0: the base model), plus how close they are
         to the subject and how diverse they are."""
-        if not accelerator.is_main_process or not args.num_validation_images:
+        if not accelerator.is_main_process or not validation_config.num_validation_images:
             return None
-        with loop.ema_weights() as model, accelerator.autocast():
-            model.eval()
-            sampler = make_pipeline(model, args.validation_scheduler)
-            sampler.set_progress_bar_config(disable=True)
-            latents = sampler(batch_size=args.num_validation_images, latents=validation_noise,
-                              num_inference_steps=args.validation_inference_steps, output_type="latent").images
-            images = sampler.decode_latents(latents).permute(0, 2, 3, 1).cpu().numpy()
-            model.train()
+        latents, images = sample_from_noise(
+            loop, lambda model: build_pipeline(model, vae, scaling, pipeline.scheduler.config,
+                                               validation_config.validation_scheduler),
+            validation_noise, validation_config.validation_inference_steps)
         values = references.measure(latents, images)
-        accelerator.log({f"validation/{name}": value for name, value in values.items()}, step=step)
-        with open(validation_metrics_path(args.output_dir), "a") as handle:
-            handle.write(json.dumps({"step": step, **values}) + "\n")
         logger.info("Step %d: distance to the instance images %.4f (latents %.4f), spread of the samples %.4f "
                     "(latents %.4f)", step, values["instance_distance"], values["instance_latent_distance"],
                     values["sample_spread"], values["sample_latent_spread"])
-        return log_image_grid(accelerator, images, step, args.output_dir)
+        return ValidationResult(images={"validation": images}, metrics=values)
 
-    base_grid = Path(args.output_dir) / "samples" / "validation_0000000.png"
-    if accelerator.is_main_process:
-        forget_validation_metrics_after(args.output_dir, loop.global_step)
-    if loop.global_step == 0:
-        base_grid = validate(0)
-
-    def on_step_end(step: int):
-        if args.validation_steps and step % args.validation_steps == 0 and step < max_train_steps:
-            validate(step)
-
+    loop = build_training_loop(accelerator, config, unet, train_set, "train_dreambooth_unconditional",
+                               parameters=trainable,
+                               validation=Validation(validate, validation_config.validation_steps, at_start=True))
+    unet = loop.model
     dreambooth_loss = DreamBoothLoss(noise_scheduler, args.prior_loss_weight, args.snr_gamma)
 
     def compute_loss(batch, generator):
@@ -265,48 +247,23 @@ def main(args: argparse.Namespace) -> None:
         prediction = unet(noisy, timesteps).sample
         return dreambooth_loss(prediction, target, timesteps, num_instance)
 
-    logger.info("Training %d steps from step %d, batch %d instance%s x %d processes x %d accumulation",
-                max_train_steps, loop.global_step, args.train_batch_size,
-                " + %d class" % args.train_batch_size if class_set else "", accelerator.num_processes,
-                args.gradient_accumulation_steps)
-    finished = loop.run(compute_loss, on_step_end)
-    if finished:
-        grid = validate(loop.global_step)
-        if accelerator.is_main_process:
-            save_result(args, loop, pipeline, lora_config)
-            write_dreambooth_model_card(args, loop, photos, base_grid, grid, len(instance_paths), class_set)
-            logger.info("Saved the result to %s", args.output_dir)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-
-
-def validation_metrics_path(output_dir) -> Path:
-    path = Path(output_dir) / "samples" / "validation_metrics.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def forget_validation_metrics_after(output_dir, step: int) -> None:
-    """On resume, drop what was measured after the checkpoint: it is measured again."""
-    path = validation_metrics_path(output_dir)
-    if path.is_file():
-        rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        path.write_text("".join(f"{row}\n" for row in rows))
-
-
-def save_result(args, loop: TrainingLoop, base: UnconditionalLatentPipeline, lora_config) -> None:
-    """A full pipeline that loads like the base one (same VAE, scheduler, latent scaling), or only the
-    LoRA adapter."""
-    name = args.pretrained_model_name_or_path
-    with loop.ema_weights() as model:
+    def save_result(model) -> None:
+        """A full pipeline that loads like the base one (same VAE, scheduler, latent scaling), or only the
+        LoRA adapter; and the model card."""
+        if not accelerator.is_main_process:
+            return
+        name = args.pretrained_model_name_or_path
         if lora_config is not None:
             save_lora_adapter(model, lora_config, args.output_dir,
                               base_model=os.path.abspath(name) if os.path.isdir(name) else name)
-            return
-        vae = base.vae.to(torch.float32) if base.vae.dtype != torch.float32 else base.vae
-        UnconditionalLatentPipeline(unet=model, vae=vae, scheduler=base.scheduler,
-                                    latent_scaling_factor=base.latent_scale,
-                                    latent_shift_factor=base.latent_shift).save_pretrained(args.output_dir)
+        else:
+            save_pipeline(model, vae, scaling, pipeline.scheduler, args.output_dir)
+        write_dreambooth_model_card(args, config.arguments, loop, photos, len(instance_paths), class_set)
+        logger.info("Saved the result to %s", args.output_dir)
+
+    if class_set:
+        logger.info("Each batch: %d instance + %d class images", args.train_batch_size, args.train_batch_size)
+    finish_run(loop, loop.run(compute_loss), save_result)
 
 
 LORA_USAGE = """\
@@ -324,15 +281,17 @@ images = pipe(batch_size=4, num_inference_steps=50).images
 """
 
 
-def write_dreambooth_model_card(args, loop, photos, base_grid, grid, num_instance: int, class_set) -> None:
+def write_dreambooth_model_card(args, arguments: dict, loop, photos, num_instance: int, class_set) -> None:
     output_dir = Path(args.output_dir)
     instance_grid = output_dir / "samples" / "instance_images.png"
+    instance_grid.parent.mkdir(parents=True, exist_ok=True)
     image_grid(((photos[:16] + 1) / 2).permute(0, 2, 3, 1).numpy()).save(instance_grid)
+    grid = loop.last_validation.grids.get("validation")
     comparison = None
     if grid is not None:
         comparison = side_by_side(instance_grid, grid, output_dir / "samples" / "instances_vs_samples.png")
-    metrics_path = validation_metrics_path(output_dir)
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.is_file() else []
+    base_grid = output_dir / "samples" / "validation_0000000.png"
+    rows = read_metrics(output_dir, having="instance_distance")
     facts = {"base model": args.pretrained_model_name_or_path, "steps": loop.global_step,
              "instance images": num_instance,
              "prior preservation": f"{len(class_set)} class images, weight {args.prior_loss_weight}" if class_set else "off",
@@ -352,9 +311,9 @@ def write_dreambooth_model_card(args, loop, photos, base_grid, grid, num_instanc
                  "train_dreambooth_unconditional.py"
                  + (" and prior preservation" if class_set else "") + ". Samples come from the same noise "
                  "at every step, so the grids show the drift from the base model towards the subject."),
-        args=args,
+        arguments=arguments,
         images={"Instance images (left) and samples after fine-tuning (right)": comparison,
-                "Base model samples (step 0, same noise)": base_grid if Path(base_grid or "").is_file() else None,
+                "Base model samples (step 0, same noise)": base_grid if base_grid.is_file() else None,
                 "Loss": output_dir / "loss_curve.png"},
         facts=facts,
         usage=LORA_USAGE.format(base=args.pretrained_model_name_or_path, location=output_dir.name)
@@ -363,4 +322,4 @@ def write_dreambooth_model_card(args, loop, photos, base_grid, grid, num_instanc
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    main()

@@ -15,25 +15,19 @@ from __future__ import annotations
 import argparse
 import logging
 
-import torch
-
-from pipeline_latent_uncond import UnconditionalLatentPipeline
 from uldm import args as cli
-from uldm.data import build_image_dataset, sharded_verifier
+from uldm.data import DataConfig, build_image_dataset, sharded_verifier
 from uldm.diffusion import build_noise_scheduler, noisy_latents_and_target, per_sample_loss
 from uldm.errors import exit_cleanly_on_input_errors
-from uldm.latent_cache import (
-    cached_latents, centre_crops_for_the_cache, latents_from_batch, measure_moments_sharded,
-)
+from uldm.latent_cache import CacheConfig, cached_latents
+from uldm.latents import latents_from_batch, measure_latent_std, resolve_latent_scaling
 from uldm.model_card import write_model_card
 from uldm.models import build_unet, count_parameters
-from uldm.sampling import make_scheduler
-from uldm.training import build_training_loop, save_run_arguments, start_run
-from uldm.validation import fixed_validation_noise, log_image_grid
-from uldm.vae import (
-    check_unet_matches_latents, describe_vae, latent_shape, load_vae, resolve_latent_scaling,
-    std_over_processes, vae_dtype_for, vae_fingerprint,
-)
+from uldm.presets import list_presets
+from uldm.sampling import build_pipeline, make_scheduler, save_pipeline
+from uldm.training import Validation, ValidationResult, build_training_loop, finish_run, start_run
+from uldm.validation import ValidationConfig, fixed_validation_noise, sample_from_noise
+from uldm.vae import check_unet_matches_latents, describe_vae, latent_shape, load_vae, vae_dtype_for, vae_fingerprint
 
 logger = logging.getLogger("train_unconditional_latent")
 
@@ -56,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--encode_batch_size", type=int, default=32)
     group = parser.add_argument_group("model")
     group.add_argument("--model_config_name_or_path", type=str, default=None,
-                       help="UNet preset (" + ", ".join(cli.list_presets("unet")) + "), JSON file or model folder.")
+                       help="UNet preset (" + ", ".join(list_presets("unet")) + "), JSON file or model folder.")
     group.add_argument("--pretrained_model_name_or_path", type=str, default=None,
                        help="Start from these UNet weights (a saved pipeline or UNet folder) instead of a fresh model.")
     cli.add_noise_args(parser)
@@ -71,21 +65,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def measure_latent_std(train_set, vae, args, accelerator) -> float:
-    """Std of the latents over many images, the same on every process: over the whole latent cache
-    (which every process reads), or over a seeded subset of images encoded in shards."""
-    if args.cache_latents:
-        return std_over_processes(train_set.latent_moments(), accelerator, sharded=False)
-    moments = measure_moments_sharded(train_set, vae, args.scale_estimation_images, args.encode_batch_size,
-                                      accelerator.process_index, accelerator.num_processes, args.seed)
-    return std_over_processes(moments, accelerator)
+def data_and_cache_configs(args) -> tuple[DataConfig, CacheConfig | None]:
+    """--cache_latents stores one crop per image, so it implies --center_crop (said once, in the log)."""
+    if args.cache_latents and not args.center_crop:
+        logger.warning("--cache_latents stores one crop per image: using centre crops (as --center_crop).")
+    data = cli.config_from(DataConfig, args, center_crop=args.center_crop or args.cache_latents)
+    if not args.cache_latents:
+        return data, None
+    return data, CacheConfig(args.latent_cache_dir or f"{args.output_dir}/latent_cache", args.encode_batch_size,
+                             args.dataloader_num_workers)
 
 
 @exit_cleanly_on_input_errors
-def main(args: argparse.Namespace) -> None:
-    accelerator = start_run(args)
-    if accelerator.is_main_process:
-        save_run_arguments(args, args.output_dir)
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    config = cli.training_config(args)
+    data_config, cache_config = data_and_cache_configs(args)
+    validation_config = cli.config_from(ValidationConfig, args)
+    accelerator = start_run(config)
 
     vae = load_vae(args.vae_name_or_path, args.vae_subfolder, args.revision,
                    torch_dtype=vae_dtype_for(accelerator.mixed_precision))
@@ -94,17 +91,17 @@ def main(args: argparse.Namespace) -> None:
     check_unet_matches_latents(unet, vae, args.resolution)
     logger.info("VAE: %s; UNet: %.1fM parameters", describe_vae(vae), count_parameters(unet) / 1e6)
 
-    centre_crops_for_the_cache(args)
-    images = build_image_dataset(args, verify=sharded_verifier(accelerator, args.resolution))
+    images = build_image_dataset(data_config, verify=sharded_verifier(accelerator, args.resolution))
     logger.info("Training images: %d", len(images))
     train_set = images
-    if args.cache_latents:
+    if cache_config is not None:
         vae_key = vae_fingerprint(vae, args.vae_name_or_path, args.vae_subfolder, args.revision)
-        train_set = cached_latents(images, vae, vae_key, args, accelerator,
+        train_set = cached_latents(images, vae, vae_key, cache_config, args.random_flip, accelerator,
                                    description={"vae": args.vae_name_or_path, "resolution": args.resolution})
     scaling = resolve_latent_scaling(
         args.latent_scaling_factor, vae,
-        measure_std=lambda: measure_latent_std(train_set, vae, args, accelerator),
+        measure_std=lambda: measure_latent_std(train_set, vae, accelerator, args.scale_estimation_images,
+                                               args.encode_batch_size, args.seed),
     )
     logger.info("Latent scale %.6f, shift %.4f (%s)", scaling.scale, scaling.shift, scaling.source)
 
@@ -112,39 +109,22 @@ def main(args: argparse.Namespace) -> None:
                                             args.beta_end, args.prediction_type)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    loop = build_training_loop(accelerator, args, unet, train_set, "train_unconditional_latent")
-    unet, max_train_steps = loop.model, loop.max_train_steps
-    accelerator.log({"latent_scaling_factor": scaling.scale}, step=0)
-    logger.info(
-        "Training %d steps from step %d: %d images, batch %d x %d processes x %d accumulation",
-        max_train_steps, loop.global_step, len(train_set), args.train_batch_size, accelerator.num_processes,
-        args.gradient_accumulation_steps,
-    )
+    validation_noise = fixed_validation_noise(validation_config.num_validation_images, latent_shape(vae, args.resolution),
+                                              args.seed, accelerator.device)
 
-    shape = latent_shape(vae, args.resolution)
-    validation_noise = fixed_validation_noise(args.num_validation_images, shape, args.seed, accelerator.device)
-
-    def make_pipeline(model) -> UnconditionalLatentPipeline:
-        return UnconditionalLatentPipeline(
-            unet=model, vae=vae, scheduler=make_scheduler(args.validation_scheduler, noise_scheduler.config),
-            latent_scaling_factor=scaling.scale, latent_shift_factor=scaling.shift,
-        )
-
-    def validate(step: int):
-        if not accelerator.is_main_process or not args.num_validation_images:
+    def validate(step: int) -> ValidationResult | None:
+        if not accelerator.is_main_process or not validation_config.num_validation_images:
             return None
-        with loop.ema_weights() as model, accelerator.autocast():
-            model.eval()
-            pipeline = make_pipeline(model)
-            pipeline.set_progress_bar_config(disable=True)
-            images_np = pipeline(batch_size=args.num_validation_images, latents=validation_noise,
-                                 num_inference_steps=args.validation_inference_steps, output_type="np").images
-            model.train()
-        return log_image_grid(accelerator, images_np, step, args.output_dir)
+        _, samples = sample_from_noise(
+            loop, lambda model: build_pipeline(model, vae, scaling, noise_scheduler.config,
+                                               validation_config.validation_scheduler),
+            validation_noise, validation_config.validation_inference_steps)
+        return ValidationResult(images={"validation": samples})
 
-    def on_step_end(step: int):
-        if args.validation_steps and step % args.validation_steps == 0 and step < max_train_steps:
-            validate(step)
+    loop = build_training_loop(accelerator, config, unet, train_set, "train_unconditional_latent",
+                               validation=Validation(validate, validation_config.validation_steps))
+    unet = loop.model
+    accelerator.log({"latent_scaling_factor": scaling.scale}, step=0)
 
     def compute_loss(batch, generator):
         latents = latents_from_batch(batch, vae, scaling, generator, args.random_flip)
@@ -152,30 +132,27 @@ def main(args: argparse.Namespace) -> None:
         prediction = unet(noisy, timesteps).sample
         return per_sample_loss(prediction, target, timesteps, noise_scheduler, args.snr_gamma).mean()
 
-    finished = loop.run(compute_loss, on_step_end)
-    if finished:
-        grid = validate(loop.global_step)
-        if accelerator.is_main_process:
-            with loop.ema_weights() as model:
-                if vae.dtype != torch.float32:
-                    vae.to(torch.float32)
-                pipeline = make_pipeline(model)
-                pipeline.scheduler = make_scheduler("dpmsolver++", noise_scheduler.config)
-                pipeline.save_pretrained(args.output_dir)
-            write_model_card(
-                args.output_dir,
-                title="Unconditional latent diffusion model",
-                summary=f"A UNet2DModel ({count_parameters(loop.unwrapped_model) / 1e6:.1f}M parameters) trained "
-                        f"with DDPM on the latents of {describe_vae(vae)}, with train_unconditional_latent.py.",
-                args=args,
-                images={"Samples (EMA weights)" if loop.ema else "Samples": grid, "Loss": f"{args.output_dir}/loss_curve.png"},
-                facts={"steps": loop.global_step, "images seen": loop.state.samples_seen,
-                       "latent scale": f"{scaling.scale:.6f} ({scaling.source})", "latent shift": scaling.shift},
-            )
-            logger.info("Saved the pipeline to %s", args.output_dir)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    def save_result(model) -> None:
+        if not accelerator.is_main_process:
+            return
+        # Saved pipelines sample with DPM-Solver++ (good images in ~25 steps) on the training noise schedule.
+        save_pipeline(model, vae, scaling, make_scheduler("dpmsolver++", noise_scheduler.config), args.output_dir)
+        write_model_card(
+            args.output_dir,
+            title="Unconditional latent diffusion model",
+            summary=f"A UNet2DModel ({count_parameters(model) / 1e6:.1f}M parameters) trained "
+                    f"with DDPM on the latents of {describe_vae(vae)}, with train_unconditional_latent.py.",
+            arguments=config.arguments,
+            images={"Samples (EMA weights)" if loop.ema else "Samples": loop.last_validation.grids.get("validation"),
+                    "Loss": f"{args.output_dir}/loss_curve.png"},
+            facts={"steps": loop.global_step, "images seen": loop.state.samples_seen,
+                   "latent scale": f"{scaling.scale:.6f} ({scaling.source})", "latent shift": scaling.shift},
+        )
+        logger.info("Saved the pipeline to %s", args.output_dir)
+
+    finish_run(loop, loop.run(compute_loss), save_result)
+
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    main()

@@ -24,16 +24,16 @@ from pathlib import Path
 from uldm import args as cli
 from uldm.autoencoder import (
     RECONSTRUCTION_LOSSES, AutoencoderForTraining, AutoencoderLoss, build_autoencoder, centre_cropped_view,
-    default_holdout_size, evaluate_reconstructions, load_lpips, measure_latent_std,
-    reconstruction_pairs, resolve_perceptual_weights, split_holdout, stack_pixels, store_scaling_factor,
+    default_holdout_size, evaluate_reconstructions, load_lpips, reconstruction_pairs, resolve_perceptual_weights,
+    split_holdout, stack_pixels, store_scaling_factor,
 )
-from uldm.data import build_image_dataset, sharded_verifier
-from uldm.latent_cache import random_horizontal_flip
+from uldm.data import DataConfig, build_image_dataset, sharded_verifier
 from uldm.errors import InputError, exit_cleanly_on_input_errors
+from uldm.latents import measure_latent_std, random_horizontal_flip
 from uldm.model_card import write_model_card
 from uldm.models import count_parameters
-from uldm.training import build_training_loop, read_metrics, save_run_arguments, start_run
-from uldm.validation import log_image_grid
+from uldm.presets import list_presets
+from uldm.training import Validation, ValidationResult, build_training_loop, finish_run, read_metrics, start_run
 from uldm.vae import describe_vae, latent_shape
 
 logger = logging.getLogger("train_vae")
@@ -64,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                             "default: 10%% of the data, at most 64).")
     group = parser.add_argument_group("model")
     group.add_argument("--model_config_name_or_path", type=str, default=None,
-                       help="Train from scratch: a preset (" + ", ".join(cli.list_presets("vae")) +
+                       help="Train from scratch: a preset (" + ", ".join(list_presets("vae")) +
                             f"; default {DEFAULT_PRESET}), a JSON file or a model folder (its config only).")
     group.add_argument("--pretrained_vae_name_or_path", type=str, default=None,
                        help="Fine-tune this AutoencoderKL (folder or hub id) instead.")
@@ -94,10 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     cli.add_logging_args(parser, validation_steps=500)
     cli.add_checkpoint_args(parser)
     args = parser.parse_args(argv)
-    try:
-        check_args(args)
-    except InputError as error:
-        parser.error(str(error))
+    check_args(args)
     return args
 
 
@@ -117,10 +114,10 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 @exit_cleanly_on_input_errors
-def main(args: argparse.Namespace) -> None:
-    accelerator = start_run(args)
-    if accelerator.is_main_process:
-        save_run_arguments(args, args.output_dir)
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    config = cli.training_config(args)
+    accelerator = start_run(config)
 
     vae = build_autoencoder(args.model_config_name_or_path, args.pretrained_vae_name_or_path,
                             args.vae_subfolder, args.revision)
@@ -130,42 +127,31 @@ def main(args: argparse.Namespace) -> None:
     if args.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
 
-    images = build_image_dataset(args, verify=sharded_verifier(accelerator, args.resolution))
+    images = build_image_dataset(cli.config_from(DataConfig, args),
+                                 verify=sharded_verifier(accelerator, args.resolution))
     num_holdout = args.num_holdout_images or default_holdout_size(len(images))
     train_set, holdout = split_holdout(images, num_holdout, args.seed)
     logger.info("Images: %d for training, %d held out", len(train_set), len(holdout))
 
     perceptual = load_lpips(args.perceptual_weights_path).to(accelerator.device) if args.perceptual_weight else None
     criterion = AutoencoderLoss(args.reconstruction_loss, args.kl_weight, args.perceptual_weight, perceptual)
-
-    loop = build_training_loop(accelerator, args, AutoencoderForTraining(vae), train_set, "train_vae",
-                               ema_model=vae)
-    model, max_train_steps = loop.model, loop.max_train_steps
-    logger.info("Training %d steps from step %d: batch %d x %d processes x %d accumulation",
-                max_train_steps, loop.global_step, args.train_batch_size, accelerator.num_processes,
-                args.gradient_accumulation_steps)
-
     grid_pixels = stack_pixels(holdout, max(1, args.num_validation_images))
 
-    def validate(step: int):
-        """Held-out metrics and a grid of fixed held-out images beside their reconstructions (main process)."""
+    def validate(step: int) -> ValidationResult | None:
+        """Held-out metrics and a grid of fixed held-out images beside their reconstructions (main process);
+        step 0 gives the untrained model's numbers, for comparison."""
         if not accelerator.is_main_process:
-            return None, None
+            return None
         with loop.ema_weights() as wrapped:
             values = evaluate_reconstructions(wrapped.vae, holdout, args.encode_batch_size, args.reconstruction_loss)
-            grid = log_image_grid(accelerator, reconstruction_pairs(wrapped.vae, grid_pixels), step,
-                                  args.output_dir, tag="reconstruction")
-        loop.metrics.log(values, step=step)
+            pairs = reconstruction_pairs(wrapped.vae, grid_pixels)
         logger.info("Step %d, held out: PSNR %.2f dB, %s error %.4f", step, values["val_psnr"],
                     args.reconstruction_loss, values["val_rec_loss"])
-        return values, grid
+        return ValidationResult(images={"reconstruction": pairs}, metrics=values)
 
-    if loop.global_step == 0:  # the untrained model's numbers, for comparison
-        validate(0)
-
-    def on_step_end(step: int):
-        if args.validation_steps and step % args.validation_steps == 0 and step < max_train_steps:
-            validate(step)
+    loop = build_training_loop(accelerator, config, AutoencoderForTraining(vae), train_set, "train_vae",
+                               ema_model=vae, validation=Validation(validate, args.validation_steps, at_start=True))
+    model = loop.model
 
     def compute_loss(batch, generator):
         pixels = batch["pixel_values"]
@@ -174,31 +160,29 @@ def main(args: argparse.Namespace) -> None:
         reconstruction, kl = model(pixels, generator)
         return criterion(pixels, reconstruction, kl)
 
-    finished = loop.run(compute_loss, on_step_end)
-    if finished:
-        final, grid = validate(loop.global_step)
-        with loop.ema_weights() as wrapped:
-            trained = wrapped.vae
-            trained.eval()
-            std = measure_latent_std(centre_cropped_view(train_set), trained, args.scale_estimation_images,
-                                     args.encode_batch_size, accelerator, args.seed)
-            scale, source = store_scaling_factor(trained, std, args.keep_scaling_factor)
-            logger.info("Latent std %.5f; scaling_factor %.6f (%s)", std, scale, source)
-            if accelerator.is_main_process:
-                trained.save_pretrained(args.output_dir)
-            trained.train()
+    def save_result(wrapped) -> None:
+        """Measure the latent scale (all processes share the encoding), store it in the config, save."""
+        trained = wrapped.vae
+        trained.eval()
+        std = measure_latent_std(centre_cropped_view(train_set), trained, accelerator, args.scale_estimation_images,
+                                 args.encode_batch_size, args.seed)
+        scale, source = store_scaling_factor(trained, std, args.keep_scaling_factor)
+        logger.info("Latent std %.5f; scaling_factor %.6f (%s)", std, scale, source)
         if accelerator.is_main_process:
+            trained.save_pretrained(args.output_dir)
             loop.metrics.log({"latent_std": std, "scaling_factor": scale}, step=loop.global_step)
-            shutil.copyfile(grid, f"{args.output_dir}/reconstructions.png")
-            write_vae_card(args, trained, loop, final, std, scale, source)
-            logger.info("Saved the VAE to %s (held-out PSNR %.2f dB)", args.output_dir, final["val_psnr"])
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+            shutil.copyfile(loop.last_validation.grids["reconstruction"], f"{args.output_dir}/reconstructions.png")
+            write_vae_card(args, config.arguments, trained, loop, loop.last_validation.metrics, std, scale, source)
+            logger.info("Saved the VAE to %s (held-out PSNR %.2f dB)", args.output_dir,
+                        loop.last_validation.metrics["val_psnr"])
+        trained.train()
+
+    finish_run(loop, loop.run(compute_loss), save_result)
 
 
-def write_vae_card(args, vae, loop, final: dict, std: float, scale: float, source: str) -> None:
+def write_vae_card(args, arguments: dict, vae, loop, final: dict, std: float, scale: float, source: str) -> None:
     start = "from scratch" if not args.pretrained_vae_name_or_path else f"from {args.pretrained_vae_name_or_path}"
-    before = [row for row in read_metrics(args.output_dir) if row["step"] == 0 and "val_psnr" in row]
+    before = [row for row in read_metrics(args.output_dir, having="val_psnr") if row["step"] == 0]
     facts = {
         "steps": loop.global_step,
         "images seen": loop.state.samples_seen,
@@ -214,7 +198,7 @@ def write_vae_card(args, vae, loop, final: dict, std: float, scale: float, sourc
         summary=f"An {describe_vae(vae)} with {count_parameters(vae) / 1e6:.1f}M parameters, trained {start} "
                 f"with train_vae.py ({args.reconstruction_loss} + {args.kl_weight:g} x KL"
                 + (f" + {args.perceptual_weight:g} x LPIPS" if args.perceptual_weight else "") + ").",
-        args=args,
+        arguments=arguments,
         images={"Held-out images (left) and reconstructions (right)": f"{args.output_dir}/reconstructions.png",
                 "Loss": f"{args.output_dir}/loss_curve.png"},
         facts=facts,
@@ -223,4 +207,4 @@ def write_vae_card(args, vae, loop, final: dict, std: float, scale: float, sourc
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    main()

@@ -82,7 +82,8 @@ def run_training(argv: list[str]) -> tuple[list[dict], float]:
     """Run the training script in this process; returns its metrics rows and the seconds spent building a cache."""
     import train_unconditional_latent as script
     from uldm import latent_cache
-    from uldm.training import read_metrics, reset_accelerate_state
+    from uldm.testing import reset_accelerate_state
+    from uldm.training import read_metrics
 
     reset_accelerate_state()
     try:

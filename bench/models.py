@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from uldm.args import read_json_preset
+from uldm.presets import read_json_preset
 
 # Stable Diffusion's VAE (kl-f8, 4 latent channels, 83.7M parameters): 256 px -> 4x32x32 latents.
 SD_VAE_CONFIG: dict[str, Any] = {

@@ -13,7 +13,7 @@
 #    + 4 class images; the prior loss (weight 0.5) keeps the samples diverse. Without it, 4 instance images
 #    per batch: more of the subject, less diversity and a stronger pull towards the photos' backgrounds
 #    and clothes. Watch samples/validation_*.png (fixed noise, every 100 steps; step 0 is the base model)
-#    and samples/validation_metrics.jsonl (distance to the photos, spread of the samples) to pick the
+#    and metrics.jsonl (distance to the photos, spread of the samples) to pick the
 #    number of steps; checkpoints every 200 steps allow going back.
 #
 # GPU memory: the batch of 4 instance + 4 class latents assumes a 12 GB card (16 GB gives headroom). Estimate,

@@ -28,7 +28,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 def build_tiny_unet(seed: int = 0, **overrides):
     from diffusers import UNet2DModel
 
-    from uldm.args import read_json_preset
+    from uldm.presets import read_json_preset
 
     torch.manual_seed(seed)
     return UNet2DModel(**{**read_json_preset("tiny", "unet"), **overrides})
@@ -37,7 +37,7 @@ def build_tiny_unet(seed: int = 0, **overrides):
 def build_tiny_kl_vae(seed: int = 0, **overrides):
     from diffusers import AutoencoderKL
 
-    from uldm.args import read_json_preset
+    from uldm.presets import read_json_preset
 
     torch.manual_seed(seed)
     return AutoencoderKL(**{**read_json_preset("tiny-kl-f4", "vae"), **overrides})
@@ -90,12 +90,12 @@ def run_script(module_name: str, argv: list[str]):
     """Run a top-level script's main() in this process (much faster than a subprocess)."""
     import importlib
 
-    from uldm.training import reset_accelerate_state
+    from uldm.testing import reset_accelerate_state
 
     reset_accelerate_state()
     module = importlib.import_module(module_name)
     try:
-        return module.main(module.parse_args([str(a) for a in argv]))
+        return module.main([str(a) for a in argv])
     finally:
         reset_accelerate_state()
 

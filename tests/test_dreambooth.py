@@ -114,12 +114,12 @@ def test_fine_tuning_moves_samples_towards_the_subject_and_saves_a_loadable_pipe
     before, after = subject_latent_distance(base, instance_dir), subject_latent_distance(tuned, instance_dir)
     assert after < 0.8 * before, f"samples did not move towards the subject: {before:.3f} -> {after:.3f}"
 
-    measured = read_jsonl(out / "samples" / "validation_metrics.jsonl")
+    measured = read_metrics(out, having="instance_distance")
     assert [row["step"] for row in measured] == [0, 15, 30], "step 0 (base), every 15 steps, and the end"
     assert measured[-1]["instance_latent_distance"] < measured[0]["instance_latent_distance"]
     for step in (0, 15, 30):
         assert (out / "samples" / f"validation_{step:07d}.png").is_file()
-    losses = read_metrics(out)
+    losses = read_metrics(out, having="loss")
     assert len(losses) == 30 and "instance_loss" in losses[0] and "prior_loss" not in losses[0]
     card = (out / "README.md").read_text()
     assert "Instance images (left)" in card and "card_instances_vs_samples.png" in card
@@ -220,7 +220,7 @@ def test_lora_resumes_exactly_and_its_small_adapter_reproduces_the_samples(base_
     run_script(SCRIPT, db_args(base_dir, instance_dir, interrupted, resume_from_checkpoint="latest", **common,
                                num_validation_images=0))
 
-    a, b = read_metrics(straight), read_metrics(interrupted)
+    a, b = read_metrics(straight, having="loss"), read_metrics(interrupted, having="loss")
     assert [row["step"] for row in b] == [1, 2, 3, 4]
     for row_a, row_b in zip(a, b):
         for key in ("loss", "instance_loss", "prior_loss"):

@@ -16,10 +16,8 @@ from conftest import (build_tiny_kl_vae, build_tiny_unet, build_tiny_vq_vae, lat
 from uldm.data import EpochBatchSampler, Preprocessing, image_folder_dataset
 from uldm.errors import InputError
 from uldm.images import list_image_files, load_rgb_image
-from uldm.vae import (
-    LatentScaling, RunningMoments, check_unet_matches_latents, encode_moments, load_vae, resolve_latent_scaling,
-    sample_from_moments,
-)
+from uldm.latents import LatentScaling, RunningMoments, encode_moments, resolve_latent_scaling, sample_from_moments
+from uldm.vae import check_unet_matches_latents, load_vae
 
 # --------------------------------------------------------------------------------------------
 # Image hygiene

@@ -26,7 +26,7 @@ from uldm.sampling import (
     sample_file_name,
     save_samples_npz,
 )
-from uldm.training import reset_accelerate_state
+from uldm.testing import reset_accelerate_state
 
 NUM_IMAGES = 6
 SAMPLE_ARGS = ["--num_images", str(NUM_IMAGES), "--num_inference_steps", "2", "--batch_size", "2",

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from uldm.args import read_json_preset
+from uldm.presets import read_json_preset
 from uldm.training import read_metrics
 
 from conftest import REPO_ROOT, latent_training_args, run_script, subprocess_env, venv_bin

@@ -78,7 +78,7 @@ def test_saved_vae_loads_and_carries_the_measured_scale(trained_vae, faces):
     from diffusers import AutoencoderKL
 
     from uldm.data import Preprocessing, image_folder_dataset
-    from uldm.vae import RunningMoments, encode_moments
+    from uldm.latents import RunningMoments, encode_moments
 
     vae = AutoencoderKL.from_pretrained(trained_vae)
     assert "scaling_factor" not in (vae.config.get("_use_default_values") or [])

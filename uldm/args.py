@@ -1,15 +1,17 @@
-"""Command-line argument groups shared by the training scripts (diffusers' names and meanings)."""
+"""The command line: argument groups shared by the scripts (diffusers' names and meanings), and the one
+place where parsed arguments become the library's typed configurations (`config_from`, `training_config`).
+Nothing else in `uldm` reads an argparse namespace.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
+import dataclasses
+from typing import TypeVar
 
 from .errors import InputError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO_ROOT / "configs"
+Config = TypeVar("Config")
 
 
 def add_data_args(parser: argparse.ArgumentParser, default_resolution: int = 256) -> None:
@@ -118,36 +120,24 @@ def check_common_args(args) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Presets
+# Parsed arguments -> configurations
 
 
-def list_presets(kind: str) -> list[str]:
-    return sorted(path.stem for path in (CONFIG_DIR / kind).glob("*.json"))
+def config_from(config_class: type[Config], args: argparse.Namespace, **overrides) -> Config:
+    """A configuration dataclass filled from the arguments of the same names (`overrides` win); fields the
+    script has no argument for keep their defaults."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class) if hasattr(args, f.name)}
+    return config_class(**{**values, **overrides})
 
 
-def read_json_preset(name_or_path: str, kind: str) -> dict | None:
-    """A preset name from configs/<kind>/ or a path to a JSON file; None if it is neither.
+def training_config(args: argparse.Namespace):
+    """The loop, optimiser and EMA configuration of a training script (and its arguments, for the records)."""
+    from .training import EmaConfig, LoopConfig, OptimizerConfig, TrainingConfig
 
-    Keys starting with "_" (comments) are dropped."""
-    candidates = [Path(name_or_path), CONFIG_DIR / kind / f"{name_or_path}.json", CONFIG_DIR / kind / name_or_path]
-    for path in candidates:
-        if path.is_file() and path.suffix == ".json":
-            config = json.loads(path.read_text())
-            return {key: value for key, value in config.items() if not key.startswith("_")}
-    return None
+    return TrainingConfig(
+        loop=config_from(LoopConfig, args),
+        optimizer=config_from(OptimizerConfig, args),
+        ema=config_from(EmaConfig, args) if args.use_ema else None,
+        arguments=vars(args).copy(),
+    )
 
-
-def read_model_config(name_or_path: str, kind: str, model_class, location: str | None = None,
-                      subfolder: str | None = None, revision: str | None = None) -> dict:
-    """The config for a fresh model: a preset of configs/<kind>/, a JSON file, or the config of a model folder
-    or hub id (`location`/`subfolder`, default `name_or_path` itself) read with `model_class.load_config`."""
-    config = read_json_preset(name_or_path, kind)
-    if config is not None:
-        return config
-    try:
-        return model_class.load_config(location or name_or_path, subfolder=subfolder, revision=revision)
-    except (OSError, ValueError) as error:
-        raise InputError(
-            f"--model_config_name_or_path {name_or_path!r} is neither a preset ("
-            + ", ".join(list_presets(kind)) + f"), a JSON file, nor a model folder: {error}"
-        ) from error

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +27,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .args import read_model_config
+from pipeline_latent_uncond import configured_latent_scaling
+
+from .presets import read_model_config
 from .data import Preprocessing
 from .errors import InputError
-from .vae import load_vae, sample_from_moments, std_over_processes
+from .latents import sample_from_moments
+from .vae import load_vae
 
 logger = logging.getLogger(__name__)
 
@@ -292,24 +294,9 @@ def stack_pixels(dataset, count: int) -> torch.Tensor:
 # Latent scale
 
 
-def measure_latent_std(dataset, vae, num_images: int, batch_size: int, accelerator, seed: int = 0) -> float:
-    """Std of posterior samples over a seeded subset of `num_images` images, split over the
-    processes and summed, so that every process gets the same number."""
-    from .latent_cache import measure_moments_sharded
-
-    moments = measure_moments_sharded(dataset, vae, num_images, batch_size, accelerator.process_index,
-                                      accelerator.num_processes, seed)
-    std = std_over_processes(moments, accelerator)
-    if not math.isfinite(std) or std <= 0:
-        raise InputError(f"The latents' std is {std}; the autoencoder has collapsed. Try a lower --learning_rate.")
-    return std
-
-
 def store_scaling_factor(vae, std: float, keep_existing: bool = False) -> tuple[float, str]:
     """Write 1/std into the config (what `--latent_scaling_factor auto` reads); returns (value, source)."""
-    from .vae import configured_scaling
-
-    existing, _ = configured_scaling(vae)
+    existing, _ = configured_latent_scaling(vae)
     if keep_existing and existing is not None:
         return float(existing), "kept from the pretrained VAE"
     vae.register_to_config(scaling_factor=1.0 / std)

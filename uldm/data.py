@@ -259,23 +259,37 @@ def _guess_image_column(dataset) -> str:
     return "image"
 
 
-def build_image_dataset(args, verify=None) -> ImageDataset:
-    """The training images from the diffusers-style arguments (`--train_data_dir` or `--dataset_name`)."""
-    preprocessing = Preprocessing(args.resolution, args.center_crop)
-    if args.dataset_name:
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the training images come from and how they are preprocessed (diffusers' argument names)."""
+
+    train_data_dir: str | None = None
+    dataset_name: str | None = None
+    dataset_config_name: str | None = None
+    cache_dir: str | None = None
+    image_column: str | None = None
+    resolution: int = 256
+    center_crop: bool = False
+    random_flip: bool = False
+    max_train_samples: int | None = None
+    seed: int = 0
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing(self.resolution, self.center_crop)
+
+
+def build_image_dataset(config: DataConfig, verify=None) -> ImageDataset:
+    """The training images: a folder (`train_data_dir`) or a `datasets` data set (`dataset_name`)."""
+    if config.dataset_name:
         return hf_image_dataset(
-            args.dataset_name,
-            args.image_column,
-            preprocessing,
-            seed=args.seed or 0,
-            max_train_samples=args.max_train_samples,
-            dataset_config_name=getattr(args, "dataset_config_name", None),
-            cache_dir=getattr(args, "cache_dir", None),
+            config.dataset_name, config.image_column, config.preprocessing, seed=config.seed,
+            max_train_samples=config.max_train_samples, dataset_config_name=config.dataset_config_name,
+            cache_dir=config.cache_dir,
         )
-    if args.train_data_dir:
-        return image_folder_dataset(
-            args.train_data_dir, preprocessing, args.seed or 0, args.max_train_samples, verify
-        )
+    if config.train_data_dir:
+        return image_folder_dataset(config.train_data_dir, config.preprocessing, config.seed,
+                                    config.max_train_samples, verify)
     raise InputError("Give the training images with --train_data_dir DIR or --dataset_name NAME.")
 
 

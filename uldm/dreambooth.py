@@ -30,7 +30,8 @@ from pipeline_latent_uncond import UnconditionalLatentPipeline
 from .diffusion import per_sample_loss
 from .errors import InputError
 from .images import list_image_files
-from .sampling import make_scheduler, write_samples
+from .latents import LatentScaling
+from .sampling import build_pipeline, write_samples
 from .vae import downsample_factor
 
 logger = logging.getLogger(__name__)
@@ -89,6 +90,10 @@ def check_resolution(requested: int | None, pipeline: UnconditionalLatentPipelin
             f"{downsample_factor(pipeline.vae)}). Leave --resolution out or set it to {resolution}."
         )
     return resolution
+
+
+def pipeline_scaling(pipeline: UnconditionalLatentPipeline) -> LatentScaling:
+    return LatentScaling(pipeline.latent_scale, pipeline.latent_shift, "the base pipeline")
 
 
 def training_noise_scheduler(pipeline: UnconditionalLatentPipeline):
@@ -175,11 +180,8 @@ def generate_missing_class_images(pipeline: UnconditionalLatentPipeline, class_d
     indices = class_image_indices_to_generate(existing, missing)
     logger.info("Generating %d class images into %s (%d there already, %d steps of %s).",
                 missing, folder, len(existing), num_inference_steps, scheduler_name)
-    sampler = UnconditionalLatentPipeline(
-        unet=pipeline.unet, vae=pipeline.vae, scheduler=make_scheduler(scheduler_name, pipeline.scheduler.config),
-        latent_scaling_factor=pipeline.latent_scale, latent_shift_factor=pipeline.latent_shift,
-    )
-    sampler.set_progress_bar_config(disable=True)
+    sampler = build_pipeline(pipeline.unet, pipeline.vae, pipeline_scaling(pipeline), pipeline.scheduler.config,
+                             scheduler_name)
     # Ends with the barrier diffusers lacks: nobody reads the folder before every process has written its share.
     write_samples(sampler, folder, indices, accelerator, file_name=lambda k: GENERATED_CLASS_IMAGE.format(index=k),
                   seed=seed, batch_size=batch_size, num_inference_steps=num_inference_steps,

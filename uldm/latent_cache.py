@@ -5,7 +5,8 @@ fresh latent sample; with random flips it also keeps the moments of the mirrored
 cache lives in `<latent_cache_dir>/<key>/`, where the key digests the data set, the VAE, the
 resolution, the crop and the flip setting, so a cache made under other settings is never
 reused. All processes encode their own share; a `meta.json` written last marks a cache
-complete, and only complete caches are read.
+complete, and only complete caches are read. This module only stores and reads latents; what
+they mean (scale, samples, flips) is `uldm.latents`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -22,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from .vae import RunningMoments, encode_moments, latent_moments_of_batches, sample_from_moments
+from .latents import RunningMoments, encode_moments
 
 logger = logging.getLogger(__name__)
 
@@ -160,51 +162,22 @@ def build_or_load_latent_cache(
     return LatentCacheDataset(folder)
 
 
-def measure_moments_sharded(dataset, vae, num_images: int, batch_size: int, process_index: int,
-                            num_processes: int, seed: int = 0) -> RunningMoments:
-    """Moments of this process's share of a fixed, seeded subset of `num_images` images."""
-    chosen = np.random.default_rng(seed).permutation(len(dataset))[: min(num_images, len(dataset))]
-    mine = sorted(chosen[process_index::num_processes].tolist())
-    loader = DataLoader(Subset(dataset, mine), batch_size=batch_size)
-    return latent_moments_of_batches(vae, (batch["pixel_values"] for batch in loader))
+@dataclass(frozen=True)
+class CacheConfig:
+    """--cache_latents: where the cache lives and how it is encoded."""
+
+    directory: str
+    encode_batch_size: int = 32
+    num_workers: int = 0
 
 
-def random_horizontal_flip(pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Each image mirrored with probability 1/2, drawn from `generator`."""
-    flip = torch.rand(pixel_values.shape[0], generator=generator, device=pixel_values.device) < 0.5
-    return torch.where(flip[:, None, None, None], pixel_values.flip(-1), pixel_values)
-
-
-def latents_from_batch(batch: dict, vae, scaling, generator: torch.Generator, random_flip: bool) -> torch.Tensor:
-    """Scaled latents of a batch of images ({"pixel_values"}) or of cached moments ({"mean", ...}),
-    with a fresh posterior sample; flips (and the sample) are drawn from `generator`."""
-    if "pixel_values" in batch:
-        pixels = batch["pixel_values"]
-        if random_flip:
-            pixels = random_horizontal_flip(pixels, generator)
-        mean, std = encode_moments(vae, pixels)
-    else:
-        mean, std = batch["mean"], batch.get("std")
-        if random_flip:
-            flip = (torch.rand(mean.shape[0], generator=generator, device=mean.device) < 0.5)[:, None, None, None]
-            mean = torch.where(flip, batch["mean_flipped"], mean)
-            std = None if std is None else torch.where(flip, batch["std_flipped"], std)
-    return scaling.apply(sample_from_moments(mean, std, generator))
-
-
-def centre_crops_for_the_cache(args) -> None:
-    """--cache_latents stores one crop per image, so it implies --center_crop (said once, in the log)."""
-    if args.cache_latents and not args.center_crop:
-        logger.warning("--cache_latents stores one crop per image: using centre crops (as --center_crop).")
-        args.center_crop = True
-
-
-def cached_latents(images, vae, vae_key: str, args, accelerator, description: dict) -> "LatentCacheDataset":
-    """The latent cache of `images` under --latent_cache_dir (default <output_dir>/latent_cache), keyed by
-    the images, the VAE, the preprocessing and --random_flip; encoded by all processes together on first use."""
-    key = cache_key(images.fingerprint(), vae_key, images.preprocessing.key(), args.random_flip)
+def cached_latents(images, vae, vae_key: str, config: CacheConfig, with_flips: bool, accelerator,
+                   description: dict) -> LatentCacheDataset:
+    """The latent cache of `images` in `config.directory`, keyed by the images, the VAE, the preprocessing
+    and `with_flips`; encoded by all processes together on first use."""
+    key = cache_key(images.fingerprint(), vae_key, images.preprocessing.key(), with_flips)
     return build_or_load_latent_cache(
-        images, vae, args.latent_cache_dir or f"{args.output_dir}/latent_cache", key, args.random_flip,
-        args.encode_batch_size, args.dataloader_num_workers, accelerator.process_index, accelerator.num_processes,
-        accelerator.wait_for_everyone, description=description,
+        images, vae, config.directory, key, with_flips, config.encode_batch_size, config.num_workers,
+        accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone,
+        description=description,
     )

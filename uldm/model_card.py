@@ -25,7 +25,7 @@ pipe = UnconditionalLatentPipeline.from_pretrained("{location}")
 """
 
 
-def write_model_card(output_dir: str | os.PathLike, title: str, summary: str, args,
+def write_model_card(output_dir: str | os.PathLike, title: str, summary: str, arguments: dict,
                      images: dict[str, str | os.PathLike | None] | None = None, facts: dict | None = None,
                      usage: str | None = None) -> Path:
     """Write README.md into `output_dir`; images (caption -> PNG) are copied next to it.
@@ -59,7 +59,7 @@ def write_model_card(output_dir: str | os.PathLike, title: str, summary: str, ar
         lines += [f"| {key} | {value} |" for key, value in facts.items()]
         lines.append("")
     lines += ["## Usage", "", usage or USAGE.format(location=output_dir.name), "## Training arguments", "", "```json",
-              json.dumps(vars(args), indent=2, sort_keys=True, default=str), "```", ""]
+              json.dumps(arguments, indent=2, sort_keys=True, default=str), "```", ""]
     path = output_dir / "README.md"
     path.write_text("\n".join(lines))
     return path

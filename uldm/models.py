@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .args import list_presets, read_model_config
+from .presets import list_presets, read_model_config
 from .errors import InputError
 
 

@@ -1,6 +1,7 @@
 """Sampling pieces shared by sample.py, validation during training and DreamBooth class images.
 
-* Schedulers by name (`make_scheduler`), built from the saved scheduler's config.
+* Schedulers by name (`make_scheduler`), built from the saved scheduler's config; a pipeline from a
+  UNet (`build_pipeline`, `save_pipeline`).
 * Per-image noise (`generators_for_indices`): image i always comes from a generator seeded with
   seed + i, so its pixels do not depend on the batch size or on how many processes share the work.
 * A sample folder (`write_missing_samples`): images `{i:06d}.png`, written atomically, resumable,
@@ -49,6 +50,30 @@ def make_scheduler(name: str, config: Mapping[str, Any]):
         raise ValueError(f"Unknown scheduler {name!r}: choose one of {', '.join(SCHEDULER_NAMES)}.")
     scheduler_class, overrides = SCHEDULERS[name]
     return scheduler_class.from_config(config, **overrides)
+
+
+def build_pipeline(unet, vae, scaling, scheduler_config: Mapping[str, Any], scheduler_name: str | None = None,
+                   scheduler=None, progress_bar: bool = False):
+    """The one place a pipeline is put together from a UNet: `vae`, the latent `scaling` (a
+    `uldm.latents.LatentScaling` or anything with `scale`/`shift`), and a scheduler of kind `scheduler_name`
+    with the noise schedule of `scheduler_config` (or a ready `scheduler`)."""
+    from pipeline_latent_uncond import UnconditionalLatentPipeline
+
+    if scheduler is None:
+        scheduler = make_scheduler(scheduler_name, scheduler_config)
+    pipeline = UnconditionalLatentPipeline(unet=unet, vae=vae, scheduler=scheduler,
+                                           latent_scaling_factor=scaling.scale, latent_shift_factor=scaling.shift)
+    pipeline.set_progress_bar_config(disable=not progress_bar)
+    return pipeline
+
+
+def save_pipeline(unet, vae, scaling, scheduler, output_dir: str | os.PathLike):
+    """Save a trained UNet as a pipeline folder (VAE in fp32, however it was used in training)."""
+    if vae.dtype != torch.float32:
+        vae = vae.to(torch.float32)
+    pipeline = build_pipeline(unet, vae, scaling, scheduler.config, scheduler=scheduler)
+    pipeline.save_pretrained(output_dir)
+    return pipeline
 
 
 def generators_for_indices(

@@ -4,7 +4,10 @@
 epochs and batches (sharded over processes, reproducible from the seed), gradient
 accumulation, the optimiser and learning-rate schedule, EMA, logging, throughput, crash-safe
 checkpoints, exact resume, graceful stops on SIGTERM/SIGINT and non-finite losses. A script
-supplies only `compute_loss(batch, generator)` and, optionally, a validation callback.
+supplies only `compute_loss(batch, generator)` and, optionally, a `Validation`: a callback with
+its schedule, whose sample grids and metrics the loop writes (PNG, TensorBoard, metrics.jsonl).
+The loop is configured by small dataclasses (`LoopConfig`, `OptimizerConfig`, `EmaConfig`), which
+the scripts build from their parsed arguments (`uldm.args.training_config`).
 
 Exact resume rests on three rules: every random draw of a step comes from a generator seeded
 by (seed, process, micro-batch number); the order of the data is a function of (seed, epoch);
@@ -19,10 +22,14 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
+
+import numpy as np
 
 import torch
 from accelerate.utils import send_to_device
@@ -34,45 +41,102 @@ from .checkpoints import TrainingState
 from .data import EpochBatchSampler
 from .errors import InputError, NonFiniteLossError
 from .plots import plot_loss_curve
+from .testing import BatchTrace
+from .validation import log_image_grid
 
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+RUN_ARGUMENTS_FILE = "training_args.json"
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """The run: where it writes, how batches are formed, when it checkpoints (diffusers' argument names)."""
+
+    output_dir: str
+    seed: int = 0
+    train_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    num_epochs: int | None = None
+    max_train_steps: int | None = None
+    max_grad_norm: float = 1.0
+    dataloader_num_workers: int = 0
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = None
+    resume_from_checkpoint: str | None = None
+    mixed_precision: str | None = None
+    allow_tf32: bool = False
+    report_to: str | None = "tensorboard"
+    tracker_project_name: str | None = None
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    learning_rate: float = 1e-4
+    scale_lr: bool = False
+    adam_beta1: float = 0.95
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-6
+    adam_epsilon: float = 1e-8
+    lr_scheduler: str = "cosine"
+    lr_warmup_steps: int = 500
+
+
+@dataclass(frozen=True)
+class EmaConfig:
+    """diffusers' EMAModel with warm-up: decay 1 - (1 + step/inv_gamma)^-power, capped at max_decay."""
+
+    ema_inv_gamma: float = 1.0
+    ema_power: float = 3 / 4
+    ema_max_decay: float = 0.9999
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    loop: LoopConfig
+    optimizer: OptimizerConfig
+    ema: EmaConfig | None = None  # None: no EMA
+    arguments: dict = field(default_factory=dict)  # the run's command-line arguments, for the records
 
 
 # --------------------------------------------------------------------------------------------
 # Set-up
 
 
-def refuse_to_overwrite_checkpoints(args) -> None:
+def refuse_to_overwrite_checkpoints(output_dir: str | os.PathLike, resume_from_checkpoint: str | None) -> None:
     """A new run in a folder that holds an earlier run's checkpoints would replace and prune them."""
-    if getattr(args, "resume_from_checkpoint", None):
+    if resume_from_checkpoint:
         return
-    existing = ckpt.list_checkpoints(args.output_dir, warn_incomplete=False)
+    existing = ckpt.list_checkpoints(output_dir, warn_incomplete=False)
     if existing:
         raise InputError(
-            f"--output_dir {args.output_dir} already holds checkpoints of an earlier run "
+            f"--output_dir {output_dir} already holds checkpoints of an earlier run "
             f"({', '.join(p.name for p in existing[-3:])}). Continue it with --resume_from_checkpoint latest, "
             "or choose another --output_dir (delete the checkpoints yourself to start over there)."
         )
 
 
-def make_accelerator(args):
+def make_accelerator(config: LoopConfig):
     """An Accelerator for the run; the LR schedule is stepped by the loop, once per optimiser step.
 
     Refuses (before any work) to start a new run over an earlier run's checkpoints."""
-    refuse_to_overwrite_checkpoints(args)
+    refuse_to_overwrite_checkpoints(config.output_dir, config.resume_from_checkpoint)
     from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
 
-    output_dir = Path(args.output_dir)
+    output_dir = Path(config.output_dir)
     project_config = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs"))
-    report_to = None if args.report_to in (None, "", "none") else args.report_to
+    report_to = None if config.report_to in (None, "", "none") else config.report_to
     accelerator = Accelerator(
         gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=args.gradient_accumulation_steps, sync_with_dataloader=False
+            num_steps=config.gradient_accumulation_steps, sync_with_dataloader=False
         ),
-        mixed_precision=args.mixed_precision,
+        mixed_precision=config.mixed_precision,
         log_with=report_to,
         project_config=project_config,
         step_scheduler_with_optimizer=False,
@@ -80,10 +144,10 @@ def make_accelerator(args):
     deepspeed_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if deepspeed_plugin is not None:
         # The loop builds its own sharded loader (not passed to prepare), so DeepSpeed cannot infer this.
-        deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
-        if args.max_grad_norm:
-            deepspeed_plugin.deepspeed_config["gradient_clipping"] = args.max_grad_norm
-    if getattr(args, "allow_tf32", False) and torch.cuda.is_available():
+        deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.train_batch_size
+        if config.max_grad_norm:
+            deepspeed_plugin.deepspeed_config["gradient_clipping"] = config.max_grad_norm
+    if config.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return accelerator
@@ -104,85 +168,80 @@ def configure_logging(accelerator) -> None:
         diffusers.utils.logging.set_verbosity_error()
 
 
-def start_run(args):
-    """The accelerator of a training run, with logging configured and every process seeded."""
+def start_run(config: TrainingConfig):
+    """The accelerator of a training run, with logging configured, every process seeded and the run's
+    arguments saved (main process)."""
     from accelerate.utils import set_seed
 
-    accelerator = make_accelerator(args)
+    accelerator = make_accelerator(config.loop)
     configure_logging(accelerator)
-    set_seed(args.seed)
+    set_seed(config.loop.seed)
+    if accelerator.is_main_process:
+        save_run_arguments(config.arguments, config.loop.output_dir)
     return accelerator
 
 
-def reset_accelerate_state() -> None:
-    """accelerate keeps process-wide singletons; reset them so that another run can start in this process."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
-def save_run_arguments(args, output_dir: str | os.PathLike) -> Path:
+def save_run_arguments(arguments: dict, output_dir: str | os.PathLike) -> Path:
     """The arguments of this run, as JSON, for reproducing it (also copied into the model card)."""
-    path = Path(output_dir) / "training_args.json"
+    path = Path(output_dir) / RUN_ARGUMENTS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(vars(args), indent=2, sort_keys=True, default=str))
+    path.write_text(json.dumps(arguments, indent=2, sort_keys=True, default=str))
     return path
 
 
-def scaled_learning_rate(args, num_processes: int) -> float:
-    if args.scale_lr:
-        return args.learning_rate * args.gradient_accumulation_steps * args.train_batch_size * num_processes
-    return args.learning_rate
+def scaled_learning_rate(config: TrainingConfig, num_processes: int) -> float:
+    optimizer, loop = config.optimizer, config.loop
+    if optimizer.scale_lr:
+        return optimizer.learning_rate * loop.gradient_accumulation_steps * loop.train_batch_size * num_processes
+    return optimizer.learning_rate
 
 
-def build_optimizer(params, args, learning_rate: float):
+def build_optimizer(params, config: OptimizerConfig, learning_rate: float):
     return torch.optim.AdamW(
         params,
         lr=learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
     )
 
 
-def build_lr_scheduler(optimizer, args, max_train_steps: int):
+def build_lr_scheduler(optimizer, config: OptimizerConfig, max_train_steps: int):
     """The schedule counts optimiser steps, whatever the accumulation and number of processes
     (the loop steps it once per optimiser step; diffusers #8384)."""
     from diffusers.optimization import get_scheduler
 
     return get_scheduler(
-        args.lr_scheduler,
+        config.lr_scheduler,
         optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps,
+        num_warmup_steps=config.lr_warmup_steps,
         num_training_steps=max_train_steps,
     )
 
 
-def build_ema(model, args):
-    """diffusers' EMAModel with warm-up (decay 1 - (1 + step/inv_gamma)^-power, capped)."""
-    if not getattr(args, "use_ema", False):
+def build_ema(model, config: EmaConfig | None):
+    """diffusers' EMAModel with warm-up (decay 1 - (1 + step/inv_gamma)^-power, capped); None without EMA."""
+    if config is None:
         return None
     from diffusers.training_utils import EMAModel
 
     return EMAModel(
         model.parameters(),
-        decay=args.ema_max_decay,
+        decay=config.ema_max_decay,
         use_ema_warmup=True,
-        inv_gamma=args.ema_inv_gamma,
-        power=args.ema_power,
+        inv_gamma=config.ema_inv_gamma,
+        power=config.ema_power,
         model_cls=type(model),
         model_config=model.config,
     )
 
 
-def plan_steps(num_items: int, args, num_processes: int) -> int:
+def plan_steps(num_items: int, config: LoopConfig, num_processes: int) -> int:
     """max_train_steps, from --max_train_steps or --num_epochs."""
-    batches_per_epoch = EpochBatchSampler(num_items, args.train_batch_size, num_processes).batches_per_epoch()
-    if args.max_train_steps:
-        return args.max_train_steps
-    return math.ceil(args.num_epochs * batches_per_epoch / args.gradient_accumulation_steps)
+    if config.max_train_steps:
+        return config.max_train_steps
+    batches_per_epoch = EpochBatchSampler(num_items, config.train_batch_size, num_processes).batches_per_epoch()
+    return math.ceil(config.num_epochs * batches_per_epoch / config.gradient_accumulation_steps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,34 +327,52 @@ class MetricsWriter:
         return plot_loss_curve(self.path, curve)
 
 
-def read_metrics(output_dir: str | os.PathLike) -> list[dict]:
+def read_metrics(output_dir: str | os.PathLike, having: str | None = None) -> list[dict]:
+    """The rows of metrics.jsonl, oldest first; only those with the key `having` if given (e.g. "loss": the
+    training steps, not the validation rows)."""
     path = Path(output_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [row for row in rows if having is None or having in row]
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+
+
+@dataclass
+class ValidationResult:
+    """What a validation returns on the main process: sample grids (tag -> NHWC floats in [0, 1], written as
+    samples/<tag>_<step>.png and to the trackers) and numbers (logged to metrics.jsonl and the trackers)."""
+
+    images: dict[str, np.ndarray] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Validation:
+    """`run(step)` every `every_steps` optimiser steps (0: only at the end) and when training finishes; with
+    `at_start`, also before the first step of a fresh run (e.g. the base model of a fine-tune). It is called
+    on every process (so it may share work between them) and returns a ValidationResult on the main one."""
+
+    run: Callable[[int], ValidationResult | None]
+    every_steps: int = 0
+    at_start: bool = False
+
+    def due(self, step: int, max_train_steps: int) -> bool:
+        return bool(self.every_steps) and step % self.every_steps == 0 and step < max_train_steps
+
+
+@dataclass
+class ValidationRecord:
+    """The newest validation's files and numbers (for model cards); grids of earlier steps stay on disk."""
+
+    step: int = -1
+    grids: dict[str, Path] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------
 # The loop
-
-
-class BatchTrace:
-    """Debugging aid: with ULDM_TRACE_BATCHES=PREFIX set, each process appends the item indices of
-    its batches and a checksum of its weights after each optimiser step to PREFIX.rank<N>.jsonl
-    (shows which process saw which images, and that all processes hold the same weights)."""
-
-    def __init__(self, process_index: int):
-        prefix = os.environ.get("ULDM_TRACE_BATCHES")
-        self.path = Path(f"{prefix}.rank{process_index}.jsonl") if prefix else None
-
-    def record(self, batch, step: int, model=None) -> None:
-        if self.path is None:
-            return
-        entry = {"step": step}
-        if isinstance(batch, dict) and "index" in batch:
-            entry["indices"] = batch["index"].tolist()
-        if model is not None:
-            entry["weights_checksum"] = sum(p.detach().double().abs().sum().item() for p in model.parameters())
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(entry) + "\n")
 
 
 class TrainingLoop:
@@ -306,25 +383,27 @@ class TrainingLoop:
     scalar loss or (loss, {name: scalar tensor}) for extra logged values.
     """
 
-    def __init__(self, accelerator, args, model, optimizer, lr_scheduler, dataset, max_train_steps: int,
-                 ema=None):
+    def __init__(self, accelerator, config: LoopConfig, model, optimizer, lr_scheduler, dataset,
+                 max_train_steps: int, ema=None, validation: Validation | None = None):
         self.accelerator = accelerator
-        self.args = args
+        self.config = config
         self.model = model
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.ema = ema
         self.dataset = dataset
         self.max_train_steps = max_train_steps
-        self.output_dir = Path(args.output_dir)
+        self.validation = validation
+        self.last_validation = ValidationRecord()
+        self.output_dir = Path(config.output_dir)
         self.state = TrainingState(
-            train_batch_size=args.train_batch_size,
-            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            train_batch_size=config.train_batch_size,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
             num_processes=accelerator.num_processes,
         )
         self.sampler = EpochBatchSampler(
-            len(dataset), args.train_batch_size, accelerator.num_processes, accelerator.process_index,
-            seed=args.seed or 0,
+            len(dataset), config.train_batch_size, accelerator.num_processes, accelerator.process_index,
+            seed=config.seed,
         )
         self.stop = GracefulStop()
         self.metrics: MetricsWriter | None = None
@@ -350,15 +429,16 @@ class TrainingLoop:
 
     def step_generator(self) -> torch.Generator:
         """Generator for this micro-batch's noise, timesteps, flips: seeded by (seed, rank, micro-batch)."""
-        seed = ((self.args.seed or 0) * 1_000_003 + self.accelerator.process_index) * 1_000_000_007
+        seed = (self.config.seed * 1_000_003 + self.accelerator.process_index) * 1_000_000_007
         seed = (seed + self.state.micro_batches) % (2**63 - 1)
         return torch.Generator(device=self.accelerator.device).manual_seed(seed)
 
     # ---- checkpoints ------------------------------------------------------------------------
 
-    def resume(self, resume_from_checkpoint: str | None) -> None:
-        """Restore the checkpoint (if any), then open metrics.jsonl at the step training goes on from."""
-        self._restore(resume_from_checkpoint)
+    def resume(self) -> None:
+        """Restore the checkpoint that --resume_from_checkpoint names (if any), then open metrics.jsonl at the
+        step training goes on from (lines logged after it are dropped: they are logged again)."""
+        self._restore(self.config.resume_from_checkpoint)
         self.metrics = MetricsWriter(self.accelerator, self.output_dir, resume_step=self.global_step)
 
     def _restore(self, resume_from_checkpoint: str | None) -> None:
@@ -380,7 +460,7 @@ class TrainingLoop:
         if same_layout:
             self.state.micro_batches = saved.micro_batches
         else:
-            global_batch = self.args.train_batch_size * self.accelerator.num_processes
+            global_batch = self.config.train_batch_size * self.accelerator.num_processes
             self.state.micro_batches = math.ceil(saved.samples_seen / global_batch)
             logger.warning(
                 "The batch size, accumulation or number of processes changed since %s; training goes on "
@@ -395,18 +475,18 @@ class TrainingLoop:
         accelerator = self.accelerator
         temp_dir = ckpt.temporary_checkpoint_dir(self.output_dir, self.global_step)
         if accelerator.is_main_process and temp_dir.exists():
-            import shutil
-
             shutil.rmtree(temp_dir)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(temp_dir))
         accelerator.wait_for_everyone()
         final = self.output_dir / f"checkpoint-{self.global_step}"
         if accelerator.is_main_process:
-            save_run_arguments(self.args, temp_dir)
+            arguments = self.output_dir / RUN_ARGUMENTS_FILE
+            if arguments.is_file():
+                shutil.copyfile(arguments, temp_dir / arguments.name)
             self.state.save(temp_dir)  # written last: marks the checkpoint complete
             final = ckpt.publish_checkpoint(temp_dir, self.output_dir, self.global_step)
-            ckpt.prune_checkpoints(self.output_dir, self.args.checkpoints_total_limit)
+            ckpt.prune_checkpoints(self.output_dir, self.config.checkpoints_total_limit)
             logger.info("Saved %s", final)
         accelerator.wait_for_everyone()
         return final
@@ -426,6 +506,19 @@ class TrainingLoop:
             yield self.unwrapped_model
         finally:
             self.ema.restore(parameters)
+
+    # ---- validation -------------------------------------------------------------------------
+
+    def validate(self, step: int) -> ValidationRecord:
+        """Run the validation callback on every process and write what it returns (main process)."""
+        result = self.validation.run(step) if self.validation is not None else None
+        if result is not None and self.accelerator.is_main_process:
+            grids = {tag: log_image_grid(self.accelerator, images, step, self.output_dir, tag=tag)
+                     for tag, images in result.images.items()}
+            if result.metrics:
+                self.metrics.log(dict(result.metrics), step=step)
+            self.last_validation = ValidationRecord(step, grids, dict(result.metrics))
+        return self.last_validation
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -453,19 +546,22 @@ class TrainingLoop:
         return DataLoader(
             self.dataset,
             batch_sampler=self.sampler,
-            num_workers=self.args.dataloader_num_workers,
+            num_workers=self.config.dataloader_num_workers,
             pin_memory=self.accelerator.device.type == "cuda",
         )
 
-    def run(self, compute_loss: Callable, on_step_end: Callable[[int], None] | None = None) -> bool:
-        """Train to `max_train_steps`. Returns False if stopped early by a signal (checkpoint saved)."""
-        args, accelerator = self.args, self.accelerator
-        if self.metrics is None:  # run() without resume(): a fresh start
-            self.metrics = MetricsWriter(accelerator, self.output_dir, resume_step=self.global_step)
+    def run(self, compute_loss: Callable) -> bool:
+        """Train to `max_train_steps`, validating as scheduled. Returns False if stopped early by a signal
+        (checkpoint saved, no final validation), True when training finished (final validation done)."""
+        config, accelerator = self.config, self.accelerator
+        if self.metrics is None:
+            raise RuntimeError("TrainingLoop.resume() must be called before run().")
+        if self.validation is not None and self.validation.at_start and self.global_step == 0:
+            self.validate(0)
         self.stop.install()
         progress = tqdm(total=self.max_train_steps, initial=self.global_step, desc="Training",
                         disable=not accelerator.is_local_main_process, dynamic_ncols=True)
-        global_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+        global_batch = config.train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps
         step_loss = []
         step_logs: dict[str, list[float]] = {}
         trace = BatchTrace(accelerator.process_index)
@@ -483,8 +579,8 @@ class TrainingLoop:
                         if nonfinite:
                             raise NonFiniteLossError(self._nonfinite_message())
                         accelerator.backward(loss)
-                        if accelerator.sync_gradients and args.max_grad_norm:
-                            accelerator.clip_grad_norm_(self._parameters(), args.max_grad_norm)
+                        if accelerator.sync_gradients and config.max_grad_norm:
+                            accelerator.clip_grad_norm_(self._parameters(), config.max_grad_norm)
                         self.optimizer.step()
                         self.optimizer.zero_grad(set_to_none=True)
                     self.state.micro_batches += 1
@@ -517,13 +613,13 @@ class TrainingLoop:
                     progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
 
                     done = self.global_step >= self.max_train_steps
-                    checkpoint_due = bool(args.checkpointing_steps) and (
-                        self.global_step % args.checkpointing_steps == 0 or done)
+                    checkpoint_due = bool(config.checkpointing_steps) and (
+                        self.global_step % config.checkpointing_steps == 0 or done)
                     if checkpoint_due:
                         self.save_checkpoint()
                         self.metrics.plot()
-                    if on_step_end is not None:
-                        on_step_end(self.global_step)
+                    if self.validation is not None and self.validation.due(self.global_step, self.max_train_steps):
+                        self.validate(self.global_step)
                     if stop_requested:
                         if not checkpoint_due:
                             self.save_checkpoint()
@@ -539,6 +635,8 @@ class TrainingLoop:
         finally:
             progress.close()
             self.stop.uninstall()
+        if self.validation is not None:
+            self.validate(self.global_step)
         self.metrics.plot()
         return True
 
@@ -553,22 +651,41 @@ class TrainingLoop:
         )
 
 
-def build_training_loop(accelerator, args, model, train_set, tracker_name: str, parameters=None,
-                        ema_model=None) -> TrainingLoop:
-    """A TrainingLoop for `model` with the run's optimiser, schedule, EMA and trackers, resumed per the arguments.
+def build_training_loop(accelerator, config: TrainingConfig, model, train_set, tracker_name: str,
+                        parameters=None, ema_model=None, validation: Validation | None = None) -> TrainingLoop:
+    """A TrainingLoop for `model` with the run's optimiser, schedule, EMA and trackers, resumed per the config.
 
     `parameters` (default: all of the model's) are optimised; `ema_model` (default: `model`) is averaged.
     The model is prepared by accelerate: train through `loop.model`.
     """
-    max_train_steps = plan_steps(len(train_set), args, accelerator.num_processes)
+    max_train_steps = plan_steps(len(train_set), config.loop, accelerator.num_processes)
     parameters = model.parameters() if parameters is None else parameters
-    optimizer = build_optimizer(parameters, args, scaled_learning_rate(args, accelerator.num_processes))
-    lr_scheduler = build_lr_scheduler(optimizer, args, max_train_steps)
-    ema = build_ema(model if ema_model is None else ema_model, args)
+    optimizer = build_optimizer(parameters, config.optimizer, scaled_learning_rate(config, accelerator.num_processes))
+    lr_scheduler = build_lr_scheduler(optimizer, config.optimizer, max_train_steps)
+    ema = build_ema(model if ema_model is None else ema_model, config.ema)
     model, optimizer = accelerator.prepare(model, optimizer)
     if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name or tracker_name,
-                                  config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
-    loop = TrainingLoop(accelerator, args, model, optimizer, lr_scheduler, train_set, max_train_steps, ema=ema)
-    loop.resume(args.resume_from_checkpoint)
+        accelerator.init_trackers(
+            config.loop.tracker_project_name or tracker_name,
+            config={k: v for k, v in config.arguments.items() if isinstance(v, (int, float, str, bool))},
+        )
+    loop = TrainingLoop(accelerator, config.loop, model, optimizer, lr_scheduler, train_set, max_train_steps,
+                        ema=ema, validation=validation)
+    loop.resume()
+    logger.info(
+        "Training %d steps from step %d: %d items, batch %d x %d processes x %d accumulation",
+        max_train_steps, loop.global_step, len(train_set), config.loop.train_batch_size, accelerator.num_processes,
+        config.loop.gradient_accumulation_steps,
+    )
     return loop
+
+
+def finish_run(loop: TrainingLoop, finished: bool, save_result: Callable[[Any], None]) -> None:
+    """The end of every training run: when training finished, `save_result(model)` with the EMA weights swapped
+    in (called on every process; it writes on the main one), then every process waits and the trackers close.
+    A run stopped by a signal saves no result: its checkpoint is what it leaves."""
+    if finished:
+        with loop.ema_weights() as model:
+            save_result(model)
+    loop.accelerator.wait_for_everyone()
+    loop.accelerator.end_training()

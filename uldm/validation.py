@@ -1,10 +1,11 @@
-"""Sample grids during training, written as PNG and to the trackers, from fixed noise."""
+"""Validation during training: sample grids from fixed noise, written as PNG and to the trackers."""
 
 from __future__ import annotations
 
 import logging
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,16 @@ from PIL import Image
 from .sampling import make_image_grid
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    """What a validation samples (diffusers' argument names; 0 steps: only at the end)."""
+
+    validation_steps: int = 1000
+    num_validation_images: int = 16
+    validation_inference_steps: int = 50
+    validation_scheduler: str = "dpmsolver++"
 
 
 def fixed_validation_noise(num_images: int, latent_shape: tuple[int, int, int], seed: int, device) -> torch.Tensor:
@@ -46,3 +57,19 @@ def log_image_grid(accelerator, images: np.ndarray, step: int, output_dir: str |
             tracker.log({tag: [wandb.Image(image) for image in images]}, step=step)
     logger.info("Wrote %s", path)
     return path
+
+
+@torch.no_grad()
+def sample_from_noise(loop, make_pipeline, noise: torch.Tensor, num_inference_steps: int) -> tuple[torch.Tensor, np.ndarray]:
+    """Samples of the model in training (EMA weights, eval mode, autocast) from fixed `noise`:
+    (final latents, images NHWC in [0, 1]). `make_pipeline(unet)` builds the sampling pipeline."""
+    with loop.ema_weights() as model, loop.accelerator.autocast():
+        model.eval()
+        try:
+            pipeline = make_pipeline(model)
+            latents = pipeline(batch_size=len(noise), latents=noise, num_inference_steps=num_inference_steps,
+                               output_type="latent").images
+            images = pipeline.decode_latents(latents).permute(0, 2, 3, 1).float().cpu().numpy()
+        finally:
+            model.train()
+    return latents, images
