@@ -276,10 +276,13 @@ def test_offline_the_run_keeps_everything_and_one_message_says_how_to_upload(tmp
 
 
 def http_error(status: int, text: str):
-    import httpx2
     from huggingface_hub.errors import HfHubHTTPError
 
-    response = httpx2.Response(status, request=httpx2.Request("POST", "https://huggingface.co/api/repos/create"))
+    try:  # the HTTP client of huggingface_hub 2.x, else 1.x
+        import httpx2 as httpx
+    except ImportError:
+        import httpx
+    response = httpx.Response(status, request=httpx.Request("POST", "https://huggingface.co/api/repos/create"))
     return HfHubHTTPError(f"{status} Client Error", response=response, server_message=text)
 
 
