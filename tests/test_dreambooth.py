@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -124,6 +125,9 @@ def test_fine_tuning_moves_samples_towards_the_subject_and_saves_a_loadable_pipe
     card = (out / "README.md").read_text()
     assert "Instance images (left)" in card and "card_instances_vs_samples.png" in card
     assert (out / "card_instances_vs_samples.png").is_file()
+    metadata = ModelCard.load(out / "README.md").data
+    assert metadata.library_name == "diffusers" and "latent-diffusion" in metadata.tags
+    assert metadata.base_model is None, "a local base folder is no Hub id, so it stays out of the metadata"
     assert json.loads((out / "training_args.json").read_text())["resolution"] == RESOLUTION
 
 

@@ -11,6 +11,7 @@ import textwrap
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 from uldm.presets import read_json_preset
@@ -30,6 +31,9 @@ def test_training_learns(train_images, tiny_vae_dir, tmp_path):
     start, end = sum(losses[:3]) / 3, sum(losses[-5:]) / 5
     assert end < 0.6 * start, f"loss did not fall enough: {start:.3f} -> {end:.3f}"
     assert (out / "loss_curve.png").is_file()
+    card = ModelCard.load(out / "README.md")
+    assert (card.data.library_name, card.data.pipeline_tag) == ("diffusers", "unconditional-image-generation")
+    assert card.data.tags == ["latent-diffusion", "unconditional-image-generation"]
 
 
 def test_cached_latents_never_call_the_encoder_after_the_first_pass(train_images, tiny_vae_dir, tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 from uldm.training import read_metrics
@@ -98,6 +99,7 @@ def test_saved_vae_loads_and_carries_the_measured_scale(trained_vae, faces):
 
     card = (trained_vae / "README.md").read_text()
     assert "AutoencoderKL.from_pretrained" in card and "held-out PSNR" in card
+    assert ModelCard.load(trained_vae / "README.md").data.library_name == "diffusers"
 
 
 def test_latent_trainer_takes_the_stored_scale(trained_vae, faces, tmp_path):

@@ -131,13 +131,15 @@ def config_from(config_class: type[Config], args: argparse.Namespace, **override
 
 
 def training_config(args: argparse.Namespace):
-    """The loop, optimiser and EMA configuration of a training script (and its arguments, for the records)."""
+    """The loop, optimiser and EMA configuration of a training script, and its arguments for the records
+    (training_args.json, trackers, model card) without secrets such as --hub_token."""
+    from .hub import public_arguments
     from .training import EmaConfig, LoopConfig, OptimizerConfig, TrainingConfig
 
     return TrainingConfig(
         loop=config_from(LoopConfig, args),
         optimizer=config_from(OptimizerConfig, args),
         ema=config_from(EmaConfig, args) if args.use_ema else None,
-        arguments=vars(args).copy(),
+        arguments=public_arguments(args),
     )
 
