@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from uldm.face_align import (
     read_manifest,
     write_manifest,
 )
+from uldm.errors import InputError, exit_cleanly_on_input_errors
 from uldm.images import list_image_files
 
 
@@ -97,6 +97,7 @@ class Summary:
         return "\n".join(lines)
 
 
+@exit_cleanly_on_input_errors
 def main(argv: list[str] | None = None) -> Summary:
     args = parse_args(argv)
     try:
@@ -107,12 +108,12 @@ def main(argv: list[str] | None = None) -> Summary:
         )
         files = list_image_files(args.inputs)
     except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"align_faces.py: error: {error}")
+        raise InputError(str(error)) from error
     output_dir = Path(args.output_dir)
     # An output folder inside an input folder must not be aligned again on the next run.
     files = [f for f in files if output_dir.resolve() not in f.resolve().parents]
     if not files:
-        sys.exit(f"align_faces.py: error: no image files found in {args.inputs}.")
+        raise InputError(f"no image files found in {args.inputs}.")
     output_dir.mkdir(parents=True, exist_ok=True)
     with open(output_dir / "align_faces_args.json", "w") as handle:
         json.dump(vars(args), handle, indent=2)

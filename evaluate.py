@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from uldm import metrics
+from uldm import fid, identity
+from uldm.errors import InputError, exit_cleanly_on_input_errors
 from uldm.images import list_image_files
 
 
@@ -62,13 +62,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     reference.add_argument("--kid_subsets", type=int, default=100)
     reference.add_argument("--kid_subset_size", type=int, default=1000)
 
-    identity = parser.add_argument_group("identity similarity (dlib face descriptors)")
-    identity.add_argument("--instance_data_dir", help="Folder of the subject's photos; enables identity scoring.")
-    identity.add_argument("--face_landmarks", type=int, choices=(5, 68), default=5)
-    identity.add_argument(
+    identity_group = parser.add_argument_group("identity similarity (dlib face descriptors)")
+    identity_group.add_argument("--instance_data_dir", help="Folder of the subject's photos; enables identity scoring.")
+    identity_group.add_argument("--face_landmarks", type=int, choices=(5, 68), default=5)
+    identity_group.add_argument(
         "--face_upsample", type=int, default=1, help="Detector upsampling; 0 is ~4x faster but misses faces < 80 px."
     )
-    identity.add_argument("--face_jitters", type=int, default=0, help="dlib num_jitters (slower, slightly steadier).")
+    identity_group.add_argument("--face_jitters", type=int, default=0, help="dlib num_jitters (slower, slightly steadier).")
 
     parser.add_argument("--output_json", help="Write the results here as JSON.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of random crops and KID subsets.")
@@ -78,20 +78,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     args = parser.parse_args(argv)
     if args.reference_dir and args.reference_dataset_name:
-        parser.error("Give either --reference_dir or --reference_dataset_name, not both.")
+        raise InputError("Give either --reference_dir or --reference_dataset_name, not both.")
     if not (args.reference_dir or args.reference_dataset_name or args.instance_data_dir):
-        parser.error("Nothing to evaluate: give a reference (--reference_dir / --reference_dataset_name) and/or --instance_data_dir.")
+        raise InputError("Nothing to evaluate: give a reference (--reference_dir / --reference_dataset_name) "
+                         "and/or --instance_data_dir.")
     return args
 
 
-def build_reference(args: argparse.Namespace, resolution: int) -> metrics.ReferenceImages:
+def build_reference(args: argparse.Namespace, resolution: int) -> fid.ReferenceImages:
     if args.reference_dir:
-        images = metrics.ImageFiles.from_folder(args.reference_dir)
+        images = fid.reference_folder(args.reference_dir, resolution, args.center_crop, args.seed)
     else:
-        images = metrics.load_reference_dataset(
-            args.reference_dataset_name, args.reference_dataset_config_name, args.reference_split, args.image_column, args.cache_dir
-        )
-    return metrics.ReferenceImages(images, resolution, center_crop=args.center_crop, seed=args.seed)
+        images = fid.reference_dataset(args.reference_dataset_name, resolution, args.center_crop, args.seed,
+                                       args.reference_dataset_config_name, args.reference_split, args.image_column,
+                                       args.cache_dir)
+    return fid.ReferenceImages(images)
 
 
 def print_table(results: dict[str, Any]) -> None:
@@ -103,19 +104,20 @@ def print_table(results: dict[str, Any]) -> None:
         print(f"{key:<{width}}  {shown}")
 
 
+@exit_cleanly_on_input_errors
 def main(argv: list[str] | None = None, feature_extractor: nn.Module | None = None) -> dict[str, Any]:
     """Run the evaluation; `feature_extractor` replaces the FID Inception (tests pass a tiny one)."""
     args = parse_args(argv)
     wants_fid = bool(args.reference_dir or args.reference_dataset_name)
     if wants_fid and feature_extractor is None:
-        feature_extractor = metrics.build_inception_feature_extractor(args.inception_weights)
-    samples = metrics.SampleImages.from_folder(args.samples_dir, args.resolution)
+        feature_extractor = fid.build_inception_feature_extractor(args.inception_weights)
+    samples = fid.SampleImages.from_folder(args.samples_dir, args.resolution)
     results: dict[str, Any] = {"samples_dir": str(args.samples_dir), "arguments": vars(args)}
     loader_options = dict(batch_size=args.batch_size, num_workers=args.num_workers)
 
     if wants_fid:
         reference = build_reference(args, samples.resolution)
-        results["fid_kid"] = metrics.compute_fid_kid(
+        results["fid_kid"] = fid.compute_fid_kid(
             samples,
             reference,
             feature_extractor,
@@ -129,8 +131,8 @@ def main(argv: list[str] | None = None, feature_extractor: nn.Module | None = No
         results["fid_kid"]["resolution"] = samples.resolution
 
     if args.instance_data_dir:
-        results["identity"] = metrics.compute_identity(
-            samples.files.paths,
+        results["identity"] = identity.compute_identity(
+            samples.paths,
             list_image_files(args.instance_data_dir),
             upsample_times=args.face_upsample,
             num_jitters=args.face_jitters,
@@ -145,13 +147,5 @@ def main(argv: list[str] | None = None, feature_extractor: nn.Module | None = No
     return results
 
 
-def cli(argv: list[str] | None = None) -> None:
-    """`main` for the command line: a missing-weights error is a message, not a traceback."""
-    try:
-        main(argv)
-    except metrics.InceptionWeightsMissing as error:
-        sys.exit(f"error: {error}")
-
-
 if __name__ == "__main__":
-    cli()
+    main()

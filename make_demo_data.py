@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 
 from uldm.demo_data import SUBJECT, write_demo_dataset
+from uldm.errors import InputError, exit_cleanly_on_input_errors
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -25,13 +26,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     for name in ("num_images", "num_subject_images"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1.")
+            raise InputError(f"--{name} must be at least 1.")
     if args.resolution < 16:
-        parser.error("--resolution must be at least 16 (smaller faces are unreadable).")
+        raise InputError("--resolution must be at least 16 (smaller faces are unreadable).")
     return args
 
 
-def main(args: argparse.Namespace) -> None:
+@exit_cleanly_on_input_errors
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     data = write_demo_dataset(args.output_dir, args.num_images, args.num_subject_images, args.resolution, args.seed)
     subject = ", ".join(f"{key} {value}" for key, value in SUBJECT.items())
     print(f"Wrote {data.num_images} faces to {data.faces_dir} and {data.num_subject_images} images of the "
@@ -39,4 +42,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    main()

@@ -22,6 +22,7 @@ from accelerate import Accelerator
 from PIL import Image
 
 from pipeline_latent_uncond import UnconditionalLatentPipeline
+from uldm.errors import InputError, exit_cleanly_on_input_errors
 from uldm.sampling import (
     SCHEDULER_NAMES,
     make_image_grid,
@@ -63,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.pretrained_model_name_or_path = os.path.abspath(args.pretrained_model_name_or_path)
     for name in ("num_images", "num_inference_steps", "batch_size", "grid_rows"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}.")
+            raise InputError(f"--{name} must be at least 1, got {getattr(args, name)}.")
     return args
 
 
@@ -77,7 +78,7 @@ def check_resume_is_consistent(args: argparse.Namespace, output_dir: Path) -> No
                if previous.get(name) != getattr(args, name)}
     if changed:
         details = ", ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in changed.items())
-        raise SystemExit(
+        raise InputError(
             f"{output_dir} holds images made with other settings ({details}). Use another --output_dir, "
             f"or the earlier settings to resume (see {args_path})."
         )
@@ -107,6 +108,7 @@ def write_grid(output_dir: Path, num_images: int, rows: int) -> None:
     save_image_atomically(make_image_grid(images, rows), output_dir / GRID_FILE)
 
 
+@exit_cleanly_on_input_errors
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     accelerator = Accelerator(mixed_precision=args.mixed_precision)

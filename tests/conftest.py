@@ -177,3 +177,44 @@ def train_images(tmp_path_factory):
     folder = tmp_path_factory.mktemp("train") / "images"
     make_blob_images(folder, 24)
     return folder
+
+
+# --------------------------------------------------------------------------------------------
+# Repeated tricks
+
+
+@pytest.fixture
+def expect_input_error(capsys):
+    """`expect_input_error(run, *args)` calls `run(*args)`, asserts that it stops the way every script stops on bad
+    input (a message, exit code 2) and returns what it printed to stderr."""
+
+    def check(run, *args, **kwargs) -> str:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stop:
+            run(*args, **kwargs)
+        assert stop.value.code == 2, f"exit code {stop.value.code!r}, not 2"
+        return capsys.readouterr().err
+
+    return check
+
+
+@pytest.fixture
+def sigterm_after_step(monkeypatch):
+    """`sigterm_after_step(N)`: the next training run receives a real SIGTERM right after logging step N (the
+    loop then stops at the next step boundary with a checkpoint, as on pre-emption)."""
+    import signal
+
+    import uldm.training
+
+    original_log = uldm.training.MetricsWriter.log
+
+    def arm(step: int) -> None:
+        def log_then_signal(self, values, logged_step):
+            original_log(self, values, logged_step)
+            if logged_step == step and "loss" in values:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        monkeypatch.setattr(uldm.training.MetricsWriter, "log", log_then_signal)
+
+    yield arm
+    monkeypatch.setattr(uldm.training.MetricsWriter, "log", original_log)

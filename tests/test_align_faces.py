@@ -275,9 +275,8 @@ def test_script_aligns_a_messy_folder_and_resumes(messy_folder, upright, capsys)
     assert len((output / "manifest.jsonl").read_text().splitlines()) == 5
 
 
-def test_script_rejects_bad_arguments_clearly(tmp_path, messy_folder):
-    with pytest.raises(SystemExit, match="transform_size"):
-        align_faces.main([str(messy_folder), "--output_dir", str(tmp_path), "--output_size", "512",
-                          "--transform_size", "256"])
-    with pytest.raises(SystemExit, match="does not exist"):
-        align_faces.main([str(tmp_path / "missing"), "--output_dir", str(tmp_path)])
+def test_script_rejects_bad_arguments_clearly(tmp_path, messy_folder, expect_input_error):
+    assert "transform_size" in expect_input_error(
+        align_faces.main, [str(messy_folder), "--output_dir", str(tmp_path), "--output_size", "512",
+                           "--transform_size", "256"])
+    assert "does not exist" in expect_input_error(align_faces.main, [str(tmp_path / "missing"), "--output_dir", str(tmp_path)])

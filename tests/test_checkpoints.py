@@ -90,15 +90,15 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_usable(train_images
     assert json.loads((out / "checkpoint-6" / "training_state.json").read_text())["global_step"] == 6
 
 
-def test_a_new_run_refuses_to_overwrite_an_earlier_runs_checkpoints(train_images, tiny_vae_dir, tmp_path, capsys):
+def test_a_new_run_refuses_to_overwrite_an_earlier_runs_checkpoints(train_images, tiny_vae_dir, tmp_path,
+                                                                    expect_input_error):
     from conftest import latent_training_args
 
     out = tmp_path / "out"
     make_checkpoint(out, 7)
-    with pytest.raises(SystemExit) as stop:
-        run_script("train_unconditional_latent", latent_training_args(train_images, tiny_vae_dir, out, max_train_steps=1))
-    assert stop.value.code == 2
-    assert "already holds checkpoints" in capsys.readouterr().err
+    argv = latent_training_args(train_images, tiny_vae_dir, out, max_train_steps=1)
+    message = expect_input_error(run_script, "train_unconditional_latent", argv)
+    assert "already holds checkpoints" in message
     assert (out / "checkpoint-7" / "model.safetensors").read_bytes() == b"weights"
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -191,8 +190,7 @@ def test_min_snr_weights_apply_to_each_half_of_the_batch():
 
 
 def test_lora_resumes_exactly_and_its_small_adapter_reproduces_the_samples(base_dir, instance_dir, tmp_path,
-                                                                             monkeypatch):
-    import uldm.training
+                                                                             sigterm_after_step):
     from pipeline_latent_uncond import UnconditionalLatentPipeline
     from uldm.dreambooth import load_dreambooth_pipeline, load_lora_adapter
     from uldm.sampling import make_scheduler
@@ -206,17 +204,9 @@ def test_lora_resumes_exactly_and_its_small_adapter_reproduces_the_samples(base_
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     run_script(SCRIPT, db_args(base_dir, instance_dir, straight, **common))
 
-    original_log = uldm.training.MetricsWriter.log
-
-    def log_then_signal(self, values, step):
-        original_log(self, values, step)
-        if step == 1:
-            os.kill(os.getpid(), signal.SIGTERM)  # the loop saves a checkpoint at the end of step 2 and stops
-
-    monkeypatch.setattr(uldm.training.MetricsWriter, "log", log_then_signal)
+    sigterm_after_step(1)  # the loop saves a checkpoint at the end of step 2 and stops
     # Validation samples (only the straight run makes them) must not change the training either.
     run_script(SCRIPT, db_args(base_dir, instance_dir, interrupted, **common, num_validation_images=0))
-    monkeypatch.setattr(uldm.training.MetricsWriter, "log", original_log)
     assert [p.name for p in interrupted.glob("checkpoint-*")] == ["checkpoint-2"]
     assert not (interrupted / "adapter_model.safetensors").exists()
     checkpoint_weights = load_file(interrupted / "checkpoint-2" / "model.safetensors")
@@ -259,19 +249,12 @@ def test_lora_resumes_exactly_and_its_small_adapter_reproduces_the_samples(base_
 # ------------------------------------------------------------------------------------------------ bad input
 
 
-def expect_input_error(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        run_script(SCRIPT, argv)
-    assert exit_info.value.code == 2
-    return capsys.readouterr().err
-
-
-def test_empty_instance_folder_and_unusable_base_models_are_refused(base_dir, instance_dir, tmp_path, capsys):
+def test_empty_instance_folder_and_unusable_base_models_are_refused(base_dir, instance_dir, tmp_path, expect_input_error):
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert "holds no images" in expect_input_error(db_args(base_dir, empty, tmp_path / "o1"), capsys)
+    assert "holds no images" in expect_input_error(run_script, SCRIPT, db_args(base_dir, empty, tmp_path / "o1"))
 
-    message = expect_input_error(db_args(tmp_path / "no-such-model", instance_dir, tmp_path / "o2"), capsys)
+    message = expect_input_error(run_script, SCRIPT, db_args(tmp_path / "no-such-model", instance_dir, tmp_path / "o2"))
     assert "Could not load the base model" in message
 
     text_to_image = tmp_path / "sd"
@@ -279,20 +262,20 @@ def test_empty_instance_folder_and_unusable_base_models_are_refused(base_dir, in
     (text_to_image / "model_index.json").write_text(json.dumps({
         "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"]}))
-    message = expect_input_error(db_args(text_to_image, instance_dir, tmp_path / "o3"), capsys)
+    message = expect_input_error(run_script, SCRIPT, db_args(text_to_image, instance_dir, tmp_path / "o3"))
     assert "not an unconditional latent diffusion pipeline" in message
 
-    message = expect_input_error(db_args(base_dir, instance_dir, tmp_path / "o4", resolution=64), capsys)
+    message = expect_input_error(run_script, SCRIPT, db_args(base_dir, instance_dir, tmp_path / "o4", resolution=64))
     assert "--resolution 64 does not match the base model" in message and "32x32" in message
 
 
-def test_class_images_of_another_size_are_refused_and_kept(base_dir, instance_dir, tmp_path, capsys):
+def test_class_images_of_another_size_are_refused_and_kept(base_dir, instance_dir, tmp_path, expect_input_error):
     class_dir = tmp_path / "class"
     make_blob_images(class_dir, 2, size=RESOLUTION)
     Image.new("RGB", (64, 64)).save(class_dir / "generated_000002.png")
     before = folder_state(class_dir)
-    message = expect_input_error(db_args(base_dir, instance_dir, tmp_path / "out", with_prior_preservation=True,
-                                         class_data_dir=class_dir, num_class_images=6), capsys)
+    message = expect_input_error(run_script, SCRIPT, db_args(base_dir, instance_dir, tmp_path / "out", with_prior_preservation=True,
+                                         class_data_dir=class_dir, num_class_images=6))
     assert "not 32x32" in message and "generated_000002.png (64x64)" in message
     assert folder_state(class_dir) == before, "nothing generated, nothing deleted"
 

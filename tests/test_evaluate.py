@@ -1,4 +1,4 @@
-"""evaluate.py and uldm/metrics.py: FID/KID with a tiny feature extractor, reference preprocessing,
+"""evaluate.py, uldm/fid.py and uldm/identity.py: FID/KID with a tiny feature extractor, reference preprocessing,
 the reference feature cache, dlib identity scores, and the missing-Inception-weights error.
 
 Nothing is downloaded: FID/KID run on a fixed random conv net built here, and the face photos
@@ -21,7 +21,13 @@ from torch import nn
 
 import evaluate
 from conftest import make_blob_images
-from uldm import metrics
+from uldm import fid, identity
+from uldm.data import Preprocessing
+
+
+def preprocess_like_training(image: Image.Image, resolution: int, center_crop: bool = True, rng=None) -> Image.Image:
+    """The training preprocessing, as the FID reference goes through it."""
+    return Preprocessing(resolution, center_crop).resize_and_crop(image, rng)
 
 
 class TinyFeatures(nn.Module):
@@ -80,7 +86,7 @@ def test_preprocess_resizes_shorter_side_then_crops_the_centre():
     pixels[:16, :, 0] = 255
     pixels[16:48, :, 1] = 255
     pixels[48:, :, 2] = 255
-    out = np.asarray(metrics.preprocess_like_training(Image.fromarray(pixels), 16))
+    out = np.asarray(preprocess_like_training(Image.fromarray(pixels), 16))
     assert out.shape == (16, 16, 3)
     # Shorter side 32 -> 16 (height 64 -> 32), then the middle 16 rows: the green band only.
     # A squashing resize would keep red and blue rows.
@@ -93,10 +99,10 @@ def test_random_crops_are_reproducible_windows_of_the_resized_image():
     image = Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8))
     resized = np.asarray(image.resize((48, 32), Image.BILINEAR))  # shorter side 40 -> 32
     crops = [
-        np.asarray(metrics.preprocess_like_training(image, 32, center_crop=False, rng=np.random.default_rng(seed)))
+        np.asarray(preprocess_like_training(image, 32, center_crop=False, rng=np.random.default_rng(seed)))
         for seed in range(6)
     ]
-    again = np.asarray(metrics.preprocess_like_training(image, 32, center_crop=False, rng=np.random.default_rng(0)))
+    again = np.asarray(preprocess_like_training(image, 32, center_crop=False, rng=np.random.default_rng(0)))
     assert np.array_equal(crops[0], again)
     offsets = set()
     for crop in crops:
@@ -130,8 +136,8 @@ def test_fid_and_kid_match_torchmetrics_run_directly_on_the_images(blobs):
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    real = torch.stack(list(metrics.SampleImages.from_folder(blobs / "a")))
-    fake = torch.stack(list(metrics.SampleImages.from_folder(blobs / "shifted")))
+    real = torch.stack(list(fid.SampleImages.from_folder(blobs / "a")))
+    fake = torch.stack(list(fid.SampleImages.from_folder(blobs / "shifted")))
     direct_fid = FrechetInceptionDistance(feature=TinyFeatures())
     # One subset holding every image: no randomness left in KID.
     direct_kid = KernelInceptionDistance(feature=TinyFeatures(), subsets=1, subset_size=64)
@@ -140,10 +146,10 @@ def test_fid_and_kid_match_torchmetrics_run_directly_on_the_images(blobs):
         metric.update(fake, real=False)
 
     extractor = TinyFeatures()
-    real_features = metrics.extract_features(metrics.SampleImages.from_folder(blobs / "a"), extractor, batch_size=16)
-    fake_features = metrics.extract_features(metrics.SampleImages.from_folder(blobs / "shifted"), extractor)
-    assert metrics.fid_from_features(real_features, fake_features) == pytest.approx(float(direct_fid.compute()), rel=1e-4)
-    kid_mean, _, subset_size = metrics.kid_from_features(real_features, fake_features, subsets=1, subset_size=64)
+    real_features = fid.extract_features(fid.SampleImages.from_folder(blobs / "a"), extractor, batch_size=16)
+    fake_features = fid.extract_features(fid.SampleImages.from_folder(blobs / "shifted"), extractor)
+    assert fid.fid_from_features(real_features, fake_features) == pytest.approx(float(direct_fid.compute()), rel=1e-4)
+    kid_mean, _, subset_size = fid.kid_from_features(real_features, fake_features, subsets=1, subset_size=64)
     assert subset_size == 64
     assert kid_mean == pytest.approx(float(direct_kid.compute()[0]), rel=1e-4)
 
@@ -173,13 +179,13 @@ def save_all(images: list[Image.Image], folder: Path) -> Path:
 
 def test_reference_is_resized_and_cropped_like_training(tmp_path):
     originals = make_portrait_images(tmp_path, 48)
-    samples = save_all([metrics.preprocess_like_training(image, 32) for image in originals], tmp_path / "samples")
+    samples = save_all([preprocess_like_training(image, 32) for image in originals], tmp_path / "samples")
     # The same pictures at twice the size: must give ~0 after the training preprocessing.
     double = save_all([image.resize((96, 128), Image.BICUBIC) for image in originals], tmp_path / "double")
     # A reference squashed to a square instead, as copies that reproduce no LDM numbers do.
     squashed = save_all([image.resize((32, 32), Image.BILINEAR) for image in originals], tmp_path / "squashed")
     other = save_all(
-        [metrics.preprocess_like_training(image, 32) for image in make_portrait_images(tmp_path, 48, seed=1)],
+        [preprocess_like_training(image, 32) for image in make_portrait_images(tmp_path, 48, seed=1)],
         tmp_path / "other",
     )
 
@@ -199,9 +205,9 @@ def test_reference_is_resized_and_cropped_like_training(tmp_path):
     assert via_datasets == pytest.approx(against_double, rel=1e-5, abs=1e-7)
 
 
-def test_samples_of_another_size_are_refused(blobs):
-    with pytest.raises(ValueError, match="pass --resolution"):
-        run_evaluate(blobs / "a", blobs / "b", TinyFeatures(), "--resolution", "16")
+def test_samples_of_another_size_are_refused(blobs, expect_input_error):
+    assert "pass --resolution" in expect_input_error(run_evaluate, blobs / "a", blobs / "b", TinyFeatures(),
+                                                     "--resolution", "16")
 
 
 def test_reference_features_are_cached_and_the_cache_key_follows_the_inputs(blobs, tmp_path):
@@ -250,20 +256,20 @@ def empty_torch_hub(tmp_path, monkeypatch):
 
 
 def test_missing_inception_weights_offline_explain_where_to_get_them(empty_torch_hub, tmp_path):
-    with pytest.raises(metrics.InceptionWeightsMissing) as missing:
-        metrics.resolve_inception_weights()
+    with pytest.raises(fid.InceptionWeightsMissing) as missing:
+        fid.resolve_inception_weights()
     message = str(missing.value)
-    assert metrics.INCEPTION_WEIGHTS_URL in message and "--inception_weights" in message
+    assert fid.INCEPTION_WEIGHTS_URL in message and "--inception_weights" in message
     assert str(empty_torch_hub) in message
 
-    with pytest.raises(metrics.InceptionWeightsMissing, match="does not exist") as wrong_path:
-        metrics.resolve_inception_weights(tmp_path / "nowhere.pth")
-    assert metrics.INCEPTION_WEIGHTS_URL in str(wrong_path.value)
+    with pytest.raises(fid.InceptionWeightsMissing, match="does not exist") as wrong_path:
+        fid.resolve_inception_weights(tmp_path / "nowhere.pth")
+    assert fid.INCEPTION_WEIGHTS_URL in str(wrong_path.value)
 
     # A file already in torch.hub's cache is used without any download.
     empty_torch_hub.mkdir(parents=True)
     (empty_torch_hub / "pt_inception-2015-12-05-6726825d.pth").write_bytes(b"weights")
-    assert metrics.resolve_inception_weights().name == "pt_inception-2015-12-05-6726825d.pth"
+    assert fid.resolve_inception_weights().name == "pt_inception-2015-12-05-6726825d.pth"
 
 
 def test_failed_inception_download_gives_the_same_help(empty_torch_hub, monkeypatch):
@@ -271,9 +277,9 @@ def test_failed_inception_download_gives_the_same_help(empty_torch_hub, monkeypa
         raise urllib.error.URLError("no route to host")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", unreachable)
-    with pytest.raises(metrics.InceptionWeightsMissing, match="Downloading the FID Inception weights failed") as failed:
-        metrics.resolve_inception_weights(allow_download=True)
-    assert metrics.INCEPTION_WEIGHTS_URL in str(failed.value)
+    with pytest.raises(fid.InceptionWeightsMissing, match="Downloading the FID Inception weights failed") as failed:
+        fid.resolve_inception_weights(allow_download=True)
+    assert fid.INCEPTION_WEIGHTS_URL in str(failed.value)
 
 
 def test_inception_loads_a_local_weights_file_in_the_fid_inception_layout(tmp_path):
@@ -286,23 +292,21 @@ def test_inception_loads_a_local_weights_file_in_the_fid_inception_layout(tmp_pa
     torch.save(layout.state_dict(), weights)
 
     # The 64-feature tap stops after the stem; 2048 works the same, only slower on 2 cores.
-    extractor = metrics.build_inception_feature_extractor(weights, feature_dim=64)
+    extractor = fid.build_inception_feature_extractor(weights, feature_dim=64)
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     with torch.no_grad():
         features = extractor(images)
     assert features.shape == (3, 64) and torch.isfinite(features).all()
     assert torch.allclose(extractor.Conv2d_1a_3x3.conv.weight, layout.Conv2d_1a_3x3.conv.weight)
-    other = metrics.build_inception_feature_extractor(weights, feature_dim=64, antialias=True)
-    assert metrics.feature_extractor_fingerprint(other) != metrics.feature_extractor_fingerprint(extractor)
+    other = fid.build_inception_feature_extractor(weights, feature_dim=64, antialias=True)
+    assert fid.feature_extractor_fingerprint(other) != fid.feature_extractor_fingerprint(extractor)
 
 
-def test_cli_reports_missing_weights_as_a_message(blobs, tmp_path):
-    with pytest.raises(SystemExit) as exit_:
-        evaluate.cli(["--samples_dir", str(blobs / "a"), "--reference_dir", str(blobs / "b"),
-                      "--inception_weights", str(tmp_path / "missing.pth")])
-    message = str(exit_.value.code)
+def test_cli_reports_missing_weights_as_a_message(blobs, tmp_path, expect_input_error):
+    message = expect_input_error(evaluate.main, ["--samples_dir", str(blobs / "a"), "--reference_dir", str(blobs / "b"),
+                                                 "--inception_weights", str(tmp_path / "missing.pth")])
     assert message.startswith("error:") and "missing.pth does not exist" in message
-    assert metrics.INCEPTION_WEIGHTS_URL in message
+    assert fid.INCEPTION_WEIGHTS_URL in message
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,10 +315,10 @@ def test_cli_reports_missing_weights_as_a_message(blobs, tmp_path):
 
 
 def test_face_models_come_from_face_recognition_models():
-    path = metrics.face_model_path(metrics.FACE_DESCRIPTOR_MODEL)
+    path = identity.face_model_path(identity.FACE_DESCRIPTOR_MODEL)
     assert path.is_file() and path.parent.parent.name == "face_recognition_models"
     with pytest.raises(FileNotFoundError):
-        metrics.face_model_path("no_such_model.dat")
+        identity.face_model_path("no_such_model.dat")
 
 
 def square(array: np.ndarray, size: int = 256) -> Image.Image:
@@ -346,22 +350,36 @@ def test_identity_ranks_the_same_person_above_other_faces_and_non_faces(tmp_path
     output = tmp_path / "eval.json"
     evaluate.main(["--samples_dir", str(samples), "--instance_data_dir", str(tmp_path / "instance"),
                    "--output_json", str(output)])
-    identity = json.loads(output.read_text())["identity"]
-    distance = {Path(path).stem: value for path, value in identity["per_sample"].items()}
+    scores = json.loads(output.read_text())["identity"]
+    distance = {Path(path).stem: value for path, value in scores["per_sample"].items()}
 
     assert distance["cat"] is None and distance["noise"] is None
     same = [distance[name] for name in same_person]
-    assert all(value < metrics.SAME_PERSON_DISTANCE for value in same)
+    assert all(value < identity.SAME_PERSON_DISTANCE for value in same)
     other_found = [distance[name] for name in others if distance[name] is not None]
     assert len(other_found) >= 2 and min(other_found) > max(same)
 
     count = len(distance)
-    assert identity["num_samples"] == count and identity["num_instance_faces"] == 1
-    assert identity["no_face_rate"] == pytest.approx(sum(v is None for v in distance.values()) / count)
-    assert identity["same_person_rate"] >= len(same) / count
+    assert scores["num_samples"] == count and scores["num_instance_faces"] == 1
+    assert scores["no_face_rate"] == pytest.approx(sum(v is None for v in distance.values()) / count)
+    assert scores["same_person_rate"] >= len(same) / count
     found = [v for v in distance.values() if v is not None]
-    assert identity["mean_distance"] == pytest.approx(np.mean(found), rel=1e-5)
-    assert identity["instance_diversity"] is None  # one instance photo
+    assert scores["mean_distance"] == pytest.approx(np.mean(found), rel=1e-5)
+    assert scores["instance_diversity"] is None  # one instance photo
+
+
+def test_a_sample_is_the_same_person_only_when_it_is_close_to_the_photos_themselves():
+    """dlib's 0.6 is a distance between two descriptors. The centroid of the photos is always nearer than the
+    photos are (|x-c|^2 = mean|x-y|^2 - mean|y-c|^2), so it must not be what a sample is compared with."""
+    centre = np.zeros(128, np.float32)
+    photos = np.stack([centre, centre]).copy()
+    photos[0, 0], photos[1, 0] = 0.55, -0.55           # two photos 1.1 apart
+    sample = centre.copy()
+    sample[1] = 0.3                                      # 0.3 from their centroid, 0.626 from each photo
+    scores = identity.identity_scores([sample], photos)
+    assert scores["mean_distance"] == pytest.approx(np.hypot(0.55, 0.3), rel=1e-5)
+    assert scores["same_person_rate"] == 0.0
+    assert identity.identity_scores([sample * 0], photos)["same_person_rate"] == 1.0  # 0.55 from each photo
 
 
 def test_sample_diversity_is_low_for_one_face_and_higher_for_many():
@@ -369,14 +387,14 @@ def test_sample_diversity_is_low_for_one_face_and_higher_for_many():
 
     astronaut = skimage.data.astronaut()
     one_person = [
-        metrics.face_descriptors(np.asarray(image), max_faces=1)[0]
+        identity.face_descriptors(np.asarray(image), max_faces=1)[0]
         for image in (square(astronaut), square(np.ascontiguousarray(astronaut[:, ::-1])), square(astronaut, 320))
     ]
-    many = [metrics.face_descriptors(np.asarray(square((face * 255).astype(np.uint8))), max_faces=1)
+    many = [identity.face_descriptors(np.asarray(square((face * 255).astype(np.uint8))), max_faces=1)
             for face in skimage.data.lfw_subset()[:3]]
     many = [found[0] for found in many if len(found)] + one_person[:1]
     instance = np.stack(one_person[:1])
-    low = metrics.identity_scores(one_person, instance)["sample_diversity"]
-    high = metrics.identity_scores(many, instance)["sample_diversity"]
+    low = identity.identity_scores(one_person, instance)["sample_diversity"]
+    high = identity.identity_scores(many, instance)["sample_diversity"]
     assert 0 < low < high
-    assert metrics.identity_scores([None, None], instance)["no_face_rate"] == 1.0
+    assert identity.identity_scores([None, None], instance)["no_face_rate"] == 1.0

@@ -251,7 +251,7 @@ def _script_args(images, vae_dir, out, **overrides):
     return latent_training_args(images, vae_dir, out, **{**SCRIPT_DEFAULTS, **overrides})
 
 
-def test_script_exits_with_a_message_on_bad_input(tiny_vae_dir, train_images, tmp_path, capsys):
+def test_script_exits_with_a_message_on_bad_input(tiny_vae_dir, train_images, tmp_path, expect_input_error):
     cases = [
         (_script_args(tmp_path / "nowhere", tiny_vae_dir, tmp_path / "o1", max_train_steps=1), "does not exist"),
         (_script_args(train_images, tmp_path / "no-vae", tmp_path / "o2", max_train_steps=1), "VAE"),
@@ -259,20 +259,16 @@ def test_script_exits_with_a_message_on_bad_input(tiny_vae_dir, train_images, tm
          "does not match the VAE"),
     ]
     for argv, expected in cases:
-        with pytest.raises(SystemExit) as stop:
-            run_script("train_unconditional_latent", argv)
-        assert stop.value.code == 2
-        assert expected in capsys.readouterr().err
+        message = expect_input_error(run_script, "train_unconditional_latent", argv)
+        assert expected in message
 
 
-def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tiny_vae_dir, train_images, tmp_path, capsys):
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tiny_vae_dir, train_images, tmp_path,
+                                                                      expect_input_error):
     out = tmp_path / "out"
     argv = _script_args(train_images, tiny_vae_dir, out, max_train_steps=10, learning_rate="1e30", max_grad_norm=0,
                         lr_scheduler="constant", lr_warmup_steps=0, checkpointing_steps=1)
-    with pytest.raises(SystemExit) as stop:
-        run_script("train_unconditional_latent", argv)
-    assert stop.value.code == 2
-    message = capsys.readouterr().err
+    message = expect_input_error(run_script, "train_unconditional_latent", argv)
     assert "NaN or infinite at step 2" in message and "checkpoint-1, is intact" in message
     from safetensors.torch import load_file
 

@@ -73,15 +73,15 @@ def test_demo_data_is_deterministic_and_complete(tmp_path):
     assert len(list(first.faces_dir.glob("*.png"))) == 10 and len(read_factors(first.root)) == 12
 
 
-def test_make_demo_data_cli(tmp_path):
+def test_make_demo_data_cli(tmp_path, expect_input_error):
     import make_demo_data
 
-    make_demo_data.main(make_demo_data.parse_args(["--output_dir", str(tmp_path), "--num_images", "5",
-                                                   "--num_subject_images", "3", "--resolution", "64"]))
+    make_demo_data.main(["--output_dir", str(tmp_path), "--num_images", "5", "--num_subject_images", "3",
+                         "--resolution", "64"])
     assert pixels(tmp_path / "faces" / "00004.png").shape == (64, 64, 3)
     assert len(list((tmp_path / "subject").glob("*.png"))) == 3
-    with pytest.raises(SystemExit):
-        make_demo_data.parse_args(["--output_dir", str(tmp_path), "--num_images", "0"])
+    assert "--num_images must be at least 1" in expect_input_error(
+        make_demo_data.main, ["--output_dir", str(tmp_path), "--num_images", "0"])
 
 
 # --------------------------------------------------------------------------------------------

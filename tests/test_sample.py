@@ -26,6 +26,7 @@ from uldm.sampling import (
     sample_file_name,
     save_samples_npz,
 )
+from uldm.errors import InputError
 from uldm.testing import reset_accelerate_state
 
 NUM_IMAGES = 6
@@ -137,7 +138,7 @@ def test_resume_with_other_image_settings_is_refused(one_process_run, saved_pipe
     args.mixed_precision = "no"
     sample_script.check_resume_is_consistent(args, one_process_run)  # same settings: fine
     args.seed = 8
-    with pytest.raises(SystemExit, match=r"other settings \(seed: 7 -> 8\)"):
+    with pytest.raises(InputError, match=r"other settings \(seed: 7 -> 8\)"):
         sample_script.check_resume_is_consistent(args, one_process_run)
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -116,10 +114,9 @@ def test_accelerate_launch_checkpoints_resumes_and_saves_a_loadable_pipeline(tra
     assert result.stdout.split()[-4:] == ["UnconditionalLatentPipeline", "2", "(32,", "32)"]
 
 
-def test_exact_resume_after_sigterm_mid_epoch_with_accumulation(train_images, tiny_vae_dir, tmp_path, monkeypatch):
+def test_exact_resume_after_sigterm_mid_epoch_with_accumulation(train_images, tiny_vae_dir, tmp_path,
+                                                                sigterm_after_step):
     """Straight 2N steps == N steps, SIGTERM, resume N more: same weights, EMA, learning rates, losses."""
-    import uldm.training
-
     # 24 images, batch 4: 6 batches per epoch; with accumulation 4, steps straddle epochs.
     common = dict(max_train_steps=5, gradient_accumulation_steps=4, use_ema=True, random_flip=True,
                   cache_latents=True, checkpointing_steps=100, lr_scheduler="cosine", lr_warmup_steps=3,
@@ -127,16 +124,8 @@ def test_exact_resume_after_sigterm_mid_epoch_with_accumulation(train_images, ti
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     run_script(SCRIPT, latent_training_args(train_images, tiny_vae_dir, straight, **common))
 
-    original_log = uldm.training.MetricsWriter.log
-
-    def log_then_signal(self, values, step):
-        original_log(self, values, step)
-        if step == 1:
-            os.kill(os.getpid(), signal.SIGTERM)  # a real signal: the loop stops at the next step boundary
-
-    monkeypatch.setattr(uldm.training.MetricsWriter, "log", log_then_signal)
+    sigterm_after_step(1)  # a real signal: the loop stops at the next step boundary
     run_script(SCRIPT, latent_training_args(train_images, tiny_vae_dir, interrupted, **common))
-    monkeypatch.setattr(uldm.training.MetricsWriter, "log", original_log)
     assert [p.name for p in interrupted.glob("checkpoint-*")] == ["checkpoint-2"]
     assert not (interrupted / "model_index.json").exists(), "a stopped run must not save a final pipeline"
     state = json.loads((interrupted / "checkpoint-2" / "training_state.json").read_text())
@@ -174,8 +163,9 @@ def test_a_process_without_images_to_encode_leaves_a_usable_cache(tmp_path):
     vae, barrier, results = build_tiny_kl_vae(), threading.Barrier(2), {}
 
     def process(rank: int) -> None:  # two "processes" as threads, with a real barrier between them
-        results[rank] = build_or_load_latent_cache(images, vae, tmp_path / "cache", "key", True, 4, 0, rank, 2,
-                                                   barrier.wait)
+        results[rank] = build_or_load_latent_cache(
+            images, vae, cache_root=tmp_path / "cache", key="key", with_flips=True, batch_size=4, num_workers=0,
+            process_index=rank, num_processes=2, wait_for_everyone=barrier.wait)
 
     threads = [threading.Thread(target=process, args=(rank,)) for rank in (0, 1)]
     for thread in threads:

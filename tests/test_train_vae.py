@@ -164,20 +164,16 @@ def test_perceptual_loss_with_local_vgg_weights(faces, tmp_path):
     assert all(row["loss"] > row["rec_loss"] for row in rows)
 
 
-def test_perceptual_loss_without_weights_says_what_to_do(faces, tmp_path, monkeypatch, capsys):
+def test_perceptual_loss_without_weights_says_what_to_do(faces, tmp_path, monkeypatch, expect_input_error):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
-    with pytest.raises(SystemExit) as stop:
-        run_script(SCRIPT, vae_args(faces, tmp_path / "out", perceptual_weight=1.0))
-    assert stop.value.code == 2
-    message = capsys.readouterr().err
+    message = expect_input_error(run_script, SCRIPT, vae_args(faces, tmp_path / "out", perceptual_weight=1.0))
     assert "--perceptual_weights_path" in message and "vgg16-397923af.pth" in message
 
     not_vgg = tmp_path / "not_vgg.pth"
     torch.save({"something.else": torch.zeros(1)}, not_vgg)
-    with pytest.raises(SystemExit):
-        run_script(SCRIPT, vae_args(faces, tmp_path / "out", max_train_steps=1, perceptual_weight=1.0,
-                                    perceptual_weights_path=not_vgg))
-    assert "does not hold VGG16 weights" in capsys.readouterr().err
+    message = expect_input_error(run_script, SCRIPT, vae_args(faces, tmp_path / "out", max_train_steps=1,
+                                                              perceptual_weight=1.0, perceptual_weights_path=not_vgg))
+    assert "does not hold VGG16 weights" in message
 
 
 @pytest.mark.parametrize("extra, expected", [
@@ -186,16 +182,14 @@ def test_perceptual_loss_without_weights_says_what_to_do(faces, tmp_path, monkey
     ({"num_holdout_images": 48}, "leaves no training images"),
     ({"pretrained_vae_name_or_path": "VQ", "model_config_name_or_path": None}, "AutoencoderKL models only"),
 ])
-def test_bad_input_gets_a_clear_message(faces, tiny_vae_dir, tmp_path, capsys, extra, expected):
+def test_bad_input_gets_a_clear_message(faces, tiny_vae_dir, tmp_path, expect_input_error, extra, expected):
     from conftest import build_tiny_vq_vae
 
     vq = tmp_path / "vq"
     build_tiny_vq_vae().save_pretrained(vq)
     extra = {key: {"VAE": tiny_vae_dir, "VQ": vq}.get(value, value) for key, value in extra.items()}
-    with pytest.raises(SystemExit) as stop:
-        run_script(SCRIPT, vae_args(faces, tmp_path / "out", **extra))
-    assert stop.value.code == 2
-    assert expected in capsys.readouterr().err
+    message = expect_input_error(run_script, SCRIPT, vae_args(faces, tmp_path / "out", **extra))
+    assert expected in message
 
 
 def test_the_scale_is_measured_on_centre_crops_even_when_training_uses_random_crops(tmp_path):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from torch.utils.data import Dataset
 from pipeline_latent_uncond import UnconditionalLatentPipeline
 
 from .diffusion import per_sample_loss
+from .distances import mean_pairwise_distance, nearest_distances
 from .errors import InputError
 from .images import list_image_files
 from .latents import LatentScaling
@@ -396,21 +396,6 @@ def thumbnails(images: np.ndarray | torch.Tensor, size: int = 32) -> torch.Tenso
     return pixels
 
 
-def nearest_distances(samples: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
-    """Per sample, the RMS distance (per element) to the closest reference (e.g. instance latents or images)."""
-    a, b = samples.flatten(1).double().cpu(), references.flatten(1).double().cpu()
-    return torch.cdist(a, b).min(dim=1).values / math.sqrt(a.shape[1])
-
-
-def mean_pairwise_distance(samples: torch.Tensor) -> float:
-    """Mean RMS distance between two different samples: how diverse a set of samples is."""
-    count = len(samples)
-    if count < 2:
-        return float("nan")
-    flat = samples.flatten(1).double().cpu()
-    return float(torch.cdist(flat, flat).sum() / (count * (count - 1)) / math.sqrt(flat.shape[1]))
-
-
 @dataclass
 class SubjectReferences:
     """What samples are compared with: the instance photos' latents and VAE reconstructions (the
@@ -429,11 +414,15 @@ class SubjectReferences:
     def measure(self, latents: torch.Tensor, images: np.ndarray) -> dict[str, float]:
         """Subject distance and spread of a set of samples, in latent space and in (32 px) pixels."""
         small = thumbnails(images)
+        def spread(vectors) -> float:
+            value = mean_pairwise_distance(vectors, per_element=True)
+            return float("nan") if value is None else value
+
         return {
-            "instance_distance": float(nearest_distances(small, self.reconstruction_thumbnails).mean()),
-            "sample_spread": mean_pairwise_distance(small),
-            "instance_latent_distance": float(nearest_distances(latents, self.latents).mean()),
-            "sample_latent_spread": mean_pairwise_distance(latents),
+            "instance_distance": float(nearest_distances(small, self.reconstruction_thumbnails, per_element=True).mean()),
+            "sample_spread": spread(small),
+            "instance_latent_distance": float(nearest_distances(latents, self.latents, per_element=True).mean()),
+            "sample_latent_spread": spread(latents),
         }
 
 
