@@ -130,12 +130,14 @@ def test_non_square_images_are_centre_cropped(models, photos):
     assert torch.equal(encoder.embed([wide]), encoder.embed([square]))
 
 
-def test_results_do_not_depend_on_batch_size(models, photos):
+def test_results_do_not_depend_on_batch_size_or_the_callers_autocast(models, photos):
     images = photos["subject"] + photos["others"]
     for metric in ("dino", "clip_i"):
         encoder = ss.load_image_encoder(models[metric])
         one_by_one, all_at_once = encoder.embed(images, batch_size=1), encoder.embed(images, batch_size=8)
         assert torch.allclose(one_by_one, all_at_once, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # as DreamBooth validation samples
+            assert torch.allclose(encoder.embed(images), all_at_once, atol=1e-5)
     by_three = ss.subject_fidelity(images, photos["subject"][:2], models, batch_size=3)
     by_eight = ss.subject_fidelity(images, photos["subject"][:2], models, batch_size=8)
     assert by_three == pytest.approx(by_eight, abs=1e-6)

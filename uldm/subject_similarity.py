@@ -95,7 +95,9 @@ class ImageEncoder:
 
     def _embed_batch(self, images: list[torch.Tensor]) -> torch.Tensor:
         pixel_values = self.processor(images, return_tensors="pt")["pixel_values"]
-        output = self.model(pixel_values=pixel_values.to(self.device, self.dtype))
+        # In the encoder's own dtype whatever the caller's autocast (validation runs inside one).
+        with torch.autocast(self.device.type, enabled=False):
+            output = self.model(pixel_values=pixel_values.to(self.device, self.dtype))
         if self.family == "clip":
             features = output.image_embeds
         else:
@@ -245,8 +247,11 @@ def uint8_image_batches(images: Images, batch_size: int) -> Iterator[list[torch.
     """
     if isinstance(images, (np.ndarray, torch.Tensor)):
         check_image_array(images)
+        for start in range(0, len(images), batch_size):
+            yield list(centre_square(to_uint8(images[start:start + batch_size])).permute(0, 3, 1, 2))
+        return
     for start in range(0, len(images), batch_size):
-        yield [square_uint8(image) for image in images[start:start + batch_size]]
+        yield [centre_square(image_to_uint8(image)).permute(2, 0, 1) for image in images[start:start + batch_size]]
 
 
 def check_image_array(images: np.ndarray | torch.Tensor) -> None:
@@ -256,23 +261,20 @@ def check_image_array(images: np.ndarray | torch.Tensor) -> None:
         raise InputError(f"Images as one array must be N x H x W x 3, got shape {shape}{hint}.")
 
 
-def square_uint8(image: ImageLike) -> torch.Tensor:
+def image_to_uint8(image: ImageLike) -> torch.Tensor:
+    """One image as H x W x 3 uint8."""
     if isinstance(image, (str, os.PathLike)):
         image = load_rgb_image(image)
     if isinstance(image, Image.Image):
-        pixels = torch.from_numpy(np.array(to_rgb(image)))
-    else:
-        pixels = float_or_uint8_to_uint8(image)
-    height, width = pixels.shape[:2]
-    side = min(height, width)
-    top, left = (height - side) // 2, (width - side) // 2
-    return pixels[top:top + side, left:left + side].permute(2, 0, 1).contiguous()
+        return torch.from_numpy(np.array(to_rgb(image)))
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise InputError(f"An image array must be H x W x 3, got shape {tuple(image.shape)}.")
+    return to_uint8(image)
 
 
-def float_or_uint8_to_uint8(image: np.ndarray | torch.Tensor) -> torch.Tensor:
-    pixels = torch.from_numpy(np.array(image)) if isinstance(image, np.ndarray) else image.detach().cpu()
-    if pixels.ndim != 3 or pixels.shape[-1] != 3:
-        raise InputError(f"An image array must be H x W x 3, got shape {tuple(pixels.shape)}.")
+def to_uint8(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 as it is; float in [0, 1] to the nearest 8-bit level (as saving a PNG does)."""
+    pixels = torch.from_numpy(np.array(pixels)) if isinstance(pixels, np.ndarray) else pixels.detach().cpu()
     if pixels.dtype == torch.uint8:
         return pixels
     if not pixels.is_floating_point():
@@ -281,7 +283,15 @@ def float_or_uint8_to_uint8(image: np.ndarray | torch.Tensor) -> torch.Tensor:
     if low < -1e-3 or high > 1 + 1e-3:
         raise InputError(f"Float images must be in [0, 1], got values from {low:.3f} to {high:.3f}; "
                          "pixel values in [-1, 1] become (x + 1) / 2.")
-    return (pixels.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return pixels.float().mul(255).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def centre_square(pixels: torch.Tensor) -> torch.Tensor:
+    """The largest centred square of ... x H x W x C pixels."""
+    height, width = pixels.shape[-3:-1]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    return pixels[..., top:top + side, left:left + side, :]
 
 
 # --------------------------------------------------------------------------------------------
