@@ -310,3 +310,20 @@ def test_evaluate_reports_subject_scores_next_to_identity(models, photos, tmp_pa
         evaluate.parse_args(["--samples_dir", str(tmp_path / "good"), "--dino_model", str(models["dino"])])
     with pytest.raises(InputError, match="does not exist"):  # before any scoring
         run("good", "--dino_model", str(tmp_path / "missing"))
+
+
+def test_dinov2_folders_work_with_their_documented_preprocessing(photos, tmp_path):
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    model = Dinov2Model(Dinov2Config(**{**TINY, "patch_size": 16}, initializer_range=0.2)).eval()
+    model.save_pretrained(tmp_path / "dinov2")  # no processor: shorter side 256, centre crop 224, ImageNet
+    encoder = ss.load_image_encoder(tmp_path / "dinov2")
+    assert encoder.family == "dino"
+    pixels = encoder.processor([torch.from_numpy(photos["subject"][0]).permute(2, 0, 1)], return_tensors="pt")
+    assert tuple(pixels["pixel_values"].shape) == (1, 3, 224, 224)
+    with torch.no_grad():
+        expected = F.normalize(model(**pixels).pooler_output, dim=-1)  # DINOv2's normalised CLS token
+    assert torch.allclose(encoder.embed(photos["subject"][:1]), expected, atol=1e-5)
+    assert ss.dino_similarity(photos["subject"][1:], photos["subject"][:1], encoder) > \
+        ss.dino_similarity(photos["others"], photos["subject"][:1], encoder)
