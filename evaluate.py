@@ -11,7 +11,7 @@ does, and its features can be cached for later runs:
 Identity similarity of a fine-tuned face model (dlib descriptors, no reference needed), and
 subject fidelity as the DreamBooth paper measures it (DINO, CLIP-I, diversity):
 
-    python evaluate.py --samples_dir dreambooth_samples/ --instance_data_dir photos_of_me/ \
+    python evaluate.py --samples_dir dreambooth_samples/ --instance_data_dir photos_of_me/ \\
         --dino_model facebook/dino-vits16 --clip_model openai/clip-vit-large-patch14
 """
 
