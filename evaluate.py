@@ -8,9 +8,11 @@ does, and its features can be cached for later runs:
         --inception_weights weights-inception-2015-12-05-6726825d.pth \\
         --reference_stats_cache ~/.cache/uldm/fid --output_json eval.json
 
-Identity similarity of a fine-tuned face model (dlib descriptors, no reference needed):
+Identity similarity of a fine-tuned face model (dlib descriptors, no reference needed), and
+subject fidelity as the DreamBooth paper measures it (DINO, CLIP-I, diversity):
 
-    python evaluate.py --samples_dir dreambooth_samples/ --instance_data_dir photos_of_me/
+    python evaluate.py --samples_dir dreambooth_samples/ --instance_data_dir photos_of_me/ \\
+        --dino_model facebook/dino-vits16 --clip_model openai/clip-vit-large-patch14
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from uldm import fid, identity
+from uldm import fid, identity, subject_similarity
 from uldm.errors import InputError, exit_cleanly_on_input_errors
 from uldm.images import list_image_files
 
@@ -64,11 +66,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     identity_group = parser.add_argument_group("identity similarity (dlib face descriptors)")
     identity_group.add_argument("--instance_data_dir", help="Folder of the subject's photos; enables identity scoring.")
+    identity_group.add_argument(
+        "--face_identity",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="dlib identity scores (default); --no-face_identity for subjects that are not faces (with --dino_model/--clip_model).",
+    )
     identity_group.add_argument("--face_landmarks", type=int, choices=(5, 68), default=5)
     identity_group.add_argument(
         "--face_upsample", type=int, default=1, help="Detector upsampling; 0 is ~4x faster but misses faces < 80 px."
     )
     identity_group.add_argument("--face_jitters", type=int, default=0, help="dlib num_jitters (slower, slightly steadier).")
+
+    subject = parser.add_argument_group("subject fidelity (DreamBooth paper's DINO / CLIP-I / diversity; with --instance_data_dir)")
+    subject.add_argument("--dino_model", help=f"DINO ViT folder or hub id, e.g. {subject_similarity.DINO_MODEL}.")
+    subject.add_argument("--clip_model", help=f"CLIP folder or hub id, e.g. {subject_similarity.CLIP_MODEL}.")
 
     parser.add_argument("--output_json", help="Write the results here as JSON.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of random crops and KID subsets.")
@@ -79,6 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.reference_dir and args.reference_dataset_name:
         raise InputError("Give either --reference_dir or --reference_dataset_name, not both.")
+    if (args.dino_model or args.clip_model) and not args.instance_data_dir:
+        raise InputError("--dino_model / --clip_model compare the samples with the subject's photos: give --instance_data_dir.")
     if not (args.reference_dir or args.reference_dataset_name or args.instance_data_dir):
         raise InputError("Nothing to evaluate: give a reference (--reference_dir / --reference_dataset_name) "
                          "and/or --instance_data_dir.")
@@ -98,6 +112,7 @@ def build_reference(args: argparse.Namespace, resolution: int) -> fid.ReferenceI
 def print_table(results: dict[str, Any]) -> None:
     rows = [(key, value) for key, value in results.get("fid_kid", {}).items()]
     rows += [(f"identity/{key}", value) for key, value in results.get("identity", {}).items() if key != "per_sample"]
+    rows += [(f"subject/{key}", value) for key, value in results.get("subject", {}).items() if key != "models"]
     width = max(len(key) for key, _ in rows)
     for key, value in rows:
         shown = f"{value:.4f}" if isinstance(value, float) else str(value)
@@ -111,6 +126,9 @@ def main(argv: list[str] | None = None, feature_extractor: nn.Module | None = No
     wants_fid = bool(args.reference_dir or args.reference_dataset_name)
     if wants_fid and feature_extractor is None:
         feature_extractor = fid.build_inception_feature_extractor(args.inception_weights)
+    # Loaded first, so that a model missing offline stops the run before any scoring.
+    subject_models = {metric: model for metric, model in (("dino", args.dino_model), ("clip_i", args.clip_model)) if model}
+    subject_encoders = {metric: subject_similarity.load_image_encoder(model, args.device) for metric, model in subject_models.items()}
     samples = fid.SampleImages.from_folder(args.samples_dir, args.resolution)
     results: dict[str, Any] = {"samples_dir": str(args.samples_dir), "arguments": vars(args)}
     loader_options = dict(batch_size=args.batch_size, num_workers=args.num_workers)
@@ -130,7 +148,7 @@ def main(argv: list[str] | None = None, feature_extractor: nn.Module | None = No
         )
         results["fid_kid"]["resolution"] = samples.resolution
 
-    if args.instance_data_dir:
+    if args.instance_data_dir and args.face_identity:
         results["identity"] = identity.compute_identity(
             samples.paths,
             list_image_files(args.instance_data_dir),
@@ -139,6 +157,11 @@ def main(argv: list[str] | None = None, feature_extractor: nn.Module | None = No
             landmarks=args.face_landmarks,
             **loader_options,
         )
+    if subject_models:
+        results["subject"] = subject_similarity.subject_fidelity(
+            samples.paths, list_image_files(args.instance_data_dir), subject_encoders, batch_size=args.batch_size
+        )
+        results["subject"]["models"] = subject_models
 
     print_table(results)
     if args.output_json:
