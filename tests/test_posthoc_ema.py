@@ -299,14 +299,15 @@ def test_score_seam_keeps_only_the_best(saved_run, tmp_path):
 
     run_dir, _ = saved_run
     scores = {0.05: 3.0, 0.08: 1.0, 0.12: 2.0}
+    candidates = synthesize_state_dicts(list_snapshots(run_dir / "ema_snapshots"), list(scores))
     seen = []
 
     def score(pipeline):  # stands in for FID: identify the candidate by its weights
-        for sigma_rel, (candidate,) in ((s, synthesize_state_dicts(list_snapshots(run_dir / "ema_snapshots"), [s]))
-                                        for s in scores):
-            if torch.allclose(flat(pipeline.unet.state_dict()), flat(candidate.state_dict)):
-                seen.append(sigma_rel)
-                return scores[sigma_rel]
+        weights = flat(pipeline.unet.state_dict())
+        for candidate in candidates:
+            if torch.allclose(weights, flat(candidate.state_dict)):
+                seen.append(candidate.sigma_rel)
+                return scores[candidate.sigma_rel]
         raise AssertionError("the pipeline scored holds none of the candidates' weights")
 
     results = write_synthesized_pipelines(run_dir, list(scores), tmp_path, score=score, keep_only_best=True,
@@ -347,3 +348,65 @@ def test_script_refuses_bad_input_with_a_message(saved_run, tmp_path, capsys):
     expect_refusal(capsys, [run_dir, "--snapshot_dir", other / "ema_snapshots", "--sigma_rel", 0.1,
                             "--output_dir", out], "snapshots of different models")
     assert not out.exists(), "nothing is written when the input is refused"
+
+
+def test_two_processes_average_identically_and_only_the_main_one_writes(tmp_path):
+    import subprocess
+
+    from conftest import REPO_ROOT, subprocess_env, venv_bin
+
+    command = [venv_bin("torchrun"), "--nproc_per_node", "2", "--master_port", "29531",
+               str(REPO_ROOT / "tests" / "posthoc_ema_worker.py"), str(tmp_path)]
+    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    states = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    assert states[0]["last_step"] == states[1]["last_step"] == 10
+    for ours, theirs in zip(states[0]["averages"], states[1]["averages"]):
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    assert not (tmp_path / "rank1").exists(), "only the main process writes snapshots"
+    assert sorted(p.name for p in (tmp_path / "rank0" / "ema_snapshots").iterdir()) == [
+        "ema-000000005-sigma_rel-0.05.safetensors", "ema-000000005-sigma_rel-0.1.safetensors",
+        "ema-000000010-sigma_rel-0.05.safetensors", "ema-000000010-sigma_rel-0.1.safetensors"]
+
+
+def test_training_script_options_build_the_tracker(tmp_path):
+    import argparse
+
+    from uldm.posthoc_ema import add_posthoc_ema_args, build_posthoc_ema
+    from uldm.training import reset_accelerate_state
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--output_dir")
+    add_posthoc_ema_args(parser)
+    model = tiny_mlp()
+    try:
+        accelerator = make_accelerator()
+        args = parser.parse_args(["--output_dir", str(tmp_path)])
+        assert build_posthoc_ema(model, args, accelerator, max_train_steps=1000) is None
+        args = parser.parse_args(["--output_dir", str(tmp_path), "--use_posthoc_ema", "--ema_snapshot_dtype", "float16"])
+        tracker = build_posthoc_ema(model, args, accelerator, max_train_steps=1000)
+        assert tracker.sigma_rels == [0.05, 0.10] and tracker.snapshot_steps == 50
+        assert tracker.snapshot_dir == tmp_path / "ema_snapshots"
+        for step in range(1, 51):
+            tracker.step(model.parameters(), step)
+        (snapshot, _) = list_snapshots(tmp_path / "ema_snapshots")
+        assert all(v.dtype == torch.float16 for v in load_file(snapshot.path).values())
+        args = parser.parse_args(["--output_dir", str(tmp_path), "--use_posthoc_ema", "--ema_snapshot_steps", "0"])
+        with pytest.raises(InputError, match="at least 1"):
+            build_posthoc_ema(model, args, accelerator, max_train_steps=1000)
+    finally:
+        reset_accelerate_state()
+
+
+def test_a_tied_weight_is_averaged_under_each_of_its_names():
+    model = tiny_mlp()
+    model.tied = model[0]  # the same Linear under a second name
+    tracker = PowerFunctionEMA(model, sigma_rels=(0.1,))
+    tracker.step(model.parameters(), 1)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    tracker.step(model.parameters(), 2)
+    averaged = tracker.averaged_state_dict(0.1)
+    assert torch.equal(averaged["tied.weight"], averaged["0.weight"])
+    assert not torch.equal(averaged["0.weight"], model[0].weight.detach())
+    model.load_state_dict(averaged)

@@ -177,6 +177,8 @@ class PowerFunctionEMA:
         self.last_step = 0  # optimiser steps averaged so far
         parameters = dict(model.named_parameters())
         self.names = list(parameters)
+        # A tied weight appears once in named_parameters but under each of its names in state_dict.
+        self._index_of_parameter = {id(p): index for index, p in enumerate(parameters.values())}
         with torch.no_grad():
             self.averages = [[p.detach().to(self._average_dtype(p.dtype), copy=True) for p in parameters.values()]
                              for _ in sigma_rels]
@@ -235,11 +237,11 @@ class PowerFunctionEMA:
     def averaged_state_dict(self, sigma_rel: float, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """A full state dict of the model (loads with `load_state_dict`) holding this profile's average
         in place of the parameters, on the CPU. Buffers are the model's current ones."""
-        index = self._profile_index(sigma_rel)
-        averages = dict(zip(self.names, self.averages[index]))
+        averages = self.averages[self._profile_index(sigma_rel)]
         result = {}
-        for key, value in self.model.state_dict().items():
-            value = averages.get(key, value)
+        for key, value in self.model.state_dict(keep_vars=True).items():
+            index = self._index_of_parameter.get(id(value))
+            value = averages[index] if index is not None else value
             result[key] = value.detach().to("cpu", dtype=dtype if value.is_floating_point() and dtype else None,
                                              copy=True).contiguous()
         return result
@@ -331,6 +333,54 @@ class PowerFunctionEMA:
                 average.copy_(saved_average)
         self.last_step = int(state["last_step"])
         self._stale_snapshots_checked = False
+
+
+# --------------------------------------------------------------------------------------------
+# Wiring into a training script
+
+
+SNAPSHOTS_PER_RUN = 20  # default cadence; fits of sigma_rel 0.03-0.2 from 0.05/0.10 are then within 3%
+
+
+def add_posthoc_ema_args(parser) -> None:
+    group = parser.add_argument_group("post-hoc EMA (EDM2): choose the EMA length after training")
+    group.add_argument("--use_posthoc_ema", action="store_true",
+                       help=f"Track power-function EMAs and save snapshots to <output_dir>/{SNAPSHOT_DIR_NAME}/; "
+                            "synthesize_ema.py then makes the pipeline of any EMA length. One fp32 copy of the "
+                            "weights per profile in memory.")
+    group.add_argument("--ema_sigma_rels", type=float, nargs="+", default=list(DEFAULT_SIGMA_RELS),
+                       help="Relative EMA lengths tracked (EDM2: 0.05 0.10).")
+    group.add_argument("--ema_snapshot_steps", type=int, default=None,
+                       help=f"Save the tracked EMAs every this many optimiser steps (and at the end). "
+                            f"Default: max_train_steps / {SNAPSHOTS_PER_RUN}.")
+    group.add_argument("--ema_snapshot_dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                       help="Precision of the saved snapshots (float16 halves the disk space).")
+
+
+def check_posthoc_ema_supported(accelerator) -> None:
+    """The averages are taken of the whole parameters on every process: sharded parameters cannot be averaged here."""
+    from accelerate.utils import DistributedType
+
+    deepspeed_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    zero_stage = deepspeed_plugin.zero_stage if deepspeed_plugin is not None else 0
+    if accelerator.distributed_type == DistributedType.FSDP or zero_stage == 3:
+        raise InputError("--use_posthoc_ema needs every process to hold the whole model; it does not work with "
+                         "FSDP or DeepSpeed ZeRO-3. Use DDP or ZeRO-1/2, or train without --use_posthoc_ema.")
+
+
+def build_posthoc_ema(model: torch.nn.Module, args, accelerator, max_train_steps: int) -> PowerFunctionEMA | None:
+    """The run's PowerFunctionEMA (None without --use_posthoc_ema), over the unwrapped `model`."""
+    if not getattr(args, "use_posthoc_ema", False):
+        return None
+    check_posthoc_ema_supported(accelerator)
+    snapshot_steps = args.ema_snapshot_steps
+    if snapshot_steps is None:
+        snapshot_steps = max(1, max_train_steps // SNAPSHOTS_PER_RUN)
+    elif snapshot_steps < 1:
+        raise InputError(f"--ema_snapshot_steps must be at least 1, got {snapshot_steps}: post-hoc EMA needs snapshots.")
+    return PowerFunctionEMA(model, args.ema_sigma_rels, snapshot_dir=Path(args.output_dir) / SNAPSHOT_DIR_NAME,
+                            snapshot_steps=snapshot_steps, is_main_process=accelerator.is_main_process,
+                            snapshot_dtype=getattr(torch, args.ema_snapshot_dtype))
 
 
 # --------------------------------------------------------------------------------------------
@@ -553,6 +603,9 @@ def write_synthesized_pipelines(
         raise ValueError("keep_only_best needs a score function.")
     sigma_rels = list(dict.fromkeys(check_sigma_rel(s) for s in sigma_rels))
     pipeline_dir, output_dir = Path(pipeline_dir), Path(output_dir)
+    if not pipeline_dir.is_dir():
+        raise InputError(f"{pipeline_dir} is not a folder. Give the output folder of a training run with "
+                         "--use_posthoc_ema (a saved pipeline with ema_snapshots/ inside).")
     snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else pipeline_dir / SNAPSHOT_DIR_NAME
     snapshots = list_snapshots(snapshot_dir)
     if not snapshots:
@@ -563,9 +616,8 @@ def write_synthesized_pipelines(
     pipeline = load_pipeline(pipeline_dir, UnconditionalLatentPipeline)
     # Before any weights are read: do the snapshots (the latest one stands for all) fit this UNet?
     check_shapes_fit(snapshot_shapes(snapshots[-1].path), pipeline.unet, f"The snapshots in {snapshot_dir}")
-    live_weights = {k: v.clone() for k, v in pipeline.unet.state_dict().items()}
     results: list[SynthesizedPipeline] = []
-    best: tuple[float, SynthesizedPipeline, dict] | None = None
+    best: tuple[SynthesizedPipeline, SynthesizedEMA] | None = None
     for start in range(0, len(sigma_rels), max(1, targets_per_pass)):
         batch = sigma_rels[start:start + max(1, targets_per_pass)]
         for synthesized in synthesize_state_dicts(snapshots, batch, at_step, max_fit_error):
@@ -574,8 +626,8 @@ def write_synthesized_pipelines(
             if score is not None:
                 outcome.score = float(score(pipeline))
             if keep_only_best:
-                if best is None or outcome.score < best[0]:
-                    best = (outcome.score, outcome, synthesized.state_dict)
+                if best is None or outcome.score < best[0].score:
+                    best = (outcome, synthesized)
             else:
                 outcome.folder = _save_pipeline_atomically(pipeline, output_dir / pipeline_folder_name(outcome.sigma_rel),
                                                            synthesized)
@@ -583,11 +635,10 @@ def write_synthesized_pipelines(
             logger.info("sigma_rel %g at step %d: profile fit error %.2e%s", outcome.sigma_rel, outcome.step,
                         outcome.fit_error, "" if outcome.score is None else f", score {outcome.score:.4g}")
     if best is not None:
-        _, outcome, state_dict = best
-        pipeline.unet.load_state_dict(state_dict)
+        outcome, synthesized = best
+        pipeline.unet.load_state_dict(synthesized.state_dict)
         outcome.folder = _save_pipeline_atomically(pipeline, output_dir / pipeline_folder_name(outcome.sigma_rel),
-                                                   _summary_of(outcome, state_dict, snapshots))
-    pipeline.unet.load_state_dict(live_weights)
+                                                   synthesized)
     _write_summary(output_dir, pipeline_dir, snapshot_dir, results)
     return results
 
@@ -603,13 +654,6 @@ def load_pipeline(pipeline_dir: Path, pipeline_class):
         return pipeline_class.from_pretrained(str(pipeline_dir))
     except (OSError, ValueError) as error:
         raise InputError(f"Cannot load the pipeline in {pipeline_dir}: {error}") from error
-
-
-def _summary_of(outcome: SynthesizedPipeline, state_dict, snapshots) -> SynthesizedEMA:
-    """Coefficients are not kept for a sweep's candidates; recompute them for the one that is written."""
-    used, step = snapshots_for_step(snapshots, outcome.step)
-    fit = solve_coefficients([s.step for s in used], [s.gamma for s in used], step, sigma_rel_to_gamma(outcome.sigma_rel))
-    return SynthesizedEMA(outcome.sigma_rel, step, state_dict, list(zip(used, map(float, fit.weights))), fit.fit_error)
 
 
 def _save_pipeline_atomically(pipeline, folder: Path, synthesized: SynthesizedEMA) -> Path:
