@@ -151,6 +151,8 @@ def test_synthesis_uses_only_snapshots_up_to_the_step_asked_for(short_run):
     tracked, _, snapshots = short_run
     (early,) = synthesize_state_dicts(snapshots, [0.1], at_step=200)
     assert early.step == 200 and max(s.step for s, _ in early.coefficients) == 200
+    (tracked_then,) = [s for s in snapshots if s.step == 200 and s.sigma_rel == 0.1]
+    torch.testing.assert_close(flat(early.state_dict), flat(load_file(tracked_then.path)), rtol=1e-6, atol=1e-7)
     with pytest.raises(InputError, match="no snapshots of step 210"):
         synthesize_state_dicts(snapshots, [0.1], at_step=210)
 
