@@ -1,7 +1,23 @@
 """Shared code of the unconditional latent diffusion toolkit.
 
 The top-level scripts (train_unconditional_latent.py, train_dreambooth_unconditional.py,
-train_vae.py, align_faces.py, sample.py, evaluate.py) are thin; what they share lives here.
+train_vae.py, align_faces.py, sample.py, evaluate.py, synthesize_ema.py) are thin: they parse
+their arguments, turn them into the typed configurations of this package (`args`) and call it.
+Each idea has one home:
+
+* `args`: command-line groups with diffusers' names; parsed arguments -> configs (the only module
+  that reads an argparse namespace). `presets`: the JSON presets under configs/.
+* `training`, `checkpoints`: the loop every trainer shares (LoopConfig, OptimizerConfig, EmaConfig;
+  the Validation callback with its schedule; metrics.jsonl; crash-safe checkpoints; exact resume).
+* `data`, `images`: training images and their preprocessing (DataConfig); `latents`: the latent space
+  (scale rule from pipeline_latent_uncond.py, encoding, posterior samples, flips, the std);
+  `vae`: loading first stages; `latent_cache`: storing/reading cached latents (CacheConfig);
+  `diffusion`: noise schedule, targets and losses.
+* `sampling`: building/saving pipelines, schedulers by name, sample folders; `validation`: grids from
+  fixed noise (ValidationConfig).
+* `dreambooth`, `autoencoder`, `posthoc_ema`, `face_align`, `demo_data`: one job each.
+* `fid`, `identity`, `subject_similarity`, `distances`: measuring samples.
+* `model_card`, `hub`: sharing results. `errors`: the error scripts print (exit 2). `testing`: test support.
 """
 
 __version__ = "0.1.0"
