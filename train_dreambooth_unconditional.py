@@ -42,7 +42,9 @@ from uldm.latents import latents_from_batch
 from uldm.model_card import write_model_card
 from uldm.models import count_parameters
 from uldm.sampling import SCHEDULER_NAMES, build_pipeline, save_pipeline
-from uldm.training import Validation, ValidationResult, build_training_loop, finish_run, read_metrics, start_run
+from uldm.training import (
+    Schedule, Validation, ValidationResult, build_training_loop, finish_run, read_metrics, start_run,
+)
 from uldm.validation import ValidationConfig, fixed_validation_noise, image_grid, sample_from_noise
 from uldm.vae import describe_vae, latent_shape, vae_dtype_for, vae_fingerprint
 
@@ -231,22 +233,6 @@ def main(argv=None) -> None:
                     values["sample_spread"], values["sample_latent_spread"])
         return ValidationResult(images={"validation": images}, metrics=values)
 
-    loop = build_training_loop(accelerator, config, unet, train_set, "train_dreambooth_unconditional",
-                               parameters=trainable,
-                               validation=Validation(validate, validation_config.validation_steps, at_start=True))
-    unet = loop.model
-    dreambooth_loss = DreamBoothLoss(noise_scheduler, args.prior_loss_weight, args.snr_gamma)
-
-    def compute_loss(batch, generator):
-        latents = latents_from_batch(batch["instance"], vae, scaling, generator, args.random_flip)
-        num_instance = latents.shape[0]
-        if "prior" in batch:
-            prior = latents_from_batch(batch["prior"], vae, scaling, generator, args.random_flip)
-            latents = torch.cat([latents, prior])
-        noisy, timesteps, target = noisy_latents_and_target(noise_scheduler, latents, generator)
-        prediction = unet(noisy, timesteps).sample
-        return dreambooth_loss(prediction, target, timesteps, num_instance)
-
     def save_result(model) -> None:
         """A full pipeline that loads like the base one (same VAE, scheduler, latent scaling), or only the
         LoRA adapter; and the model card."""
@@ -261,9 +247,28 @@ def main(argv=None) -> None:
         write_dreambooth_model_card(args, config.arguments, loop, photos, len(instance_paths), class_set)
         logger.info("Saved the result to %s", args.output_dir)
 
+    loop = build_training_loop(accelerator, config, unet, train_set, "train_dreambooth_unconditional",
+                               parameters=trainable,
+                               validation=Validation(validate, Schedule(every_steps=validation_config.validation_steps),
+                                                     at_start=True),
+                               save_result=save_result)
+    unet = loop.model
+    dreambooth_loss = DreamBoothLoss(noise_scheduler, args.prior_loss_weight, args.snr_gamma)
+
+    def compute_loss(batch, generator):
+        latents = latents_from_batch(batch["instance"], vae, scaling, generator, args.random_flip)
+        num_instance = latents.shape[0]
+        if "prior" in batch:
+            prior = latents_from_batch(batch["prior"], vae, scaling, generator, args.random_flip)
+            latents = torch.cat([latents, prior])
+        noisy, timesteps, target = noisy_latents_and_target(noise_scheduler, latents, generator)
+        prediction = unet(noisy, timesteps).sample
+        return dreambooth_loss(prediction, target, timesteps, num_instance)
+
     if class_set:
         logger.info("Each batch: %d instance + %d class images", args.train_batch_size, args.train_batch_size)
-    finish_run(loop, loop.run(compute_loss), save_result)
+    loop.run(compute_loss)
+    finish_run(loop)
 
 
 LORA_USAGE = """\

@@ -25,7 +25,7 @@ from uldm.model_card import write_model_card
 from uldm.models import build_unet, count_parameters
 from uldm.presets import list_presets
 from uldm.sampling import build_pipeline, make_scheduler, save_pipeline
-from uldm.training import Validation, ValidationResult, build_training_loop, finish_run, start_run
+from uldm.training import Schedule, Validation, ValidationResult, build_training_loop, finish_run, start_run
 from uldm.validation import ValidationConfig, fixed_validation_noise, sample_from_noise
 from uldm.vae import check_unet_matches_latents, describe_vae, latent_shape, load_vae, vae_dtype_for, vae_fingerprint
 
@@ -121,17 +121,6 @@ def main(argv=None) -> None:
             validation_noise, validation_config.validation_inference_steps)
         return ValidationResult(images={"validation": samples})
 
-    loop = build_training_loop(accelerator, config, unet, train_set, "train_unconditional_latent",
-                               validation=Validation(validate, validation_config.validation_steps))
-    unet = loop.model
-    accelerator.log({"latent_scaling_factor": scaling.scale}, step=0)
-
-    def compute_loss(batch, generator):
-        latents = latents_from_batch(batch, vae, scaling, generator, args.random_flip)
-        noisy, timesteps, target = noisy_latents_and_target(noise_scheduler, latents, generator)
-        prediction = unet(noisy, timesteps).sample
-        return per_sample_loss(prediction, target, timesteps, noise_scheduler, args.snr_gamma).mean()
-
     def save_result(model) -> None:
         if not accelerator.is_main_process:
             return
@@ -150,7 +139,20 @@ def main(argv=None) -> None:
         )
         logger.info("Saved the pipeline to %s", args.output_dir)
 
-    finish_run(loop, loop.run(compute_loss), save_result)
+    loop = build_training_loop(accelerator, config, unet, train_set, "train_unconditional_latent",
+                               validation=Validation(validate, Schedule(every_steps=validation_config.validation_steps)),
+                               save_result=save_result)
+    unet = loop.model
+    accelerator.log({"latent_scaling_factor": scaling.scale}, step=0)
+
+    def compute_loss(batch, generator):
+        latents = latents_from_batch(batch, vae, scaling, generator, args.random_flip)
+        noisy, timesteps, target = noisy_latents_and_target(noise_scheduler, latents, generator)
+        prediction = unet(noisy, timesteps).sample
+        return per_sample_loss(prediction, target, timesteps, noise_scheduler, args.snr_gamma).mean()
+
+    loop.run(compute_loss)
+    finish_run(loop)
 
 
 

@@ -33,7 +33,9 @@ from uldm.latents import measure_latent_std, random_horizontal_flip
 from uldm.model_card import write_model_card
 from uldm.models import count_parameters
 from uldm.presets import list_presets
-from uldm.training import Validation, ValidationResult, build_training_loop, finish_run, read_metrics, start_run
+from uldm.training import (
+    Schedule, Validation, ValidationResult, build_training_loop, finish_run, read_metrics, start_run,
+)
 from uldm.vae import describe_vae, latent_shape
 
 logger = logging.getLogger("train_vae")
@@ -149,17 +151,6 @@ def main(argv=None) -> None:
                     args.reconstruction_loss, values["val_rec_loss"])
         return ValidationResult(images={"reconstruction": pairs}, metrics=values)
 
-    loop = build_training_loop(accelerator, config, AutoencoderForTraining(vae), train_set, "train_vae",
-                               ema_model=vae, validation=Validation(validate, args.validation_steps, at_start=True))
-    model = loop.model
-
-    def compute_loss(batch, generator):
-        pixels = batch["pixel_values"]
-        if args.random_flip:
-            pixels = random_horizontal_flip(pixels, generator)
-        reconstruction, kl = model(pixels, generator)
-        return criterion(pixels, reconstruction, kl)
-
     def save_result(wrapped) -> None:
         """Measure the latent scale (all processes share the encoding), store it in the config, save."""
         trained = wrapped.vae
@@ -177,7 +168,20 @@ def main(argv=None) -> None:
                         loop.last_validation.metrics["val_psnr"])
         trained.train()
 
-    finish_run(loop, loop.run(compute_loss), save_result)
+    loop = build_training_loop(accelerator, config, AutoencoderForTraining(vae), train_set, "train_vae",
+                               ema_model=vae, save_result=save_result,
+                               validation=Validation(validate, Schedule(every_steps=args.validation_steps), at_start=True))
+    model = loop.model
+
+    def compute_loss(batch, generator):
+        pixels = batch["pixel_values"]
+        if args.random_flip:
+            pixels = random_horizontal_flip(pixels, generator)
+        reconstruction, kl = model(pixels, generator)
+        return criterion(pixels, reconstruction, kl)
+
+    loop.run(compute_loss)
+    finish_run(loop)
 
 
 def write_vae_card(args, arguments: dict, vae, loop, final: dict, std: float, scale: float, source: str) -> None:

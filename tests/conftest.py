@@ -208,10 +208,10 @@ def sigterm_after_step(monkeypatch):
 
     original_log = uldm.training.MetricsWriter.log
 
-    def arm(step: int) -> None:
-        def log_then_signal(self, values, logged_step):
-            original_log(self, values, logged_step)
-            if logged_step == step and "loss" in values:
+    def arm(stop_after: int) -> None:
+        def log_then_signal(self, values, step: int):
+            original_log(self, values, step=step)
+            if step == stop_after and "loss" in values:
                 os.kill(os.getpid(), signal.SIGTERM)
 
         monkeypatch.setattr(uldm.training.MetricsWriter, "log", log_then_signal)

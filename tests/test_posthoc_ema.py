@@ -175,7 +175,7 @@ def test_a_profile_the_snapshots_cannot_fit_is_refused():
 def make_accelerator():
     from accelerate import Accelerator
 
-    from uldm.training import reset_accelerate_state
+    from uldm.testing import reset_accelerate_state
 
     reset_accelerate_state()
     return Accelerator(cpu=True)
@@ -184,7 +184,7 @@ def make_accelerator():
 def test_resume_through_accelerate_continues_exactly_and_sets_aside_the_abandoned_snapshots(tmp_path):
     """(d) Saved with accelerator.save_state mid-run, restored into a fresh object with load_state:
     the averages and the snapshots written afterwards equal those of an uninterrupted run, bit for bit."""
-    from uldm.training import reset_accelerate_state
+    from uldm.testing import reset_accelerate_state
 
     uninterrupted_model = tiny_mlp()
     uninterrupted = PowerFunctionEMA(uninterrupted_model, snapshot_dir=tmp_path / "whole", snapshot_steps=20)
@@ -374,28 +374,32 @@ def test_two_processes_average_identically_and_only_the_main_one_writes(tmp_path
 def test_training_script_options_build_the_tracker(tmp_path):
     import argparse
 
-    from uldm.posthoc_ema import add_posthoc_ema_args, build_posthoc_ema
-    from uldm.training import reset_accelerate_state
+    from uldm.args import add_posthoc_ema_args, config_from
+    from uldm.posthoc_ema import PosthocEmaConfig, build_posthoc_ema
+    from uldm.testing import reset_accelerate_state
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--output_dir")
     add_posthoc_ema_args(parser)
+
+    def config(*argv):
+        args = parser.parse_args(list(argv))
+        return config_from(PosthocEmaConfig, args, ema_sigma_rels=tuple(args.ema_sigma_rels)) if args.use_posthoc_ema else None
+
     model = tiny_mlp()
     try:
         accelerator = make_accelerator()
-        args = parser.parse_args(["--output_dir", str(tmp_path)])
-        assert build_posthoc_ema(model, args, accelerator, max_train_steps=1000) is None
-        args = parser.parse_args(["--output_dir", str(tmp_path), "--use_posthoc_ema", "--ema_snapshot_dtype", "float16"])
-        tracker = build_posthoc_ema(model, args, accelerator, max_train_steps=1000)
+        assert build_posthoc_ema(model, config(), accelerator, max_train_steps=1000, output_dir=tmp_path) is None
+        tracker = build_posthoc_ema(model, config("--use_posthoc_ema", "--ema_snapshot_dtype", "float16"), accelerator,
+                                    max_train_steps=1000, output_dir=tmp_path)
         assert tracker.sigma_rels == [0.05, 0.10] and tracker.snapshot_steps == 50
         assert tracker.snapshot_dir == tmp_path / "ema_snapshots"
         for step in range(1, 51):
             tracker.step(model.parameters(), step)
         (snapshot, _) = list_snapshots(tmp_path / "ema_snapshots")
         assert all(v.dtype == torch.float16 for v in load_file(snapshot.path).values())
-        args = parser.parse_args(["--output_dir", str(tmp_path), "--use_posthoc_ema", "--ema_snapshot_steps", "0"])
         with pytest.raises(InputError, match="at least 1"):
-            build_posthoc_ema(model, args, accelerator, max_train_steps=1000)
+            build_posthoc_ema(model, config("--use_posthoc_ema", "--ema_snapshot_steps", "0"), accelerator,
+                              max_train_steps=1000, output_dir=tmp_path)
     finally:
         reset_accelerate_state()
 

@@ -71,6 +71,23 @@ def add_ema_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ema_max_decay", type=float, default=0.9999)
 
 
+def add_posthoc_ema_args(parser: argparse.ArgumentParser) -> None:
+    from .posthoc_ema import DEFAULT_SIGMA_RELS, SNAPSHOT_DIR_NAME, SNAPSHOTS_PER_RUN
+
+    group = parser.add_argument_group("post-hoc EMA (EDM2): choose the EMA length after training")
+    group.add_argument("--use_posthoc_ema", action="store_true",
+                       help=f"Track power-function EMAs and save snapshots to <output_dir>/{SNAPSHOT_DIR_NAME}/; "
+                            "synthesize_ema.py then makes the pipeline of any EMA length. One fp32 copy of the "
+                            "weights per profile in memory.")
+    group.add_argument("--ema_sigma_rels", type=float, nargs="+", default=list(DEFAULT_SIGMA_RELS),
+                       help="Relative EMA lengths tracked (EDM2: 0.05 0.10).")
+    group.add_argument("--ema_snapshot_steps", type=int, default=None,
+                       help=f"Save the tracked EMAs every this many optimiser steps (and at the end). "
+                            f"Default: max_train_steps / {SNAPSHOTS_PER_RUN}.")
+    group.add_argument("--ema_snapshot_dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                       help="Precision of the saved snapshots (float16 halves the disk space).")
+
+
 def add_noise_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("diffusion")
     group.add_argument("--ddpm_num_steps", type=int, default=1000)
@@ -134,12 +151,17 @@ def training_config(args: argparse.Namespace):
     """The loop, optimiser and EMA configuration of a training script, and its arguments for the records
     (training_args.json, trackers, model card) without secrets such as --hub_token."""
     from .hub import public_arguments
+    from .posthoc_ema import PosthocEmaConfig
     from .training import EmaConfig, LoopConfig, OptimizerConfig, TrainingConfig
 
+    posthoc = None
+    if getattr(args, "use_posthoc_ema", False):  # not every trainer offers it
+        posthoc = config_from(PosthocEmaConfig, args, ema_sigma_rels=tuple(args.ema_sigma_rels))
     return TrainingConfig(
         loop=config_from(LoopConfig, args),
         optimizer=config_from(OptimizerConfig, args),
         ema=config_from(EmaConfig, args) if args.use_ema else None,
+        posthoc_ema=posthoc,
         arguments=public_arguments(args),
     )
 

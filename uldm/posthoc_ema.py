@@ -342,19 +342,13 @@ class PowerFunctionEMA:
 SNAPSHOTS_PER_RUN = 20  # default cadence; fits of sigma_rel 0.03-0.2 from 0.05/0.10 are then within 3%
 
 
-def add_posthoc_ema_args(parser) -> None:
-    group = parser.add_argument_group("post-hoc EMA (EDM2): choose the EMA length after training")
-    group.add_argument("--use_posthoc_ema", action="store_true",
-                       help=f"Track power-function EMAs and save snapshots to <output_dir>/{SNAPSHOT_DIR_NAME}/; "
-                            "synthesize_ema.py then makes the pipeline of any EMA length. One fp32 copy of the "
-                            "weights per profile in memory.")
-    group.add_argument("--ema_sigma_rels", type=float, nargs="+", default=list(DEFAULT_SIGMA_RELS),
-                       help="Relative EMA lengths tracked (EDM2: 0.05 0.10).")
-    group.add_argument("--ema_snapshot_steps", type=int, default=None,
-                       help=f"Save the tracked EMAs every this many optimiser steps (and at the end). "
-                            f"Default: max_train_steps / {SNAPSHOTS_PER_RUN}.")
-    group.add_argument("--ema_snapshot_dtype", choices=("float32", "float16", "bfloat16"), default="float32",
-                       help="Precision of the saved snapshots (float16 halves the disk space).")
+@dataclass(frozen=True)
+class PosthocEmaConfig:
+    """--use_posthoc_ema's options (`uldm.args.add_posthoc_ema_args`)."""
+
+    ema_sigma_rels: tuple[float, ...] = DEFAULT_SIGMA_RELS
+    ema_snapshot_steps: int | None = None  # None: max_train_steps / SNAPSHOTS_PER_RUN
+    ema_snapshot_dtype: str = "float32"
 
 
 def check_posthoc_ema_supported(accelerator) -> None:
@@ -368,19 +362,20 @@ def check_posthoc_ema_supported(accelerator) -> None:
                          "FSDP or DeepSpeed ZeRO-3. Use DDP or ZeRO-1/2, or train without --use_posthoc_ema.")
 
 
-def build_posthoc_ema(model: torch.nn.Module, args, accelerator, max_train_steps: int) -> PowerFunctionEMA | None:
+def build_posthoc_ema(model: torch.nn.Module, config: PosthocEmaConfig | None, accelerator, max_train_steps: int,
+                      output_dir: str | os.PathLike) -> PowerFunctionEMA | None:
     """The run's PowerFunctionEMA (None without --use_posthoc_ema), over the unwrapped `model`."""
-    if not getattr(args, "use_posthoc_ema", False):
+    if config is None:
         return None
     check_posthoc_ema_supported(accelerator)
-    snapshot_steps = args.ema_snapshot_steps
+    snapshot_steps = config.ema_snapshot_steps
     if snapshot_steps is None:
         snapshot_steps = max(1, max_train_steps // SNAPSHOTS_PER_RUN)
     elif snapshot_steps < 1:
         raise InputError(f"--ema_snapshot_steps must be at least 1, got {snapshot_steps}: post-hoc EMA needs snapshots.")
-    return PowerFunctionEMA(model, args.ema_sigma_rels, snapshot_dir=Path(args.output_dir) / SNAPSHOT_DIR_NAME,
+    return PowerFunctionEMA(model, config.ema_sigma_rels, snapshot_dir=Path(output_dir) / SNAPSHOT_DIR_NAME,
                             snapshot_steps=snapshot_steps, is_main_process=accelerator.is_main_process,
-                            snapshot_dtype=getattr(torch, args.ema_snapshot_dtype))
+                            snapshot_dtype=getattr(torch, config.ema_snapshot_dtype))
 
 
 # --------------------------------------------------------------------------------------------

@@ -67,13 +67,14 @@ def build_pipeline(unet, vae, scaling, scheduler_config: Mapping[str, Any], sche
     return pipeline
 
 
-def save_pipeline(unet, vae, scaling, scheduler, output_dir: str | os.PathLike):
-    """Save a trained UNet as a pipeline folder (VAE in fp32, however it was used in training)."""
-    if vae.dtype != torch.float32:
-        vae = vae.to(torch.float32)
-    pipeline = build_pipeline(unet, vae, scaling, scheduler.config, scheduler=scheduler)
-    pipeline.save_pretrained(output_dir)
-    return pipeline
+def save_pipeline(unet, vae, scaling, scheduler, output_dir: str | os.PathLike) -> None:
+    """Save a trained UNet as a pipeline folder, with the VAE in fp32 however training uses it (and leaves it so)."""
+    training_dtype = vae.dtype
+    vae.to(torch.float32)
+    try:
+        build_pipeline(unet, vae, scaling, scheduler.config, scheduler=scheduler).save_pretrained(output_dir)
+    finally:
+        vae.to(training_dtype)
 
 
 def generators_for_indices(

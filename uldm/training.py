@@ -41,6 +41,7 @@ from .checkpoints import TrainingState
 from .data import EpochBatchSampler
 from .errors import InputError, NonFiniteLossError
 from .plots import plot_loss_curve
+from .posthoc_ema import PosthocEmaConfig, build_posthoc_ema
 from .testing import BatchTrace
 from .validation import log_image_grid
 
@@ -85,6 +86,9 @@ class OptimizerConfig:
     adam_epsilon: float = 1e-8
     lr_scheduler: str = "cosine"
     lr_warmup_steps: int = 500
+    lr_num_cycles: int = 1  # cosine_with_restarts
+    lr_power: float = 1.0  # polynomial
+    use_8bit_adam: bool = False
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,7 @@ class TrainingConfig:
     loop: LoopConfig
     optimizer: OptimizerConfig
     ema: EmaConfig | None = None  # None: no EMA
+    posthoc_ema: PosthocEmaConfig | None = None  # None: no post-hoc EMA profiles
     arguments: dict = field(default_factory=dict)  # the run's command-line arguments, for the records
 
 
@@ -197,7 +202,15 @@ def scaled_learning_rate(config: TrainingConfig, num_processes: int) -> float:
 
 
 def build_optimizer(params, config: OptimizerConfig, learning_rate: float):
-    return torch.optim.AdamW(
+    optimizer_class = torch.optim.AdamW
+    if config.use_8bit_adam:
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise InputError("--use_8bit_adam needs bitsandbytes (a CUDA GPU): `pip install bitsandbytes`, or "
+                             "leave the flag out (AdamW in 32 bits).") from None
+        optimizer_class = bitsandbytes.optim.AdamW8bit
+    return optimizer_class(
         params,
         lr=learning_rate,
         betas=(config.adam_beta1, config.adam_beta2),
@@ -216,6 +229,8 @@ def build_lr_scheduler(optimizer, config: OptimizerConfig, max_train_steps: int)
         optimizer=optimizer,
         num_warmup_steps=config.lr_warmup_steps,
         num_training_steps=max_train_steps,
+        num_cycles=config.lr_num_cycles,
+        power=config.lr_power,
     )
 
 
@@ -348,18 +363,30 @@ class ValidationResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """Every `every_steps` optimiser steps and/or at the end of every `every_epochs`-th epoch (0: never);
+    the end of training is handled apart."""
+
+    every_steps: int = 0
+    every_epochs: int = 0
+
+    def due(self, step: int, epochs_ended: range, max_train_steps: int) -> bool:
+        if step >= max_train_steps:
+            return False
+        by_step = bool(self.every_steps) and step % self.every_steps == 0
+        return by_step or (bool(self.every_epochs) and any(e % self.every_epochs == 0 for e in epochs_ended))
+
+
 @dataclass
 class Validation:
-    """`run(step)` every `every_steps` optimiser steps (0: only at the end) and when training finishes; with
-    `at_start`, also before the first step of a fresh run (e.g. the base model of a fine-tune). It is called
-    on every process (so it may share work between them) and returns a ValidationResult on the main one."""
+    """`run(step)` on its `schedule` and when training finishes; with `at_start`, also before the first step
+    of a fresh run (e.g. the base model of a fine-tune). It is called on every process (so it may share work
+    between them) and returns a ValidationResult on the main one."""
 
     run: Callable[[int], ValidationResult | None]
-    every_steps: int = 0
+    schedule: Schedule = Schedule()
     at_start: bool = False
-
-    def due(self, step: int, max_train_steps: int) -> bool:
-        return bool(self.every_steps) and step % self.every_steps == 0 and step < max_train_steps
 
 
 @dataclass
@@ -384,7 +411,9 @@ class TrainingLoop:
     """
 
     def __init__(self, accelerator, config: LoopConfig, model, optimizer, lr_scheduler, dataset,
-                 max_train_steps: int, ema=None, validation: Validation | None = None):
+                 max_train_steps: int, ema=None, validation: Validation | None = None,
+                 save_result: Callable[[Any], None] | None = None, save_schedule: Schedule = Schedule(),
+                 posthoc_ema=None):
         self.accelerator = accelerator
         self.config = config
         self.model = model
@@ -394,6 +423,9 @@ class TrainingLoop:
         self.dataset = dataset
         self.max_train_steps = max_train_steps
         self.validation = validation
+        self.save_result_with = save_result
+        self.save_schedule = save_schedule
+        self.posthoc_ema = posthoc_ema
         self.last_validation = ValidationRecord()
         self.output_dir = Path(config.output_dir)
         self.state = TrainingState(
@@ -411,6 +443,8 @@ class TrainingLoop:
         if ema is not None:
             ema.to(accelerator.device)
             accelerator.register_for_checkpointing(ema)
+        if posthoc_ema is not None:
+            accelerator.register_for_checkpointing(posthoc_ema)
 
     # ---- properties -------------------------------------------------------------------------
 
@@ -507,6 +541,17 @@ class TrainingLoop:
         finally:
             self.ema.restore(parameters)
 
+    # ---- the result -------------------------------------------------------------------------
+
+    def save_result(self) -> None:
+        """`save_result(model)` of the script, with the EMA weights swapped in, on every process (it writes on
+        the main one): at the end of training and on the save schedule (e.g. --save_model_epochs)."""
+        if self.save_result_with is None:
+            return
+        with self.ema_weights() as model:
+            self.save_result_with(model)
+        self.accelerator.wait_for_everyone()
+
     # ---- validation -------------------------------------------------------------------------
 
     def validate(self, step: int) -> ValidationRecord:
@@ -551,8 +596,9 @@ class TrainingLoop:
         )
 
     def run(self, compute_loss: Callable) -> bool:
-        """Train to `max_train_steps`, validating as scheduled. Returns False if stopped early by a signal
-        (checkpoint saved, no final validation), True when training finished (final validation done)."""
+        """Train to `max_train_steps`, validating and saving the result as scheduled. Returns False if stopped
+        early by a signal (checkpoint saved; no final validation or result), True when training finished (final
+        validation done, result saved)."""
         config, accelerator = self.config, self.accelerator
         if self.metrics is None:
             raise RuntimeError("TrainingLoop.resume() must be called before run().")
@@ -564,6 +610,7 @@ class TrainingLoop:
         global_batch = config.train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps
         step_loss = []
         step_logs: dict[str, list[float]] = {}
+        micro_batches_this_step = 0
         trace = BatchTrace(accelerator.process_index)
         last_time = time.perf_counter()
         try:
@@ -584,6 +631,7 @@ class TrainingLoop:
                         self.optimizer.step()
                         self.optimizer.zero_grad(set_to_none=True)
                     self.state.micro_batches += 1
+                    micro_batches_this_step += 1
                     step_loss.append(means[0])
                     for name, value in zip(logs, means[1:]):
                         step_logs.setdefault(name, []).append(value)
@@ -593,8 +641,13 @@ class TrainingLoop:
                     self.lr_scheduler.step()
                     if self.ema is not None:
                         self.ema.step(self.unwrapped_model.parameters())
+                    epochs_before = (self.state.micro_batches - micro_batches_this_step) // self.sampler.batches_per_epoch()
+                    micro_batches_this_step = 0
+                    epochs_ended = range(epochs_before + 1, self.state.micro_batches // self.sampler.batches_per_epoch() + 1)
                     self.state.global_step += 1
                     self.state.samples_seen += global_batch
+                    if self.posthoc_ema is not None:
+                        self.posthoc_ema.step(self.unwrapped_model.parameters(), self.global_step)
                     trace.record(None, self.global_step, self.model)
                     now = time.perf_counter()
                     values = {
@@ -615,11 +668,16 @@ class TrainingLoop:
                     done = self.global_step >= self.max_train_steps
                     checkpoint_due = bool(config.checkpointing_steps) and (
                         self.global_step % config.checkpointing_steps == 0 or done)
+                    if done and self.posthoc_ema is not None:
+                        self.posthoc_ema.save_snapshots()
                     if checkpoint_due:
                         self.save_checkpoint()
                         self.metrics.plot()
-                    if self.validation is not None and self.validation.due(self.global_step, self.max_train_steps):
+                    if self.validation is not None and self.validation.schedule.due(
+                            self.global_step, epochs_ended, self.max_train_steps):
                         self.validate(self.global_step)
+                    if self.save_schedule.due(self.global_step, epochs_ended, self.max_train_steps):
+                        self.save_result()
                     if stop_requested:
                         if not checkpoint_due:
                             self.save_checkpoint()
@@ -638,6 +696,7 @@ class TrainingLoop:
         if self.validation is not None:
             self.validate(self.global_step)
         self.metrics.plot()
+        self.save_result()
         return True
 
     def _nonfinite_message(self) -> str:
@@ -652,17 +711,22 @@ class TrainingLoop:
 
 
 def build_training_loop(accelerator, config: TrainingConfig, model, train_set, tracker_name: str,
-                        parameters=None, ema_model=None, validation: Validation | None = None) -> TrainingLoop:
+                        parameters=None, ema_model=None, validation: Validation | None = None,
+                        save_result: Callable[[Any], None] | None = None,
+                        save_schedule: Schedule = Schedule()) -> TrainingLoop:
     """A TrainingLoop for `model` with the run's optimiser, schedule, EMA and trackers, resumed per the config.
 
     `parameters` (default: all of the model's) are optimised; `ema_model` (default: `model`) is averaged.
-    The model is prepared by accelerate: train through `loop.model`.
+    `save_result(model)` writes the run's result (called with the EMA weights swapped in, on every process,
+    at the end and on `save_schedule`). The model is prepared by accelerate: train through `loop.model`.
     """
     max_train_steps = plan_steps(len(train_set), config.loop, accelerator.num_processes)
     parameters = model.parameters() if parameters is None else parameters
     optimizer = build_optimizer(parameters, config.optimizer, scaled_learning_rate(config, accelerator.num_processes))
     lr_scheduler = build_lr_scheduler(optimizer, config.optimizer, max_train_steps)
-    ema = build_ema(model if ema_model is None else ema_model, config.ema)
+    averaged = model if ema_model is None else ema_model
+    ema = build_ema(averaged, config.ema)
+    posthoc_ema = build_posthoc_ema(averaged, config.posthoc_ema, accelerator, max_train_steps, config.loop.output_dir)
     model, optimizer = accelerator.prepare(model, optimizer)
     if accelerator.is_main_process:
         accelerator.init_trackers(
@@ -670,7 +734,8 @@ def build_training_loop(accelerator, config: TrainingConfig, model, train_set, t
             config={k: v for k, v in config.arguments.items() if isinstance(v, (int, float, str, bool))},
         )
     loop = TrainingLoop(accelerator, config.loop, model, optimizer, lr_scheduler, train_set, max_train_steps,
-                        ema=ema, validation=validation)
+                        ema=ema, validation=validation, save_result=save_result, save_schedule=save_schedule,
+                        posthoc_ema=posthoc_ema)
     loop.resume()
     logger.info(
         "Training %d steps from step %d: %d items, batch %d x %d processes x %d accumulation",
@@ -680,12 +745,7 @@ def build_training_loop(accelerator, config: TrainingConfig, model, train_set, t
     return loop
 
 
-def finish_run(loop: TrainingLoop, finished: bool, save_result: Callable[[Any], None]) -> None:
-    """The end of every training run: when training finished, `save_result(model)` with the EMA weights swapped
-    in (called on every process; it writes on the main one), then every process waits and the trackers close.
-    A run stopped by a signal saves no result: its checkpoint is what it leaves."""
-    if finished:
-        with loop.ema_weights() as model:
-            save_result(model)
+def finish_run(loop: TrainingLoop) -> None:
+    """The end of every training run: every process waits for the others, then the trackers close."""
     loop.accelerator.wait_for_everyone()
     loop.accelerator.end_training()
