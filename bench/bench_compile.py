@@ -6,7 +6,7 @@ implementations and diffusers' EMA with and without foreach.
     python bench/bench_compile.py --quick    # the tiny UNet, a smoke test
     python bench/bench_compile.py --parts optimizer ema --unets small-sdvae256
 
-The full run takes about 20 minutes on an idle 2-core machine (most of it compiling and stepping the
+The full run takes about 20-30 minutes on an idle 2-core machine (most of it compiling and stepping the
 seed UNet); --quick about a minute. Every part runs in a fresh process, one after the other:
 
 - compile: a training step (forward, MSE, backward, gradient clipping, AdamW) eager against
