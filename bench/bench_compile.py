@@ -7,7 +7,8 @@ implementations and diffusers' EMA with and without foreach.
     python bench/bench_compile.py --parts optimizer ema --unets small-sdvae256
 
 The full run takes about 20-30 minutes on an idle 2-core machine (most of it compiling and stepping the
-seed UNet); --quick about 2 minutes (inductor compiles even the tiny UNet for over a minute). Every part runs in a fresh process, one after the other:
+seed UNet); --quick about 2 minutes (inductor compiles even the tiny UNet for over a minute). Every
+part runs in a fresh process, one after the other:
 
 - compile: a training step (forward, MSE, backward, gradient clipping, AdamW) eager against
   `torch.compile(model)` (inductor, default mode) on the same model. Both first compute the loss and
