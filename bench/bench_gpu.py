@@ -1,18 +1,53 @@
 #!/usr/bin/env python
-"""GPU speed-ups for the latent UNet: fp32 vs TF32 vs bf16, SDPA vs classic attention, channels_last, torch.compile.
+"""The seed recipe's training step on one GPU: img/s, MFU and peak memory for fp32, bf16 and
+bf16 + torch.compile, each with the latent cache (UNet only) and without it (the VAE encodes every step).
 
-    python bench/bench_gpu.py                   # seed UNet (258M), training batch 32, sampling batch 64
-    python bench/bench_gpu.py --quick           # tiny UNet, a few steps
-    python bench/bench_gpu.py --device cpu ...  # the same code on the CPU (to check it; figures not meaningful)
+    python bench/bench_gpu.py                          # seed UNet (258M), batch 84, 4x32x32, SD-VAE layout
+    python bench/bench_gpu.py --device cpu --quick     # the same code on the CPU, tiny models (a check)
 
 Without a CUDA device (and without --device cpu) nothing is measured: the result says it was skipped.
-For each variant a fresh model is timed for a training step (forward, backward, clipping, AdamW) and
-for a sampling forward pass (no gradients); on a GPU the peak memory of the training step is recorded.
+
+The prepared command for a device session (one H100/H200; about 4 minutes of run time, 6-8 of
+device time with the machine's start). The GPU image has torch and accelerate but not diffusers,
+so its wheels travel with the working tree. Once, in the repository's root on this machine:
+
+    echo /.whl/ >> .git/info/exclude
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \\
+        -d .whl diffusers==0.42.1 importlib_metadata==10.2.0 lazy-importer==0.1.0 zipp==4.1.2
+
+then the device tool's `run` with carry [".whl"], timeout_s 480 and the command
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; set -o pipefail; nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv; PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 python3 bench/bench_gpu.py --results_dir $OUT --report $OUT/benchmarks.md --max_minutes 6 2>&1 | tee $OUT/bench_gpu.log
+
+and afterwards, here: copy the returned gpu.json into bench/results/ and run `python bench/report.py`
+(docs/benchmarks.md is rebuilt from bench/results/*.json); give the machine back at once.
+
+What a row measures: a fresh UNet per model variant (fp32: PyTorch's default flags, i.e. cuDNN
+convolutions in TF32 and matmuls in full fp32, as the training script runs without --allow_tf32;
+bf16: autocast with fp32 weights, as accelerate's --mixed_precision bf16, and the VAE's weights in
+bf16, as train_unconditional_latent.py loads it), then per data path --warmup_steps untimed and
+--steps timed training steps: latents (random ones for the cache path; the VAE's encoding of a batch
+of 256 px images for the other), noise, forward, MSE, backward, clipping at 1.0, AdamW, EMA. "loop"
+rows do what uldm/training.py does today: AdamW's default (foreach) implementation, diffusers'
+EMAModel default (one tensor at a time), and one device-to-host copy of the loss and non-finite flag
+every step. "tuned" rows: fused AdamW, EMAModel(foreach=True), the losses read back once at the end.
+MFU = the UNet's training FLOPs per image (forward + backward, counted with
+torch.utils.flop_counter.FlopCounterMode through the math attention kernel) x img/s over the dense
+peak of the GPU's datasheet for the precision (bf16 for bf16 rows, TF32 for the fp32 rows, whose
+convolutions run on TF32 tensor cores); "with VAE" adds the encoder's FLOPs. Peak memory is
+torch.cuda.max_memory_allocated over each row's timed steps. The VAE check encodes and decodes a
+batch in fp32, bf16 and fp16 and counts non-finite values: random weights cannot show the real SD-VAE's
+fp16 overflow (its trained activations are what overflow), so this checks the code path, not the weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
+import dataclasses
+import gc
 import sys
 import time
 from pathlib import Path
@@ -23,26 +58,52 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from bench import models, report  # noqa: E402
+from bench import bench_compile, models, report  # noqa: E402
 
 NAME = "gpu"
-# name: (autocast dtype, SDPA attention, channels_last, torch.compile, TF32 matmuls)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelVariant:
+    autocast: torch.dtype | None  # None: fp32
+    compile: bool = False
+    channels_last: bool = False
+    tf32_matmul: bool = False  # TF32 for matmuls too (the training scripts' --allow_tf32)
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.autocast is torch.bfloat16 else "fp32"
+
+
 VARIANTS = {
-    "fp32": (None, True, False, False, False),
-    "fp32, classic attention": (None, False, False, False, False),
-    "tf32": (None, True, False, False, True),
-    "bf16": (torch.bfloat16, True, False, False, False),
-    "bf16, channels_last": (torch.bfloat16, True, True, False, False),
-    "bf16, compile": (torch.bfloat16, True, False, True, False),
-    "bf16, channels_last, compile": (torch.bfloat16, True, True, True, False),
+    "fp32": ModelVariant(None),
+    "tf32": ModelVariant(None, tf32_matmul=True),
+    "bf16": ModelVariant(torch.bfloat16),
+    "bf16 + channels_last": ModelVariant(torch.bfloat16, channels_last=True),
+    "bf16 + compile": ModelVariant(torch.bfloat16, compile=True),
+    "bf16 + compile + channels_last": ModelVariant(torch.bfloat16, compile=True, channels_last=True),
+}
+DEFAULT_VARIANTS = ["fp32", "bf16", "bf16 + channels_last", "bf16 + compile"]
+DATA_PATHS = {"encode": "VAE encodes every step", "cache": "latent cache (UNet only)"}
+BASELINE = ("fp32", "encode", "loop")  # the origin report's recipe
+# Dense (no sparsity) datasheet peaks in TFLOP/s: (bf16, TF32, fp32 without tensor cores). The H200 SXM
+# has the H100 SXM's arithmetic; the NVL parts run at lower clocks and power.
+PEAK_TFLOPS = {
+    "H100 PCIe": (756.0, 378.0, 51.0),
+    "H100 NVL": (835.0, 418.0, 60.0),
+    "H100": (989.4, 494.7, 66.9),  # SXM
+    "H200 NVL": (835.0, 418.0, 60.0),
+    "H200": (989.4, 494.7, 66.9),  # SXM
+    "A100": (312.0, 156.0, 19.5),
 }
 # name: (full, quick)
 DEFAULTS = {
     "unet": ("seed-ffhq256-sdvae", "tiny"),
-    "train_batch_size": (32, 2),
-    "sample_batch_size": (64, 2),
+    "vae": ("sd", "tiny-kl-f4"),
+    "train_batch_size": (84, 2),
     "warmup_steps": (3, 1),
     "steps": (10, 2),
+    "vae_check_batch_size": (8, 2),
 }
 
 
@@ -51,91 +112,270 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                         help="auto: the GPU if there is one, else skip.")
     parser.add_argument("--unet", type=str, default=None, help="Default seed-ffhq256-sdvae (--quick: tiny).")
-    parser.add_argument("--train_batch_size", type=int, default=None)
-    parser.add_argument("--sample_batch_size", type=int, default=None)
+    parser.add_argument("--vae", type=str, default=None,
+                        help="'sd' (Stable Diffusion's VAE layout, random weights) or a configs/vae preset "
+                             "(default sd; --quick: tiny-kl-f4).")
+    parser.add_argument("--train_batch_size", type=int, default=None, help="Default 84 (the seed recipe).")
     parser.add_argument("--warmup_steps", type=int, default=None,
-                        help="Untimed steps per variant (torch.compile compiles during them).")
-    parser.add_argument("--steps", type=int, default=None, help="Timed steps per variant.")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+                        help="Untimed steps per row (torch.compile compiles during the first). Default 3.")
+    parser.add_argument("--steps", type=int, default=None, help="Timed steps per row. Default 10.")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None,
+                        help=f"Model variants (default: {', '.join(DEFAULT_VARIANTS)}).")
+    parser.add_argument("--data_paths", nargs="+", choices=list(DATA_PATHS), default=list(DATA_PATHS))
+    parser.add_argument("--tuned_variants", nargs="*", choices=list(VARIANTS), default=None,
+                        help="Variants also measured with the tuned step (fused AdamW, foreach EMA, no per-step "
+                             "readback) on the cache path (default: bf16 and bf16 + compile where measured).")
+    parser.add_argument("--vae_check_batch_size", type=int, default=None)
+    parser.add_argument("--skip_parts", action="store_true",
+                        help="Leave out the AdamW/EMA implementation timings and the VAE precision check.")
+    parser.add_argument("--peak_tflops", type=float, nargs=2, default=None, metavar=("BF16", "TF32"),
+                        help="Dense peaks for the MFU when the GPU's name is not in the table.")
+    parser.add_argument("--max_minutes", type=float, default=None,
+                        help="Skip the rows that would start after this many minutes (the device lease is short).")
     args = report.parse_benchmark_args(parser, argv, DEFAULTS)
-    for name in ("train_batch_size", "sample_batch_size", "warmup_steps", "steps"):
+    if args.variants is None:
+        args.variants = list(DEFAULT_VARIANTS)
+    if args.tuned_variants is None:
+        args.tuned_variants = [v for v in ("bf16", "bf16 + compile") if v in args.variants]
+    for name in ("train_batch_size", "warmup_steps", "steps", "vae_check_batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1.")
     return args
 
 
-def set_attention(model, sdpa: bool) -> None:
-    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
-
-    for module in model.modules():
-        if isinstance(module, Attention):
-            module.set_processor(AttnProcessor2_0() if sdpa else AttnProcessor())
+# ------------------------------------------------------------------------------------- counting
 
 
-def build_variant(unet_name: str, device: torch.device, sdpa: bool, channels_last: bool):
-    model = models.build_unet(unet_name).to(device)
-    set_attention(model, sdpa)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
+def peak_tflops(device: torch.device, override: list[float] | None) -> dict | None:
+    """{"bf16": ..., "fp32": ..., "source": ...} for the MFU; None on the CPU or an unknown GPU."""
+    if override:
+        return {"bf16": override[0], "fp32": override[1], "source": "--peak_tflops"}
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, (bf16, tf32, fp32) in PEAK_TFLOPS.items():  # the more specific names come first
+        if key in name:
+            return {"bf16": bf16, "fp32": tf32, "fp32_without_tensor_cores": fp32,
+                    "source": f"datasheet, dense, {key}"}
+    return None
 
 
-def seconds_per_call(function, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        function()
-    report.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        function()
-    report.synchronize()
-    return (time.perf_counter() - start) / repeats
+def training_flops_per_image(unet, device: torch.device, batch_size: int = 2) -> float:
+    """FLOPs of one image's forward and backward pass through the UNet (fp32, math attention, so that
+    attention counts the same on every device)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    latents = torch.randn((batch_size, *models.sample_shape(unet)), device=device)
+    timesteps = torch.full((batch_size,), 500, device=device)
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        unet(latents, timesteps).sample.float().pow(2).mean().backward()
+    unet.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / batch_size
 
 
-def measure_variant(args, device: torch.device, name: str) -> tuple[dict, int]:
-    dtype, sdpa, channels_last, compiled, tf32 = VARIANTS[name]
-    # "fp32" means true fp32: TF32 off for matmuls and convolutions (cuDNN allows it by default).
-    previous_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+def encode_flops_per_image(vae, images: torch.Tensor) -> float:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+        vae.encode(images[:1].float() if vae.dtype == torch.float32 else images[:1])
+    return counter.get_total_flops()
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype, size: int = 8192, repeats: int = 10) -> float:
+    """The rate of a large matrix product on random data: the ceiling that this card reaches in practice."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    elapsed = bench_compile.seconds(lambda: [a @ b for _ in range(repeats)])
+    return 2 * size**3 * repeats / elapsed / 1e12
+
+
+# ------------------------------------------------------------------------------------- measuring
+
+
+@contextlib.contextmanager
+def precision_flags(variant: ModelVariant):
+    """PyTorch's default TF32 flags (cuDNN convolutions in TF32, matmuls in fp32), or TF32 matmuls too."""
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = variant.tf32_matmul, True
     try:
-        return time_variant(args, device, name)  # (measurements, UNet parameter count)
+        yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous_tf32
-        if compiled:
-            torch._dynamo.reset()  # drop the compiled graphs, which hold on to the model
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
 
 
-def time_variant(args, device: torch.device, name: str) -> tuple[dict, int]:
-    from uldm.models import count_parameters
-
-    dtype, sdpa, channels_last, compiled, _ = VARIANTS[name]
-    model = build_variant(args.unet, device, sdpa, channels_last).train()
-    num_parameters = count_parameters(model)
-    shape = models.sample_shape(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-6)
-    runnable = torch.compile(model) if compiled else model
-    step = models.make_training_step(runnable, optimizer, shape, device, autocast_dtype=dtype,
-                                     channels_last=channels_last)
-    if device.type == "cuda":
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    train_s = seconds_per_call(lambda: step(args.train_batch_size), args.warmup_steps, args.steps)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
 
-    model.eval()
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    latents = torch.randn((args.sample_batch_size, *shape), device=device).contiguous(memory_format=memory_format)
-    timestep = torch.full((args.sample_batch_size,), 500, device=device)
-    autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
-    @torch.no_grad()
-    def forward():
-        with autocast:
-            runnable(latents, timestep)
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
-    sample_s = seconds_per_call(forward, args.warmup_steps, args.steps)
-    measured = {"variant": name, "train_images_per_sec": args.train_batch_size / train_s,
-                "train_peak_memory_bytes": peak, "sampling_unet_images_per_sec": args.sample_batch_size / sample_s}
-    return measured, num_parameters
+
+def peak_memory(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def in_dtype(vae, dtype: torch.dtype):
+    """A copy of the VAE with its weights in `dtype`, as uldm.vae loads it for --mixed_precision bf16
+    (diffusers' warning about modules to keep in fp32 concerns pretrained weights: none here)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        return copy.deepcopy(vae).to(dtype)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+
+
+class Encoders:
+    """The VAE and a batch of images in each dtype the rows need (built once: the weights do not matter)."""
+
+    def __init__(self, args, device: torch.device, unet_shape: tuple[int, int, int]):
+        self.args, self.device = args, device
+        channels, height, width = unet_shape
+        self.vae = models.build_vae(args.vae).to(device)
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if self.vae.config.latent_channels != channels:
+            raise SystemExit(f"The VAE {args.vae!r} has {self.vae.config.latent_channels} latent channels, "
+                             f"the UNet {args.unet!r} {channels}.")
+        self.image_shape = (args.train_batch_size, 3, height * factor, width * factor)
+        self.images = torch.rand(self.image_shape, generator=torch.Generator().manual_seed(3)).to(device) * 2 - 1
+        self._by_dtype = {}
+
+    def make_latents(self, dtype: torch.dtype):
+        if dtype not in self._by_dtype:
+            vae = self.vae if dtype == torch.float32 else in_dtype(self.vae, dtype)
+            self._by_dtype[dtype] = models.make_encoder_latents(vae, self.images.to(dtype))
+        return self._by_dtype[dtype]
+
+
+def build_step(unet, runnable, variant: ModelVariant, args, device: torch.device, make_latents, tuned: bool):
+    """The training step of a row: AdamW and EMA as the loop has them today, or the tuned ones."""
+    from diffusers.training_utils import EMAModel
+
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, weight_decay=1e-6, **({"fused": True} if tuned else {}))
+    ema = EMAModel(unet.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=0.75, foreach=tuned)
+    return models.make_training_step(runnable, optimizer, models.sample_shape(unet), device,
+                                     autocast_dtype=variant.autocast, channels_last=variant.channels_last,
+                                     ema=ema, make_latents=make_latents, readback_every_step=not tuned)
+
+
+def time_row(step, args, device: torch.device, tuned: bool) -> dict:
+    """First step (it compiles, where compiled), the other warm-up steps, then the timed steps.
+
+    Tuned rows read the losses back once, after the timed steps, as a loop logging every N steps would."""
+    first = bench_compile.seconds(lambda: step(args.train_batch_size))
+    for _ in range(args.warmup_steps - 1):
+        step(args.train_batch_size)
+    reset_peak_memory(device)
+
+    def timed_steps():
+        losses = [step(args.train_batch_size) for _ in range(args.steps)]
+        if tuned:
+            torch.stack(losses).tolist()
+
+    elapsed = bench_compile.seconds(timed_steps)
+    return {"first_step_s": first, "ms_per_step": 1000 * elapsed / args.steps,
+            "images_per_sec": args.train_batch_size * args.steps / elapsed, "peak_memory_bytes": peak_memory(device)}
+
+
+def measure_rows(args, device: torch.device, deadline: float, skipped: list[str]) -> list[dict]:
+    """Every (variant, data path, step) row; one fresh UNet per variant, shared by its rows (compiled once)."""
+    shape = models.sample_shape(models.build_unet(args.unet))
+    encoders = Encoders(args, device, shape) if "encode" in args.data_paths else None
+    rows = []
+    for name in args.variants:
+        variant = VARIANTS[name]
+        plan = [(path, "loop") for path in sorted(args.data_paths, key=lambda p: p != "cache")]
+        if name in args.tuned_variants and "cache" in args.data_paths:
+            plan.append(("cache", "tuned"))
+        with precision_flags(variant):
+            unet = models.build_unet(args.unet).to(device).train()
+            if variant.channels_last:
+                unet = unet.to(memory_format=torch.channels_last)
+            runnable = torch.compile(unet) if variant.compile else unet
+            for path, step_kind in plan:
+                label = f"{name}, {DATA_PATHS[path]}, {step_kind} step"
+                if time.monotonic() > deadline:
+                    skipped.append(label)
+                    print(f"Skipped (out of time): {label}", flush=True)
+                    continue
+                print(f"Measuring {label}...", flush=True)
+                make_latents = None
+                if path == "encode":
+                    make_latents = encoders.make_latents(torch.bfloat16 if variant.precision == "bf16" else torch.float32)
+                step = build_step(unet, runnable, variant, args, device, make_latents, tuned=step_kind == "tuned")
+                row = {"variant": name, "precision": variant.precision, "compile": variant.compile,
+                       "channels_last": variant.channels_last, "data_path": path, "step": step_kind,
+                       **time_row(step, args, device, tuned=step_kind == "tuned")}
+                memory = "" if row["peak_memory_bytes"] is None else f", peak memory {row['peak_memory_bytes'] / 2**30:.1f} GiB"
+                print(f"  {row['images_per_sec']:.1f} img/s, {row['ms_per_step']:.1f} ms/step, first step "
+                      f"{row['first_step_s']:.1f} s{memory}", flush=True)
+                rows.append(row)
+                del step
+                free_memory()
+        del unet, runnable
+        if variant.compile:
+            torch._dynamo.reset()  # drop the compiled graphs, which hold on to the model
+        free_memory()
+    return rows
+
+
+def vae_precision_check(args, device: torch.device) -> list[dict]:
+    """Encode and decode one batch in fp32, bf16 and fp16: non-finite values and the difference from fp32."""
+    vae = models.build_vae(args.vae).to(device)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    size = models.sample_shape(models.build_unet(args.unet))[1] * factor
+    images = torch.rand((args.vae_check_batch_size, 3, size, size), generator=torch.Generator().manual_seed(4)) * 2 - 1
+    images = images.to(device)
+    with torch.no_grad():
+        reference_latents = vae.encode(images).latent_dist.mean
+        reference_images = vae.decode(reference_latents).sample
+    checks = [{"dtype": "fp32", "nonfinite_latents": 0, "nonfinite_images": 0,
+               "latents_relative_difference": 0.0, "images_relative_difference": 0.0}]
+    for label, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        try:
+            half = in_dtype(vae, dtype)
+            with torch.no_grad():
+                latents = half.encode(images.to(dtype)).latent_dist.mean
+                decoded = half.decode(latents).sample
+        except Exception as error:  # e.g. an operator without a half-precision kernel on the CPU
+            checks.append({"dtype": label, "error": f"{type(error).__name__}: {error}"[:500]})
+            continue
+        checks.append({
+            "dtype": label,
+            "nonfinite_latents": int((~torch.isfinite(latents)).sum()),
+            "nonfinite_images": int((~torch.isfinite(decoded)).sum()),
+            "latents_relative_difference": bench_compile.relative_difference([latents.float()], [reference_latents]),
+            "images_relative_difference": bench_compile.relative_difference([decoded.float()], [reference_images]),
+        })
+        del half
+    del vae
+    free_memory()
+    return checks
+
+
+def measure_parts(args, device: torch.device) -> dict:
+    """AdamW fused / foreach / for-loop and EMA foreach / default over the UNet's parameters on the device."""
+    spec = {"unet": args.unet, "warmup_steps": 1, "optimizer_steps": args.steps, "device": device.type}
+    parts = {"optimizer": bench_compile.measure_optimizer(spec)}
+    free_memory()
+    parts["ema"] = bench_compile.measure_ema(spec)
+    free_memory()
+    return parts
+
+
+# ------------------------------------------------------------------------------------------ run
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -147,10 +387,12 @@ def main(argv: list[str] | None = None) -> dict:
 def run(args: argparse.Namespace) -> dict:
     device_name = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     skip = device_name in ("auto", "cuda") and not torch.cuda.is_available()
-    result = report.start_result(NAME, "GPU: precision, attention, memory format, torch.compile", args, wait=not skip)
+    result = report.start_result(NAME, "GPU: the seed recipe's training step (fp32, bf16, torch.compile; "
+                                       "latent cache or VAE every step)", args, wait=not skip)
     if skip:
-        message = ("No CUDA device: the GPU benchmark (fp32 vs bf16, SDPA, channels_last, torch.compile) is "
-                   "skipped. Run `python bench/bench_gpu.py` on a machine with a GPU.")
+        message = ("No CUDA device: the GPU benchmark (img/s, MFU and peak memory of the seed recipe in fp32, bf16 "
+                   "and bf16 + torch.compile, with and without the latent cache) is skipped. Run "
+                   "`python bench/bench_gpu.py` on a machine with a GPU (its docstring has the device command).")
         print(message, flush=True)
         result["results"] = {"skipped": True, "reason": message}
         result["notes"].append(message)
@@ -158,30 +400,137 @@ def run(args: argparse.Namespace) -> dict:
         return result
 
     device = torch.device(device_name)
-    variants = []
-    for name in args.variants:
-        print(f"Measuring {name}...", flush=True)
-        measured, num_parameters = measure_variant(args, device, name)
-        variants.append(measured)
-    baseline = variants[0]
-    for variant in variants:
-        variant["train_speedup"] = variant["train_images_per_sec"] / baseline["train_images_per_sec"]
-        variant["sampling_speedup"] = variant["sampling_unet_images_per_sec"] / baseline["sampling_unet_images_per_sec"]
-    result["settings"] = {"unet": args.unet, "unet_parameters": num_parameters,
-                          "train_batch_size": args.train_batch_size, "sample_batch_size": args.sample_batch_size,
-                          "warmup_steps": args.warmup_steps, "timed_steps": args.steps, "device": str(device)}
-    result["results"] = {"skipped": False, "variants": variants}
-    report.add_table(result, f"{args.unet}: training step at batch {args.train_batch_size}, sampling forward pass "
-                             f"at batch {args.sample_batch_size} (speed-ups against {baseline['variant']})",
-                     ["variant", "train images/s", "speed-up", "train peak memory (GiB)", "sampling images/s per UNet pass",
-                      "speed-up"],
-                     [[v["variant"], v["train_images_per_sec"], v["train_speedup"],
-                       None if v["train_peak_memory_bytes"] is None else v["train_peak_memory_bytes"] / 2**30,
-                       v["sampling_unet_images_per_sec"], v["sampling_speedup"]] for v in variants])
-    if device.type == "cpu":
-        result["notes"].append("Run on the CPU to check the code: these figures say nothing about a GPU.")
+    started = time.monotonic()
+    deadline = started + 60 * args.max_minutes if args.max_minutes else float("inf")
+    unet = models.build_unet(args.unet).to(device)
+    unet_flops = training_flops_per_image(unet, device)
+    del unet
+    vae = models.build_vae(args.vae).to(device)
+    size = models.sample_shape(models.build_unet(args.unet))[1] * 2 ** (len(vae.config.block_out_channels) - 1)
+    vae_flops = encode_flops_per_image(vae, torch.zeros((1, 3, size, size), device=device))
+    del vae
+    free_memory()
+    peaks = peak_tflops(device, args.peak_tflops)
+    matmul_size = 8192 if device.type == "cuda" else 256
+    with precision_flags(VARIANTS["tf32"]):
+        ceilings = {"bf16": matmul_tflops(device, torch.bfloat16, matmul_size),
+                    "tf32": matmul_tflops(device, torch.float32, matmul_size)}
+    free_memory()
+
+    skipped: list[str] = []
+    rows = measure_rows(args, device, deadline, skipped)
+    parts, vae_checks = None, None
+    if not args.skip_parts:
+        if time.monotonic() < deadline:
+            print("Checking the VAE in fp32, bf16 and fp16...", flush=True)
+            vae_checks = vae_precision_check(args, device)
+        else:
+            skipped.append("VAE precision check")
+        if time.monotonic() < deadline:
+            print("Timing AdamW and EMA implementations...", flush=True)
+            parts = measure_parts(args, device)
+        else:
+            skipped.append("AdamW and EMA implementations")
+
+    add_figures(rows, unet_flops, vae_flops, peaks)
+    result["settings"] = {
+        "unet": args.unet, "vae": models.vae_label(args.vae), "train_batch_size": args.train_batch_size,
+        "latent_shape": list(models.sample_shape(models.build_unet(args.unet))), "image_size": size,
+        "warmup_steps": args.warmup_steps, "timed_steps": args.steps, "device": device_description(device),
+        "unet_training_gflops_per_image": unet_flops / 1e9, "vae_encode_gflops_per_image": vae_flops / 1e9,
+        "peak_tflops": peaks, "measured_matmul_tflops": ceilings, "matmul_size": matmul_size,
+        "compile": "torch.compile(unet), inductor, default mode; the VAE stays eager",
+        "fp32_flags": "torch.backends.cudnn.allow_tf32=True, torch.backends.cuda.matmul.allow_tf32=False (defaults)",
+    }
+    result["results"] = {"skipped": False, "rows": rows, "vae_precision_check": vae_checks, "parts": parts,
+                         "rows_skipped_for_time": skipped}
+    describe(result, args, rows, parts, vae_checks, skipped, device)
     report.finish_result(result, args)
     return result
+
+
+def device_description(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {"type": "cpu", "name": report.cpu_model()}
+    properties = torch.cuda.get_device_properties(device)
+    return {"type": "cuda", "name": properties.name, "memory_gib": round(properties.total_memory / 2**30, 1),
+            "multiprocessors": properties.multi_processor_count,
+            "capability": f"{properties.major}.{properties.minor}", "cuda": torch.version.cuda}
+
+
+def add_figures(rows: list[dict], unet_flops: float, vae_flops: float, peaks: dict | None) -> None:
+    """TFLOP/s, MFU and the ratio to the origin recipe's img/s, per row."""
+    baseline = next((r for r in rows if (r["variant"], r["data_path"], r["step"]) == BASELINE), None)
+    for row in rows:
+        row["unet_tflops"] = unet_flops * row["images_per_sec"] / 1e12
+        peak = peaks[row["precision"]] if peaks else None
+        row["mfu"] = row["unet_tflops"] / peak if peak else None
+        with_vae = unet_flops + (vae_flops if row["data_path"] == "encode" else 0.0)
+        row["mfu_with_vae"] = with_vae * row["images_per_sec"] / 1e12 / peak if peak else None
+        row["ratio_to_baseline"] = row["images_per_sec"] / baseline["images_per_sec"] if baseline else None
+
+
+def describe(result: dict, args, rows, parts, vae_checks, skipped, device: torch.device) -> None:
+    settings = result["settings"]
+    report.add_table(
+        result, f"{args.unet}: training step at batch {args.train_batch_size} on {settings['device']['name']} "
+                f"(x baseline: img/s over fp32 with the VAE every step and today's loop)",
+        ["variant", "data", "step", "img/s", "ms/step", "first step (s)", "UNet TFLOP/s", "MFU", "MFU with VAE",
+         "peak memory (GiB)", "x baseline"],
+        [[r["variant"], r["data_path"], r["step"], r["images_per_sec"], r["ms_per_step"], r["first_step_s"],
+          r["unet_tflops"], r["mfu"], r["mfu_with_vae"],
+          None if r["peak_memory_bytes"] is None else r["peak_memory_bytes"] / 2**30, r["ratio_to_baseline"]]
+         for r in rows])
+    peaks = settings["peak_tflops"]
+    result["notes"].append(
+        f"UNet training FLOPs per image {settings['unet_training_gflops_per_image']:.4g} GFLOP (forward + backward), "
+        f"VAE encode {settings['vae_encode_gflops_per_image']:.4g} GFLOP per {settings['image_size']} px image. "
+        + (f"MFU against {peaks['source']} peaks: {peaks['bf16']} TFLOP/s bf16 for bf16 rows, {peaks['fp32']} "
+           "TFLOP/s TF32 for fp32 rows (their convolutions run in TF32 by PyTorch's default). " if peaks else
+           "No peak known for this device: no MFU. ")
+        + f"Measured {settings['matmul_size']}^3 matrix products on random data: "
+        f"{settings['measured_matmul_tflops']['bf16']:.3g} TFLOP/s bf16, "
+        f"{settings['measured_matmul_tflops']['tf32']:.3g} TFLOP/s TF32.")
+    result["notes"].append(
+        "Rows: 'encode' = the VAE encodes the batch of images every step (they are already on the device: data "
+        "loading is not measured); 'cache' = latents ready on the device, UNet only. 'loop' step = today's "
+        "uldm/training.py (foreach AdamW, EMAModel one tensor at a time, a device-to-host readback every step); "
+        "'tuned' = fused AdamW, EMAModel(foreach=True), losses read back once after the timed steps. "
+        "The first step of the first row of a compiled variant includes torch.compile's compilation.")
+    if vae_checks:
+        report.add_table(result, "VAE in half precision: non-finite values and difference from fp32 "
+                                 f"(batch {args.vae_check_batch_size}, random weights)",
+                         ["dtype", "non-finite latents", "non-finite decoded", "latents rel. diff.",
+                          "decoded rel. diff.", "error"],
+                         [[c["dtype"], c.get("nonfinite_latents"), c.get("nonfinite_images"),
+                           c.get("latents_relative_difference"), c.get("images_relative_difference"), c.get("error")]
+                          for c in vae_checks])
+        result["notes"].append(
+            "The VAE check has random weights: the real SD-VAE's NaNs in fp16 come from its trained activations "
+            "overflowing fp16's range (65504) in the decoder, which random weights do not reproduce; this checks "
+            "that the code runs in each dtype and how far the rounding moves the result. bf16 has fp32's range, so "
+            "it cannot overflow where fp32 does not; train_unconditional_latent.py runs the VAE in bf16 under "
+            "--mixed_precision bf16 and in fp32 otherwise (uldm.vae.vae_dtype_for).")
+    if parts:
+        optimizer, ema = parts["optimizer"], parts["ema"]
+        part_rows = [["AdamW", name, 1000 * seconds, optimizer["step_s"]["for-loop"] / seconds]
+                     for name, seconds in optimizer["step_s"].items()]
+        part_rows += [["EMAModel", name, 1000 * seconds, ema["step_s"]["default (for-loop)"] / seconds]
+                      for name, seconds in ema["step_s"].items()]
+        report.add_table(result, f"AdamW and EMA step over the UNet's {optimizer['parameters'] / 1e6:.0f}M "
+                                 "parameters on the device", ["what", "implementation", "ms/step", "speed-up"],
+                         part_rows)
+    if skipped:
+        result["notes"].append("Skipped to stay within --max_minutes: " + "; ".join(skipped) + ".")
+    cached = [r for r in rows if r["data_path"] == "cache"]
+    if device.type == "cuda" and cached and args.unet == "seed-ffhq256-sdvae":
+        best = max(cached, key=lambda r: r["images_per_sec"])
+        report.add_target(result, "seed UNet on one GPU with the latent cache: about 1,500 img/s (the data-path goal "
+                                  "of issue 13 assumes it)",
+                          f"{best['images_per_sec']:.0f} img/s ({best['variant']}, {best['step']} step)",
+                          best["images_per_sec"] >= 1500)
+    if device.type == "cpu":
+        result["notes"].append("Run on the CPU to check the code: these figures say nothing about a GPU.")
 
 
 if __name__ == "__main__":

@@ -118,9 +118,16 @@ def sample_shape(unet) -> tuple[int, int, int]:
 
 
 def make_training_step(model, optimizer, shape: tuple[int, int, int], device: torch.device,
-                       autocast_dtype: torch.dtype | None = None, channels_last: bool = False, seed: int = 0):
-    """A function step(batch_size) doing what the training scripts do for one batch of random latents:
-    noise and timesteps, forward (under autocast when a dtype is given), MSE, backward, clipping, AdamW."""
+                       autocast_dtype: torch.dtype | None = None, channels_last: bool = False, seed: int = 0,
+                       ema=None, make_latents=None, readback_every_step: bool = False):
+    """A function step(batch_size) -> detached loss doing what the training scripts do for one batch:
+    latents (random ones, as from the latent cache, or `make_latents(batch_size, generator)`), noise and
+    timesteps, forward (under autocast when a dtype is given), MSE, backward, clipping, AdamW, and the
+    EMA step when an EMAModel is given.
+
+    readback_every_step: copy the non-finite flag and the loss to the host before the backward pass,
+    as the training loop does on every micro-batch (a device-to-host sync); without it the step never
+    waits for the device."""
     from uldm.diffusion import build_noise_scheduler, noisy_latents_and_target, per_sample_loss
 
     noise_scheduler = build_noise_scheduler()
@@ -128,15 +135,38 @@ def make_training_step(model, optimizer, shape: tuple[int, int, int], device: to
     autocast = torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
-    def step(batch_size: int) -> None:
-        latents = torch.randn((batch_size, *shape), generator=generator, device=device)
+    def step(batch_size: int) -> torch.Tensor:
+        if make_latents is None:
+            latents = torch.randn((batch_size, *shape), generator=generator, device=device)
+        else:
+            latents = make_latents(batch_size, generator)
         noisy, timesteps, target = noisy_latents_and_target(noise_scheduler, latents, generator)
         with autocast:
             prediction = model(noisy.contiguous(memory_format=memory_format), timesteps).sample
         loss = per_sample_loss(prediction, target, timesteps, noise_scheduler).mean()
+        if readback_every_step:
+            nonfinite, _ = torch.stack([(~torch.isfinite(loss)).float(), loss.detach().float()]).tolist()
+            if nonfinite:
+                raise FloatingPointError("The loss became NaN or infinite.")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(model.parameters())
+        return loss.detach()
 
     return step
+
+
+def make_encoder_latents(vae, images: torch.Tensor):
+    """make_latents for make_training_step without a latent cache: the VAE encodes `images` (the first
+    batch_size of them) every step and a latent is drawn from the posterior, scaled, in fp32."""
+    scale = vae.config.scaling_factor
+
+    @torch.no_grad()
+    def make_latents(batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        posterior = vae.encode(images[:batch_size]).latent_dist
+        return (posterior.sample(generator) * scale).float()
+
+    return make_latents

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Run every benchmark, one after the other, and rewrite docs/benchmarks.md.
 
-    python bench/run_all.py            # the full measurements (about an hour on a busy 2-core CPU)
+    python bench/run_all.py            # the full measurements (about 80 minutes on a 2-core CPU)
     python bench/run_all.py --quick    # tiny sizes, a smoke test (results in a temporary folder)
     python bench/run_all.py --only sampling gpu
 
@@ -19,12 +19,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench import bench_cache_latents, bench_gpu, bench_sampling, bench_train_step, report  # noqa: E402
+from bench import bench_cache_latents, bench_compile, bench_gpu, bench_sampling, bench_train_step, report  # noqa: E402
 
 BENCHMARKS = {
     "cache_latents": bench_cache_latents,
     "train_step": bench_train_step,
     "sampling": bench_sampling,
+    "compile": bench_compile,
     "gpu": bench_gpu,
 }
 

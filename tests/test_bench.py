@@ -9,7 +9,9 @@ import json
 
 import torch
 
-from bench import bench_gpu, bench_train_step, report, run_all
+import pytest
+
+from bench import bench_compile, bench_gpu, bench_train_step, report, run_all
 
 COMMON_KEYS = {"name", "title", "quick", "machine", "started", "duration_s", "load_at_start", "load_at_end",
                "settings", "results", "tables", "targets", "notes"}
@@ -70,6 +72,19 @@ def test_every_benchmark_runs_quickly_and_writes_results_and_report(tmp_path):
         assert_positive(run, "images_per_sec", "decode_seconds", "unet_seconds_per_step")
         assert 0 < run["decode_share"] < 1
 
+    compiled = read_result(results_dir, "compile")["results"]["unets"]["tiny"]
+    assert "compile_error" not in compiled["compile"], compiled["compile"].get("compile_error")
+    assert_positive(compiled["compile"], "eager_step_s", "compiled_step_s", "speedup", "compiled_first_step_s")
+    assert compiled["compile"]["equal_within_tolerance"] is True
+    assert compiled["compile"]["graph_breaks"] == {} and compiled["compile"]["explain"]["graph_count"] == 1
+    # Compiling costs time once; a restart over the inductor cache pays much less of it.
+    assert compiled["compile"]["compiled_first_step_s"] > compiled["compile"]["compiled_step_s"]
+    assert compiled["restart"]["first_step_s"] < compiled["compile"]["compiled_first_step_s"]
+    assert_positive(compiled["channels_last"], "contiguous_step_s", "channels_last_step_s")
+    assert set(compiled["optimizer"]["step_s"]) == set(bench_compile.OPTIMIZERS)
+    assert all(d <= bench_compile.WEIGHTS_RTOL for d in compiled["optimizer"]["weights_relative_difference"].values())
+    assert compiled["ema"]["average_relative_difference"] <= bench_compile.WEIGHTS_RTOL
+
     gpu = read_result(results_dir, "gpu")
     if not torch.cuda.is_available():
         assert gpu["results"]["skipped"] is True and "No CUDA device" in gpu["notes"][0]
@@ -82,11 +97,23 @@ def test_every_benchmark_runs_quickly_and_writes_results_and_report(tmp_path):
 
 
 def test_gpu_benchmark_code_runs_on_the_cpu(tmp_path):
-    variants = ["fp32", "fp32, classic attention", "bf16, channels_last"]
-    result = bench_gpu.main(["--quick", "--device", "cpu", "--variants", *variants,
+    result = bench_gpu.main(["--quick", "--device", "cpu", "--variants", "fp32", "bf16", "--peak_tflops", "2", "1",
                              "--results_dir", str(tmp_path), "--report", str(tmp_path / "benchmarks.md")])
-    measured = result["results"]["variants"]
-    assert [variant["variant"] for variant in measured] == variants
-    for variant in measured:
-        assert_positive(variant, "train_images_per_sec", "sampling_unet_images_per_sec", "train_speedup")
-    assert measured[0]["train_speedup"] == 1.0
+    rows = result["results"]["rows"]
+    assert [(r["variant"], r["data_path"], r["step"]) for r in rows] == [
+        ("fp32", "cache", "loop"), ("fp32", "encode", "loop"),
+        ("bf16", "cache", "loop"), ("bf16", "encode", "loop"), ("bf16", "cache", "tuned")]
+    settings = result["settings"]
+    assert_positive(settings, "unet_training_gflops_per_image", "vae_encode_gflops_per_image")
+    for row in rows:
+        assert_positive(row, "images_per_sec", "ms_per_step", "first_step_s", "unet_tflops", "mfu")
+        peak = 2.0 if row["precision"] == "bf16" else 1.0
+        assert row["mfu"] == pytest.approx(row["unet_tflops"] / peak)
+        assert row["mfu_with_vae"] > row["mfu"] if row["data_path"] == "encode" else row["mfu_with_vae"] == row["mfu"]
+    assert rows[1]["ratio_to_baseline"] == 1.0
+    checks = {check["dtype"]: check for check in result["results"]["vae_precision_check"]}
+    assert set(checks) == {"fp32", "bf16", "fp16"} and checks["bf16"]["nonfinite_latents"] == 0
+    assert 0 < checks["bf16"]["latents_relative_difference"] < 0.1
+    parts = result["results"]["parts"]
+    assert set(parts["optimizer"]["step_s"]) == {"fused", "foreach", "for-loop"}
+    assert set(parts["ema"]["step_s"]) == {"foreach", "default (for-loop)"}
