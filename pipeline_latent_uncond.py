@@ -246,7 +246,7 @@ class UnconditionalLatentPipeline(DiffusionPipeline):
             latents = randn_tensor(self.latent_shape(batch_size), generator=generator, device=device, dtype=dtype)
         else:
             latents = latents.to(device=device, dtype=dtype)
-        # Euler-type schedulers start from noise with sigma_max, not 1.
+        # Euler-type schedulers start from noise with the first step's sigma, not 1 (set_timesteps comes first).
         return latents * self.scheduler.init_noise_sigma
 
     def prepare_extra_step_kwargs(self, generator, eta: float) -> dict[str, Any]:
@@ -298,16 +298,20 @@ class UnconditionalLatentPipeline(DiffusionPipeline):
             batch_size, num_inference_steps, generator, latents, output_type, callback_on_step_end_tensor_inputs
         )
         device = self._execution_device
-        latents = self.prepare_latents(batch_size, generator, latents, device, self.unet.dtype)
+        # Timesteps first: for Euler-type schedulers init_noise_sigma depends on them (with "leading" spacing
+        # the 1000-step table's sigma_max is far above the first step's sigma).
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
+        latents = self.prepare_latents(batch_size, generator, latents, device, self.unet.dtype)
         self._num_timesteps = len(timesteps)
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
 
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for step_index, t in enumerate(timesteps):
                 model_input = self.scheduler.scale_model_input(latents, t)
-                model_output = self.unet(model_input, t).sample
+                # Euler-type schedulers cast their result to the model output's dtype: under autocast that
+                # would round the latents to half precision at every step.
+                model_output = self.unet(model_input, t).sample.to(latents.dtype)
                 latents = self.scheduler.step(model_output, t, latents, **extra_step_kwargs).prev_sample
                 if callback_on_step_end is not None:
                     tensors = {name: latents for name in callback_on_step_end_tensor_inputs}
