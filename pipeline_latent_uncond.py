@@ -7,8 +7,15 @@ so that anyone can load the folder with
     pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
 
 The project's own scripts load with `UnconditionalLatentPipeline.from_pretrained(folder_or_hub_id)`
-instead, which reads `model_index.json` itself and never runs code found in a model folder. That
-path also loads the CompVis LDM layout (`LDMPipeline` with a `vqvae`, e.g. CompVis/ldm-celebahq-256).
+instead: it takes `DiffusionPipeline.from_pretrained`'s options and errs and logs like it, but reads
+`model_index.json` itself and never runs code found in a model folder. That path also loads the
+CompVis LDM layout (`LDMPipeline` with a `vqvae`, e.g. CompVis/ldm-celebahq-256).
+
+LoRA: diffusers' `UNet2DModel` has no adapter mixin, so the pipeline carries diffusers' LoRA methods
+(`load_lora_weights`, `save_lora_weights`, `fuse_lora`, ... see `UNet2DLoraLoaderMixin`), files in
+diffusers' LoRA layout. At module level only torch, diffusers and the standard library are imported;
+peft (LoRA only), huggingface_hub (hub downloads), safetensors and accelerate (device maps) are
+imported inside the methods that need them, the last three being diffusers' own dependencies.
 
 Latent scaling. The UNet works on `z = (vae_latent - shift) * scale`; decoding uses
 `vae.decode(z / scale + shift)`. When no scale is given it is resolved from the VAE by
@@ -833,6 +840,10 @@ class NotAPipelineError(FileNotFoundError, ValueError):
     FileNotFoundError; this is both."""
 
 
+class MissingWeightsError(OSError):
+    """The repository lacks the weights asked for (diffusers' EnvironmentError): not a download failure."""
+
+
 def _check_load_options(options: dict, kwargs: dict) -> None:
     """diffusers' checks of its loading options, with its messages."""
     if "dduf_file" in kwargs:
@@ -911,6 +922,8 @@ def _explain_hub_errors(source: str):
     """Turn a hub download failure into one message that says what to do, keeping the original as cause."""
     try:
         yield
+    except MissingWeightsError:
+        raise
     except OSError as error:
         raise OSError(
             f"'{source}' is not a local folder, and loading it as a Hugging Face hub id failed ({error}). "
@@ -965,7 +978,7 @@ def _files_to_fetch(files: list[str], folders: list[str], use_safetensors: bool 
     has_safetensors = all(any(f.startswith(folder + "/") and f.endswith(".safetensors") for f in weights)
                           for folder in model_folders)
     if use_safetensors and not has_safetensors:
-        raise OSError(f"Could not find the necessary `safetensors` weights in {weights} (variant={variant})")
+        raise MissingWeightsError(f"Could not find the necessary `safetensors` weights in {weights} (variant={variant})")
     keep = ".safetensors" if (use_safetensors is not False and has_safetensors) else ".bin"
     weights = [f for f in weights if f.endswith(keep)]
     usable, _ = variant_compatible_siblings(weights, variant=variant)

@@ -298,3 +298,41 @@ def test_hub_id_loads_from_the_cache_offline_without_running_its_code(tmp_path, 
     with pytest.raises(OSError, match="may be offline"):
         UnconditionalLatentPipeline.from_pretrained("someone/tiny-uldm", cache_dir=tmp_path / "cache",
                                                     revision="no-such-branch")
+
+
+def test_online_download_fetches_one_format_and_variant_and_never_a_python_file(saved, monkeypatch):
+    """With the hub reachable (faked here), the files asked for are diffusers' choice: safetensors unless
+    use_safetensors=False, the variant where a model has it, nothing of components passed in, no .py."""
+    import huggingface_hub
+
+    folder, expected = saved
+    weights = "diffusion_pytorch_model"
+    repo_files = ["model_index.json", "pipeline_latent_uncond.py", "README.md", "scheduler/scheduler_config.json",
+                  "unet/config.json", f"unet/{weights}.safetensors", f"unet/{weights}.fp16.safetensors",
+                  f"unet/{weights}.bin", "unet/helper.py", "vae/config.json", f"vae/{weights}.safetensors",
+                  f"vae/{weights}.bin"]
+    requests = []
+
+    def fake_snapshot_download(repo_id, allow_patterns, ignore_patterns, **options):
+        requests.append((sorted(allow_patterns), ignore_patterns, options["local_files_only"]))
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id, **options: repo_files)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda repo_id, filename, **options: str(folder / filename))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    configs = ["model_index.json", "scheduler/scheduler_config.json", "unet/config.json", "vae/config.json"]
+
+    pipe = UnconditionalLatentPipeline.from_pretrained("someone/tiny-uldm")
+    np.testing.assert_allclose(sample(pipe), expected, atol=1e-6)
+    assert requests[-1] == (sorted(configs + [f"unet/{weights}.safetensors", f"vae/{weights}.safetensors"]),
+                            ["*.py", "*.pyc"], False)
+    with pytest.raises(ValueError, match="variant=fp16"):  # the saved folder has no fp16 files
+        UnconditionalLatentPipeline.from_pretrained("someone/tiny-uldm", variant="fp16")
+    assert requests[-1][0] == sorted(configs + [f"unet/{weights}.fp16.safetensors", f"vae/{weights}.safetensors"])
+    with pytest.raises(OSError, match=r"diffusion_pytorch_model\.bin"):  # and it has no .bin files
+        UnconditionalLatentPipeline.from_pretrained("someone/tiny-uldm", use_safetensors=False,
+                                                    vae=build_tiny_kl_vae(scaling_factor=0.18215))
+    assert requests[-1][0] == sorted(["model_index.json", "scheduler/scheduler_config.json", "unet/config.json",
+                                      f"unet/{weights}.bin"])
