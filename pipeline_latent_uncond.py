@@ -268,7 +268,8 @@ class UNet2DLoraLoaderMixin:
         if metadata is not None:
             config = LoraConfig(**_lora_config_fields(metadata))
         else:
-            ranks = {f"^{key}": value.shape[1] for key, value in state_dict.items() if "lora_B" in key and value.ndim > 1}
+            ranks = {f"^{key}": value.shape[1] for key, value in state_dict.items()
+                     if "lora_B" in key and value.ndim > 1}
             config = LoraConfig(**get_peft_kwargs(ranks, network_alphas, state_dict, is_unet=True))
 
         offloaded = _disable_offloading(_pipeline)
@@ -782,8 +783,9 @@ class UnconditionalLatentPipeline(DiffusionPipeline, UNet2DLoraLoaderMixin):
 
         model_variants = _variants_to_load(folder, options["variant"], model_index)
         to_load = {saved: ours for saved, ours in layout.items() if ours not in passed}
-        classes = {saved: _diffusers_class_for(ours, saved, model_index[saved], source) for saved, ours in to_load.items()}
-        device_maps = _component_device_maps(options, dtype, cls, passed, layout, classes, folder)
+        classes = {saved: _diffusers_class_for(ours, saved, model_index[saved], source)
+                   for saved, ours in to_load.items()}
+        device_maps = _component_device_maps(options, dtype, cls, layout, classes, folder)
 
         components = dict(passed)
         progress = {"desc": "Loading pipeline components..."}
@@ -978,7 +980,8 @@ def _files_to_fetch(files: list[str], folders: list[str], use_safetensors: bool 
     has_safetensors = all(any(f.startswith(folder + "/") and f.endswith(".safetensors") for f in weights)
                           for folder in model_folders)
     if use_safetensors and not has_safetensors:
-        raise MissingWeightsError(f"Could not find the necessary `safetensors` weights in {weights} (variant={variant})")
+        raise MissingWeightsError(
+            f"Could not find the necessary `safetensors` weights in {weights} (variant={variant})")
     keep = ".safetensors" if (use_safetensors is not False and has_safetensors) else ".bin"
     weights = [f for f in weights if f.endswith(keep)]
     usable, _ = variant_compatible_siblings(weights, variant=variant)
@@ -1049,7 +1052,7 @@ def _variants_to_load(folder: str, variant: str | None, model_index: dict) -> di
     return model_variants
 
 
-def _component_device_maps(options, dtype, pipeline_class, passed, layout, classes, folder) -> dict:
+def _component_device_maps(options, dtype, pipeline_class, layout, classes, folder) -> dict:
     """Per component (our name), the device_map its from_pretrained gets; "_final" is the pipeline's
     `hf_device_map`. "balanced" spreads the components over the accelerators as diffusers does."""
     device_map = options["device_map"]

@@ -227,7 +227,8 @@ def test_lora_resumes_exactly_and_its_small_adapter_reproduces_the_samples(base_
             assert row_a[key] == pytest.approx(row_b[key], rel=1e-6, abs=1e-7)
     adapter_a = load_file(straight / "pytorch_lora_weights.safetensors")
     adapter_b = load_file(interrupted / "pytorch_lora_weights.safetensors")
-    assert adapter_a.keys() == adapter_b.keys() and all(key.startswith("unet.") for key in adapter_a)  # diffusers' layout
+    assert adapter_a.keys() == adapter_b.keys()
+    assert all(key.startswith("unet.") for key in adapter_a)  # diffusers' LoRA layout
     assert max((adapter_a[k] - adapter_b[k]).abs().max().item() for k in adapter_a) <= 1e-6
 
     # Small: a fraction of the UNet. And the adapter is not a no-op (LoRA B starts at zero).

@@ -196,7 +196,8 @@ def test_dtype_for_all_models_and_its_older_name_torch_dtype(saved):
 
 def test_dtype_per_component_with_a_default(saved):
     folder, _ = saved
-    mixed = UnconditionalLatentPipeline.from_pretrained(folder, dtype={"unet": torch.bfloat16, "default": torch.float16})
+    per_component = {"unet": torch.bfloat16, "default": torch.float16}
+    mixed = UnconditionalLatentPipeline.from_pretrained(folder, dtype=per_component)
     assert model_dtypes(mixed) == {"unet": torch.bfloat16, "vae": torch.float16}
     no_default = UnconditionalLatentPipeline.from_pretrained(folder, dtype={"vae": torch.bfloat16})
     assert model_dtypes(no_default) == {"unet": torch.float32, "vae": torch.bfloat16}

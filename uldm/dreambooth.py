@@ -46,7 +46,7 @@ def load_base_pipeline(name_or_path: str, revision: str | None = None,
     """The base pipeline (this project's or the CompVis LDM layout), loaded without running its code."""
     options = {"revision": revision} if revision else {}
     if torch_dtype is not None:
-        options["torch_dtype"] = torch_dtype
+        options["dtype"] = torch_dtype  # diffusers >= 0.40 name; torch_dtype is deprecated there
     try:
         pipeline = UnconditionalLatentPipeline.from_pretrained(name_or_path, **options)
     except (OSError, ValueError, TypeError) as error:
