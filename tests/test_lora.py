@@ -248,3 +248,30 @@ def test_the_pipeline_file_imports_and_samples_without_peft(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "REFUSED: PEFT backend is required for `load_lora_weights()`: pip install peft." in result.stdout
+
+
+REMOTE_CODE_SCRIPT = textwrap.dedent(
+    """
+    import sys, numpy as np, torch
+    from diffusers import DiffusionPipeline
+    folder, adapter, out = sys.argv[1:4]
+    pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    assert type(pipe).__module__.startswith("diffusers_modules."), type(pipe).__module__
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(adapter)
+    np.save(out, pipe(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                      output_type="np").images)
+    """
+)
+
+
+def test_diffusers_loader_with_trust_remote_code_loads_the_adapter_as_the_model_card_says(adapter, tmp_path):
+    folder, with_adapter, _ = adapter
+    base_pipeline().save_pretrained(tmp_path / "base")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", HF_MODULES_CACHE=str(tmp_path / "hf-modules"))
+    out = tmp_path / "images.npy"
+    result = subprocess.run([sys.executable, "-c", REMOTE_CODE_SCRIPT, str(tmp_path / "base"), str(folder), str(out)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    np.testing.assert_allclose(np.load(out), with_adapter, atol=1e-5)
