@@ -11,7 +11,7 @@ distribution towards the subject, and the prior-preservation loss on images samp
 model (generated into --class_data_dir when missing) keeps its diversity. The VAE is frozen; the
 UNet is fully fine-tuned, or gets a LoRA adapter with --use_lora (only the adapter is saved).
 The output loads like the base model (`UnconditionalLatentPipeline.from_pretrained(output_dir)`), or,
-with --use_lora, as `uldm.dreambooth.load_dreambooth_pipeline(output_dir)` (base + adapter).
+with --use_lora, as diffusers users load LoRA: `from_pretrained(base)`, then `.load_lora_weights(output_dir)`.
 
 Defaults follow diffusers' train_dreambooth.py: 800 steps, learning rate 5e-6 (1e-4 with --use_lora),
 constant schedule, AdamW(0.9, 0.999, weight decay 1e-2). Validation grids (fixed noise; step 0 is the
@@ -32,13 +32,14 @@ from uldm import args as cli
 from uldm.data import ImageFolderDataset, Preprocessing, image_folder_dataset, sharded_verifier
 from uldm.diffusion import noisy_latents_and_target
 from uldm.dreambooth import (
-    DreamBoothDataset, DreamBoothLoss, add_lora_adapter, base_resolution, check_class_image_sizes, check_resolution,
-    generate_missing_class_images, list_instance_images, load_base_pipeline, lora_target_modules, pipeline_scaling,
-    SubjectReferences, register_adapter_only_checkpoints, save_lora_adapter, side_by_side, training_noise_scheduler,
+    DreamBoothDataset, DreamBoothLoss, base_resolution, check_class_image_sizes, check_resolution,
+    generate_missing_class_images, list_instance_images, load_base_pipeline, pipeline_scaling,
+    SubjectReferences, side_by_side, training_noise_scheduler,
 )
 from uldm.errors import InputError, exit_cleanly_on_input_errors
 from uldm.latent_cache import CacheConfig, cached_latents
 from uldm.latents import latents_from_batch
+from uldm.lora import add_lora_adapter, lora_target_modules, register_adapter_only_checkpoints, save_lora_result
 from uldm.model_card import write_model_card
 from uldm.models import count_parameters
 from uldm.sampling import SCHEDULER_NAMES, build_pipeline, save_pipeline
@@ -240,8 +241,7 @@ def main(argv=None) -> None:
             return
         name = args.pretrained_model_name_or_path
         if lora_config is not None:
-            save_lora_adapter(model, lora_config, args.output_dir,
-                              base_model=os.path.abspath(name) if os.path.isdir(name) else name)
+            save_lora_result(model, args.output_dir, base_model=os.path.abspath(name) if os.path.isdir(name) else name)
         else:
             save_pipeline(model, vae, scaling, pipeline.scheduler, args.output_dir)
         write_dreambooth_model_card(args, config.arguments, loop, photos, len(instance_paths), class_set)
@@ -272,16 +272,23 @@ def main(argv=None) -> None:
 
 
 LORA_USAGE = """\
-This folder holds a LoRA adapter for the UNet of `{base}` (peft layout: adapter_model.safetensors +
-adapter_config.json). Inside this toolkit's repository:
+This folder holds a LoRA adapter for the UNet of `{base}`, in diffusers' LoRA layout
+(pytorch_lora_weights.safetensors; rank, alpha and target modules in its metadata). Load it as any
+diffusers LoRA (peft needed):
 
 ```python
-from uldm.dreambooth import load_dreambooth_pipeline
+from diffusers import DiffusionPipeline
 
-pipe = load_dreambooth_pipeline("{location}")             # the base model + this adapter
-pipe = load_dreambooth_pipeline("{location}", merge_lora=True)
-pipe.save_pretrained("merged")                            # a plain pipeline, loadable anywhere
+pipe = DiffusionPipeline.from_pretrained("{base}", trust_remote_code=True)
+# or, inside this toolkit's repository (runs no code from the folder; needed for a CompVis LDM base):
+# from pipeline_latent_uncond import UnconditionalLatentPipeline
+# pipe = UnconditionalLatentPipeline.from_pretrained("{base}")
+pipe.load_lora_weights("{location}")
 images = pipe(batch_size=4, num_inference_steps=50).images
+
+pipe.fuse_lora()                                          # fold it in ...
+pipe.unload_lora_weights()
+pipe.save_pretrained("merged")                            # ... for a plain pipeline, no peft needed
 ```
 """
 

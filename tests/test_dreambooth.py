@@ -192,7 +192,7 @@ def test_min_snr_weights_apply_to_each_half_of_the_batch():
 def test_lora_resumes_exactly_and_its_small_adapter_reproduces_the_samples(base_dir, instance_dir, tmp_path,
                                                                              sigterm_after_step):
     from pipeline_latent_uncond import UnconditionalLatentPipeline
-    from uldm.dreambooth import load_dreambooth_pipeline, load_lora_adapter
+    from uldm.lora import load_pipeline_or_adapter
     from uldm.sampling import make_scheduler
     from uldm.validation import fixed_validation_noise, image_grid
 
@@ -208,7 +208,7 @@ def test_lora_resumes_exactly_and_its_small_adapter_reproduces_the_samples(base_
     # Validation samples (only the straight run makes them) must not change the training either.
     run_script(SCRIPT, db_args(base_dir, instance_dir, interrupted, **common, num_validation_images=0))
     assert [p.name for p in interrupted.glob("checkpoint-*")] == ["checkpoint-2"]
-    assert not (interrupted / "adapter_model.safetensors").exists()
+    assert not (interrupted / "pytorch_lora_weights.safetensors").exists()
     checkpoint_weights = load_file(interrupted / "checkpoint-2" / "model.safetensors")
     assert checkpoint_weights and all(".lora_" in key for key in checkpoint_weights), "checkpoints hold the adapter only"
     run_script(SCRIPT, db_args(base_dir, instance_dir, interrupted, resume_from_checkpoint="latest", **common,
@@ -219,17 +219,19 @@ def test_lora_resumes_exactly_and_its_small_adapter_reproduces_the_samples(base_
     for row_a, row_b in zip(a, b):
         for key in ("loss", "instance_loss", "prior_loss"):
             assert row_a[key] == pytest.approx(row_b[key], rel=1e-6, abs=1e-7)
-    adapter_a = load_file(straight / "adapter_model.safetensors")
-    adapter_b = load_file(interrupted / "adapter_model.safetensors")
+    adapter_a = load_file(straight / "pytorch_lora_weights.safetensors")
+    adapter_b = load_file(interrupted / "pytorch_lora_weights.safetensors")
     assert adapter_a.keys() == adapter_b.keys()
+    assert all(key.startswith("unet.") for key in adapter_a)  # diffusers' LoRA layout
     assert max((adapter_a[k] - adapter_b[k]).abs().max().item() for k in adapter_a) <= 1e-6
 
     # Small: a fraction of the UNet. And the adapter is not a no-op (LoRA B starts at zero).
     unet_bytes = (base_dir / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
-    assert (straight / "adapter_model.safetensors").stat().st_size < 0.15 * unet_bytes
+    assert (straight / "pytorch_lora_weights.safetensors").stat().st_size < 0.15 * unet_bytes
     assert any(key.endswith("lora_B.weight") and value.abs().max() > 0 for key, value in adapter_a.items())
 
-    # Base + adapter gives the samples of the final validation grid (same noise, sampler and steps).
+    # Base + adapter, loaded as diffusers users load LoRA, gives the samples of the final validation grid (same
+    # noise, sampler and steps); so does the adapter fused into a plain pipeline, and its own metadata finds the base.
     def grid_of(pipeline) -> np.ndarray:
         pipeline.scheduler = make_scheduler("dpmsolver++", pipeline.scheduler.config)
         pipeline.set_progress_bar_config(disable=True)
@@ -239,8 +241,13 @@ def test_lora_resumes_exactly_and_its_small_adapter_reproduces_the_samples(base_
 
     final_grid = np.asarray(Image.open(straight / "samples" / "validation_0000004.png"), dtype=np.int16)
     base_grid = grid_of(UnconditionalLatentPipeline.from_pretrained(base_dir))
-    with_adapter = grid_of(load_lora_adapter(UnconditionalLatentPipeline.from_pretrained(base_dir), straight))
-    merged = grid_of(load_dreambooth_pipeline(straight, merge_lora=True))
+    with_lora = UnconditionalLatentPipeline.from_pretrained(base_dir)
+    with_lora.load_lora_weights(straight)
+    assert with_lora.unet.peft_config["default_0"].r == 4  # the rank comes back from the file's metadata
+    with_adapter = grid_of(with_lora)
+    fused = load_pipeline_or_adapter(straight, fuse_lora=True)
+    assert not hasattr(fused.unet, "peft_config")
+    merged = grid_of(fused)
     assert np.abs(with_adapter - final_grid).max() <= 1
     assert np.abs(merged - final_grid).max() <= 1
     assert np.abs(base_grid - final_grid).max() > 1, "the adapter changes the samples"

@@ -86,23 +86,48 @@ def test_every_scheduler_samples_images_of_the_right_size_and_range(kl_pipe, sch
     assert len(calls) == len(kl_pipe.scheduler.timesteps)  # Euler needs its input scaled every step
 
 
-def test_initial_noise_is_multiplied_by_init_noise_sigma(kl_pipe):
-    kl_pipe.scheduler = EulerDiscreteScheduler.from_config(kl_pipe.scheduler.config)
-    noise = torch.randn(1, 4, 8, 8, generator=seeded(3))
-    seen = {}
-    original_step = kl_pipe.scheduler.step
+# The LDM face models' schedule with diffusers' "leading" spacing (as in Stable Diffusion's configs): there,
+# Euler's init_noise_sigma depends on the number of steps (83.8 for the 1000-step table, 2.96 for 2 steps).
+LEADING_EULER = dict(beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195, timestep_spacing="leading",
+                     steps_offset=1)
 
-    def spy_step(model_output, t, sample, **kwargs):
-        seen.setdefault("first_sample", sample.clone())
-        return original_step(model_output, t, sample, **kwargs)
 
-    kl_pipe.scheduler.step = spy_step
+def first_step_sample(pipe, **call) -> torch.Tensor:
+    """The sample the scheduler's first step() receives."""
+    seen = []
+    original_step = pipe.scheduler.step
+    pipe.scheduler.step = lambda model_output, t, sample, **kw: seen.append(sample.clone()) or original_step(
+        model_output, t, sample, **kw)
     try:
-        kl_pipe(latents=noise, num_inference_steps=STEPS, output_type="latent")
+        pipe(num_inference_steps=STEPS, output_type="latent", **call)
     finally:
-        del kl_pipe.scheduler.step
-    assert kl_pipe.scheduler.init_noise_sigma > 1.5  # Euler's sigma_max, so the check can fail
-    torch.testing.assert_close(seen["first_sample"], noise * kl_pipe.scheduler.init_noise_sigma)
+        del pipe.scheduler.step
+    return seen[0]
+
+
+def test_initial_noise_is_scaled_by_the_sigma_of_the_first_of_the_steps_actually_taken(kl_pipe):
+    kl_pipe.scheduler = EulerDiscreteScheduler(**LEADING_EULER)
+    full_table_sigma = float(kl_pipe.scheduler.init_noise_sigma)
+    reference = EulerDiscreteScheduler(**LEADING_EULER)
+    reference.set_timesteps(STEPS)
+    assert full_table_sigma > 10 * float(reference.init_noise_sigma)  # so that scaling too early is caught
+    noise = torch.randn(1, 4, 8, 8, generator=seeded(3))
+    torch.testing.assert_close(first_step_sample(kl_pipe, latents=noise), noise * reference.init_noise_sigma)
+
+
+def test_under_autocast_euler_keeps_float32_latents_between_steps():
+    # diffusers' Euler schedulers cast their result to the model output's dtype: without a cast of the
+    # UNet's bfloat16 output, the float32 latents would be rounded to bfloat16 at every step.
+    pipe = make_kl_pipeline()
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    dtypes = []
+    record = lambda p, i, t, tensors: dtypes.append(tensors["latents"].dtype) or {}  # noqa: E731
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        latents = pipe(num_inference_steps=STEPS, generator=seeded(0), output_type="latent",
+                       callback_on_step_end=record).images
+        model_output = pipe.unet(torch.zeros(1, 4, 8, 8), 10).sample
+    assert model_output.dtype == torch.bfloat16  # autocast really is on
+    assert dtypes == [torch.float32] * STEPS and latents.dtype == torch.float32
 
 
 def test_same_generator_gives_same_images_and_other_seed_other_images():
@@ -309,7 +334,8 @@ def test_saved_folder_loads_and_samples_in_a_clean_process_and_our_loader_never_
     expected = sample_np(pipe, seed=0)
     np.testing.assert_allclose(np.load(out), expected, atol=1e-5)  # other thread count
 
-    loaded = UnconditionalLatentPipeline.from_pretrained(poisoned)  # would raise if it ran the copy
+    # Would raise if it ran the copy; trust_remote_code (diffusers' permission) has nothing to allow here.
+    loaded = UnconditionalLatentPipeline.from_pretrained(poisoned, trust_remote_code=True)
     loaded.set_progress_bar_config(disable=True)
     assert type(loaded) is UnconditionalLatentPipeline and loaded.latent_scale == 0.7
     assert not [name for name in sys.modules if name.startswith("diffusers_modules")]
@@ -324,8 +350,6 @@ def test_from_pretrained_options_override_saved_values(tmp_path):
     )
     assert loaded.latent_scale == 0.25 and loaded.scheduler is custom_scheduler
     assert loaded.unet.dtype == torch.bfloat16 and loaded.vae.dtype == torch.bfloat16
-    with pytest.raises(TypeError, match="unexpected options"):
-        UnconditionalLatentPipeline.from_pretrained(folder, device_map="auto")
 
 
 def write_compvis_ldm_folder(folder: Path) -> tuple[UNet2DModel, VQModel]:

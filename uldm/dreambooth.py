@@ -1,5 +1,5 @@
 """DreamBooth for unconditional latent models: base model, class images, paired batches, the split
-loss, LoRA adapters and the subject/diversity measures.
+loss and the subject/diversity measures (LoRA adapters: uldm.lora).
 
 With no text prompt the only handle is the data. Fine-tuning on a few instance photos pulls the
 whole distribution towards the subject; the prior-preservation loss on images sampled from the
@@ -11,7 +11,6 @@ the 2B losses and crashes, #5791, and never weights the prior half).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -37,15 +36,6 @@ from .vae import downsample_factor
 logger = logging.getLogger(__name__)
 
 GENERATED_CLASS_IMAGE = "generated_{index:06d}.png"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-# "attention" is what diffusers' DreamBooth LoRA adapts (there, through the text cross-attention). An
-# unconditional UNet has no text pathway to carry the subject, so the default also adapts the ResNet
-# convolutions, where most of its weights are.
-LORA_TARGET_PRESETS = {
-    "attention": ["to_q", "to_k", "to_v", "to_out.0"],
-    "attention+conv": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"],
-}
 
 
 # --------------------------------------------------------------------------------------------
@@ -57,7 +47,7 @@ def load_base_pipeline(name_or_path: str, revision: str | None = None,
     """The base pipeline (this project's or the CompVis LDM layout), loaded without running its code."""
     options = {"revision": revision} if revision else {}
     if torch_dtype is not None:
-        options["torch_dtype"] = torch_dtype
+        options["dtype"] = torch_dtype  # diffusers >= 0.40 name; torch_dtype is deprecated there
     try:
         pipeline = UnconditionalLatentPipeline.from_pretrained(name_or_path, **options)
     except (OSError, ValueError, TypeError) as error:
@@ -249,139 +239,6 @@ class DreamBoothLoss:
         prior_loss = losses[num_instance:].mean()
         loss = instance_loss + self.prior_loss_weight * prior_loss
         return loss, {"instance_loss": instance_loss.detach(), "prior_loss": prior_loss.detach()}
-
-
-# --------------------------------------------------------------------------------------------
-# LoRA (peft). diffusers 0.42's UNet2DModel has no PeftAdapterMixin, so peft is used directly.
-
-
-def lora_target_modules(spec: str) -> list[str]:
-    """A preset name (attention, attention+conv) or a comma-separated list of module names."""
-    if spec in LORA_TARGET_PRESETS:
-        return list(LORA_TARGET_PRESETS[spec])
-    names = [name.strip() for name in spec.split(",") if name.strip()]
-    if not names:
-        raise InputError(f"--lora_target_modules must be one of {list(LORA_TARGET_PRESETS)} or module names.")
-    return names
-
-
-def add_lora_adapter(unet, rank: int, alpha: float | None, target_modules: Sequence[str], dropout: float = 0.0):
-    """Freeze the UNet and inject a trainable LoRA adapter; returns its LoraConfig."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    if rank < 1:
-        raise InputError(f"--rank must be at least 1, not {rank}.")
-    config = LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=dropout, init_lora_weights="gaussian",
-                        target_modules=list(target_modules))
-    unet.requires_grad_(False)
-    try:
-        inject_adapter_in_model(config, unet)
-    except ValueError as error:
-        raise InputError(f"Cannot add LoRA to the UNet: {error}. Check --lora_target_modules.") from error
-    return config
-
-
-def is_lora_key(name: str) -> bool:
-    return ".lora_A." in name or ".lora_B." in name
-
-
-def save_lora_adapter(unet, config, output_dir: str | os.PathLike, base_model: str) -> Path:
-    """Write adapter_model.safetensors + adapter_config.json (peft's layout; the config names the base)."""
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in get_peft_model_state_dict(unet).items()}
-    save_file(state, output_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-    config.base_model_name_or_path = base_model
-    config.save_pretrained(str(output_dir))
-    return output_dir / ADAPTER_WEIGHTS
-
-
-def is_lora_adapter_folder(path: str | os.PathLike) -> bool:
-    return (Path(path) / ADAPTER_WEIGHTS).is_file() and (Path(path) / ADAPTER_CONFIG).is_file()
-
-
-def load_lora_adapter(pipeline: UnconditionalLatentPipeline, adapter_dir: str | os.PathLike,
-                      merge: bool = False) -> UnconditionalLatentPipeline:
-    """Put the adapter saved by train_dreambooth_unconditional.py --use_lora onto `pipeline.unet`.
-
-    merge=True folds it into the weights and removes the LoRA layers: the pipeline then saves and
-    loads as a plain one (`pipeline.save_pretrained(dir)`), with no peft needed to use it.
-    """
-    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    if not is_lora_adapter_folder(adapter_dir):
-        raise InputError(f"{adapter_dir} holds no LoRA adapter ({ADAPTER_WEIGHTS} and {ADAPTER_CONFIG}).")
-    config = LoraConfig.from_pretrained(str(adapter_dir))
-    state = load_file(Path(adapter_dir) / ADAPTER_WEIGHTS)
-    unet = pipeline.unet
-    inject_adapter_in_model(config, unet)
-    result = set_peft_model_state_dict(unet, state)
-    missing = [key for key in result.missing_keys if is_lora_key(key)]
-    if result.unexpected_keys or missing:
-        raise InputError(
-            f"The adapter in {adapter_dir} does not fit this UNet (unexpected {list(result.unexpected_keys)[:3]}, "
-            f"missing {missing[:3]}); was it trained on another base model ({config.base_model_name_or_path})?"
-        )
-    unet.to(pipeline.device)
-    if merge:
-        merge_lora_adapter(unet)
-    return pipeline
-
-
-def merge_lora_adapter(unet) -> None:
-    """Fold LoRA layers into the base weights and put the plain layers back."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    tuned = [(name, module) for name, module in unet.named_modules() if isinstance(module, BaseTunerLayer)]
-    for name, module in tuned:
-        module.merge()
-        parent_name, _, child_name = name.rpartition(".")
-        setattr(unet.get_submodule(parent_name) if parent_name else unet, child_name, module.get_base_layer())
-    if hasattr(unet, "peft_config"):
-        del unet.peft_config
-
-
-def load_dreambooth_pipeline(path: str | os.PathLike, merge_lora: bool = False,
-                             **options) -> UnconditionalLatentPipeline:
-    """A DreamBooth result: a full pipeline folder, or a LoRA adapter folder (its base is loaded first)."""
-    if not is_lora_adapter_folder(path):
-        return UnconditionalLatentPipeline.from_pretrained(path, **options)
-    base = json.loads((Path(path) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
-    if not base:
-        raise InputError(f"{path}/{ADAPTER_CONFIG} does not name its base model (base_model_name_or_path).")
-    return load_lora_adapter(UnconditionalLatentPipeline.from_pretrained(base, **options), path, merge=merge_lora)
-
-
-def register_adapter_only_checkpoints(accelerator) -> None:
-    """Checkpoints of a LoRA run keep only the adapter weights of the model (MBs instead of the whole
-    UNet); loading restores them exactly and leaves the frozen base weights as loaded."""
-
-    def keep_only_adapter(models, weights, output_dir):
-        for index, state in enumerate(weights):
-            weights[index] = {key: value for key, value in state.items() if is_lora_key(key)}
-
-    def load_adapter(models, input_dir):
-        from safetensors.torch import load_file
-
-        for index in range(len(models)):
-            model = models.pop(0)
-            name = "model.safetensors" if index == 0 else f"model_{index}.safetensors"
-            state = load_file(os.path.join(input_dir, name), device=str(next(model.parameters()).device))
-            result = model.load_state_dict(state, strict=False)
-            missing = [key for key in result.missing_keys if is_lora_key(key)]
-            if result.unexpected_keys or missing or not state:
-                raise InputError(
-                    f"{input_dir} is not a checkpoint of this LoRA run (unexpected keys "
-                    f"{list(result.unexpected_keys)[:3]}, missing adapter keys {missing[:3]}). "
-                    "Resume with the same --use_lora/--rank/--lora_target_modules it was saved with."
-                )
-
-    accelerator.register_save_state_pre_hook(keep_only_adapter)
-    accelerator.register_load_state_pre_hook(load_adapter)
 
 
 # --------------------------------------------------------------------------------------------
