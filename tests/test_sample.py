@@ -175,3 +175,21 @@ def test_npz_refuses_an_incomplete_folder(tmp_path):
     Image.new("RGB", (4, 4)).save(tmp_path / sample_file_name(0))
     with pytest.raises(FileNotFoundError, match="lacks 1 of 2 images, e.g. 000001.png"):
         save_samples_npz(tmp_path, 2, tmp_path / "samples.npz")
+
+
+def test_a_lora_output_is_sampled_as_its_base_with_the_adapter(saved_pipeline, one_process_run, tmp_path):
+    from uldm.lora import add_lora_adapter, lora_target_modules, save_lora_result
+
+    unet = UnconditionalLatentPipeline.from_pretrained(saved_pipeline).unet
+    add_lora_adapter(unet, rank=2, alpha=None, target_modules=lora_target_modules("attention+conv"))
+    with torch.no_grad():
+        for name, parameter in unet.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)  # a trained adapter: not the identity
+    adapter = tmp_path / "dreambooth-lora"
+    save_lora_result(unet, adapter, base_model=str(saved_pipeline))
+
+    run_sampler_here(adapter, tmp_path / "samples")
+    with_adapter = read_pngs(tmp_path / "samples")
+    assert with_adapter.shape == read_pngs(one_process_run).shape
+    assert not np.array_equal(with_adapter, read_pngs(one_process_run)), "the adapter changes the samples"
