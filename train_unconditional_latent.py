@@ -19,6 +19,7 @@ import torch
 
 from pipeline_latent_uncond import UnconditionalLatentPipeline
 from uldm import args as cli
+from uldm.checkpoints import final_save_remedy
 from uldm.data import build_image_dataset, sharded_verifier
 from uldm.diffusion import build_noise_scheduler, noisy_latents_and_target, per_sample_loss
 from uldm.errors import exit_cleanly_on_input_errors
@@ -28,6 +29,7 @@ from uldm.latent_cache import (
 from uldm.model_card import write_model_card
 from uldm.models import build_unet, count_parameters
 from uldm.sampling import make_scheduler
+from uldm.saving import processes_stop_together, save_pretrained_atomically
 from uldm.training import build_training_loop, save_run_arguments, start_run
 from uldm.validation import fixed_validation_noise, log_image_grid
 from uldm.vae import (
@@ -155,24 +157,26 @@ def main(args: argparse.Namespace) -> None:
     finished = loop.run(compute_loss, on_step_end)
     if finished:
         grid = validate(loop.global_step)
-        if accelerator.is_main_process:
-            with loop.ema_weights() as model:
-                if vae.dtype != torch.float32:
-                    vae.to(torch.float32)
-                pipeline = make_pipeline(model)
-                pipeline.scheduler = make_scheduler("dpmsolver++", noise_scheduler.config)
-                pipeline.save_pretrained(args.output_dir)
-            write_model_card(
-                args.output_dir,
-                title="Unconditional latent diffusion model",
-                summary=f"A UNet2DModel ({count_parameters(loop.unwrapped_model) / 1e6:.1f}M parameters) trained "
-                        f"with DDPM on the latents of {describe_vae(vae)}, with train_unconditional_latent.py.",
-                args=args,
-                images={"Samples (EMA weights)" if loop.ema else "Samples": grid, "Loss": f"{args.output_dir}/loss_curve.png"},
-                facts={"steps": loop.global_step, "images seen": loop.state.samples_seen,
-                       "latent scale": f"{scaling.scale:.6f} ({scaling.source})", "latent shift": scaling.shift},
-            )
-            logger.info("Saved the pipeline to %s", args.output_dir)
+        remedy = final_save_remedy(args.output_dir, loop.global_step)
+        with processes_stop_together(accelerator, "the trained pipeline", args.output_dir, remedy=remedy):
+            if accelerator.is_main_process:
+                with loop.ema_weights() as model:
+                    if vae.dtype != torch.float32:
+                        vae.to(torch.float32)
+                    pipeline = make_pipeline(model)
+                    pipeline.scheduler = make_scheduler("dpmsolver++", noise_scheduler.config)
+                    save_pretrained_atomically(pipeline, args.output_dir, "the trained pipeline", remedy=remedy)
+                write_model_card(
+                    args.output_dir,
+                    title="Unconditional latent diffusion model",
+                    summary=f"A UNet2DModel ({count_parameters(loop.unwrapped_model) / 1e6:.1f}M parameters) trained "
+                            f"with DDPM on the latents of {describe_vae(vae)}, with train_unconditional_latent.py.",
+                    args=args,
+                    images={"Samples (EMA weights)" if loop.ema else "Samples": grid, "Loss": f"{args.output_dir}/loss_curve.png"},
+                    facts={"steps": loop.global_step, "images seen": loop.state.samples_seen,
+                           "latent scale": f"{scaling.scale:.6f} ({scaling.source})", "latent shift": scaling.shift},
+                )
+                logger.info("Saved the pipeline to %s", args.output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
 

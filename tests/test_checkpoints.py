@@ -68,10 +68,10 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_usable(train_images
 
     original_save = ckpt.TrainingState.save
 
-    def die_at_step_4(self, folder):
+    def die_at_step_4(self, folder, **kwargs):
         if self.global_step == 4:
             raise KeyboardInterrupt("simulated kill while saving")
-        original_save(self, folder)
+        original_save(self, folder, **kwargs)
 
     out = tmp_path / "out"
     args = latent_training_args(train_images, tiny_vae_dir, out, max_train_steps=6, checkpointing_steps=2,

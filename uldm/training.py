@@ -362,13 +362,12 @@ class TrainingLoop:
         self.metrics = MetricsWriter(self.accelerator, self.output_dir, resume_step=self.global_step)
 
     def _restore(self, resume_from_checkpoint: str | None) -> None:
-        path = ckpt.resolve_resume_path(resume_from_checkpoint, self.output_dir)
+        path = ckpt.restore_checkpoint(self.accelerator, resume_from_checkpoint, self.output_dir)
         if path is None:
             if resume_from_checkpoint:
                 logger.info("No complete checkpoint in %s yet; starting a new run.", self.output_dir)
             return
-        logger.info("Resuming from %s", path)
-        self.accelerator.load_state(str(path))
+        logger.info("Resumed from %s", path)
         saved = TrainingState.load(path)
         if self.ema is not None:
             self.ema.to(self.accelerator.device)
@@ -391,25 +390,10 @@ class TrainingLoop:
         self.accelerator.step = self.state.micro_batches
 
     def save_checkpoint(self) -> Path:
-        """Every process writes into a temporary folder; the main one publishes it when all are done."""
-        accelerator = self.accelerator
-        temp_dir = ckpt.temporary_checkpoint_dir(self.output_dir, self.global_step)
-        if accelerator.is_main_process and temp_dir.exists():
-            import shutil
-
-            shutil.rmtree(temp_dir)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(temp_dir))
-        accelerator.wait_for_everyone()
-        final = self.output_dir / f"checkpoint-{self.global_step}"
-        if accelerator.is_main_process:
-            save_run_arguments(self.args, temp_dir)
-            self.state.save(temp_dir)  # written last: marks the checkpoint complete
-            final = ckpt.publish_checkpoint(temp_dir, self.output_dir, self.global_step)
-            ckpt.prune_checkpoints(self.output_dir, self.args.checkpoints_total_limit)
-            logger.info("Saved %s", final)
-        accelerator.wait_for_everyone()
-        return final
+        """Every process writes into a temporary folder; the main one publishes it when all are done.
+        A failed write (full disk) on any process raises SaveError on all of them (see uldm.checkpoints)."""
+        return ckpt.save_checkpoint(self.accelerator, self.output_dir, self.state, self.args.checkpoints_total_limit,
+                                    write_extra=lambda folder: save_run_arguments(self.args, folder))
 
     # ---- EMA --------------------------------------------------------------------------------
 
