@@ -316,13 +316,55 @@ def _decided_by_main_process(accelerator, decide):
     return broadcast_object_list(result, from_process=0)[0]
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+def unloadable_file(folder: str | os.PathLike) -> str | None:
+    """The first file of a checkpoint that does not load on its own, as "name does not load (error)";
+    None if all load.
+
+    Used only after accelerate.load_state failed, to tell a damaged file (which checksums cannot see in
+    older checkpoints) from a checkpoint that does not fit this run's model or optimiser."""
+    import torch
+
+    for path in sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix != ".json"):
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                load_file(str(path))
+            else:
+                torch.load(path, map_location="cpu", weights_only=False)  # as accelerate loads them
+        except Exception as error:  # noqa: BLE001 - the verdict
+            return f"{path.name} does not load ({_first_line(error)})"
+    return None
+
+
+def _load_on_every_process(accelerator, path: Path) -> list[tuple[int, tuple[str, str]]]:
+    """accelerate.load_state on every process; [(rank, (kind, text))] of those that failed, where kind
+    is "damaged" (a file does not load) or "mismatch" (the files load, but not into this run)."""
+    from .saving import agree_on_failures
+
+    try:
+        accelerator.load_state(str(path))
+        failure = None
+    except Exception as error:  # noqa: BLE001 - reported; the caller decides
+        bad_file = unloadable_file(path)
+        failure = ("damaged", bad_file) if bad_file else ("mismatch", _first_line(error))
+    return agree_on_failures(accelerator, failure)
+
+
 def restore_checkpoint(accelerator, resume_from_checkpoint: str | None, output_dir: str | os.PathLike) -> Path | None:
     """Load the checkpoint to resume from into the accelerator's registered objects; returns its path.
 
     `latest`: the newest complete checkpoint that is intact (verified on the main process) and loads
     on every process; each one skipped is named with its damaged file in a warning. None when there is
-    no checkpoint yet. An explicit path that is damaged or does not load is an InputError naming the
-    file. Every process must call it."""
+    no checkpoint yet; an InputError when every checkpoint is damaged. An explicit path that is damaged
+    is an InputError naming the file. A checkpoint whose files are sound but do not load into this
+    run's model or optimiser (other settings) is an InputError too: the older ones would not fit either.
+    Every process must call it."""
     if not resume_from_checkpoint:
         return None
     explicit = resume_from_checkpoint != "latest"
@@ -330,21 +372,23 @@ def restore_checkpoint(accelerator, resume_from_checkpoint: str | None, output_d
         candidates = [resolve_resume_path(resume_from_checkpoint, output_dir)]
     else:
         candidates = list(reversed(list_checkpoints(output_dir, warn_incomplete=accelerator.is_main_process)))
+    multi = accelerator.num_processes > 1
     skipped = []
     for path in candidates:
         problems = _decided_by_main_process(accelerator, lambda: checkpoint_problems(path))
         if not problems:
-            try:
-                accelerator.load_state(str(path))
-                failure = None
-            except Exception as error:  # noqa: BLE001 - reported, then the next checkpoint is tried
-                failure = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-            failures = _load_failures(accelerator, failure)
+            failures = _load_on_every_process(accelerator, path)
             if not failures:
                 if skipped and accelerator.is_main_process:
                     logger.warning("Resuming from %s, the newest intact checkpoint.", path)
                 return path
-            problems = [f"it could not be loaded ({failures})"]
+            texts = [f"process {rank}: {text}" if multi else text for rank, (_, text) in failures]
+            if any(kind == "mismatch" for _, (kind, _) in failures):
+                raise InputError(
+                    f"{path} does not fit this run ({'; '.join(texts)}); its files are intact. Resume with the "
+                    "model, optimiser and EMA settings it was written with, or choose another --output_dir."
+                )
+            problems = texts
         if explicit:
             others = [p.name for p in list_checkpoints(output_dir, warn_incomplete=False) if p != path]
             raise InputError(
@@ -362,13 +406,6 @@ def restore_checkpoint(accelerator, resume_from_checkpoint: str | None, output_d
             "Starting over there would replace them: move them aside (or choose another --output_dir) to start afresh."
         )
     return None
-
-
-def _load_failures(accelerator, failure: str | None) -> str:
-    from .saving import agree_on_failures
-
-    failures = agree_on_failures(accelerator, failure)
-    return "; ".join(text if accelerator.num_processes == 1 else f"process {rank}: {text}" for rank, text in failures)
 
 
 def final_save_remedy(output_dir: str | os.PathLike, step: int) -> str:

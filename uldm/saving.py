@@ -168,9 +168,9 @@ def save_failure_message(what: str, where: str | os.PathLike, error: BaseExcepti
 # Every process stops together
 
 
-def agree_on_failures(accelerator, failure: str | None) -> list[tuple[int, str]]:
-    """(rank, message) of every process that failed. A collective: every process must call it, so it
-    is also a barrier. One gather of a short string per process."""
+def agree_on_failures(accelerator, failure) -> list[tuple[int, object]]:
+    """(rank, report) of every process whose `failure` (a small picklable report, e.g. a message) is
+    not None. A collective: every process must call it, so it is also a barrier (one small gather)."""
     if accelerator.num_processes == 1:
         reports = [failure]
     else:
