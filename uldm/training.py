@@ -367,7 +367,7 @@ class TrainingLoop:
             if resume_from_checkpoint:
                 logger.info("No complete checkpoint in %s yet; starting a new run.", self.output_dir)
             return
-        logger.info("Resumed from %s", path)
+        logger.info("Resuming from %s", path)
         saved = TrainingState.load(path)
         if self.ema is not None:
             self.ema.to(self.accelerator.device)
