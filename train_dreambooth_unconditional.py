@@ -31,6 +31,7 @@ import torch
 
 from pipeline_latent_uncond import UnconditionalLatentPipeline
 from uldm import args as cli
+from uldm.checkpoints import final_save_remedy
 from uldm.data import ImageFolderDataset, Preprocessing, image_folder_dataset, sharded_verifier
 from uldm.diffusion import noisy_latents_and_target
 from uldm.dreambooth import (
@@ -43,6 +44,7 @@ from uldm.latent_cache import cached_latents, centre_crops_for_the_cache, latent
 from uldm.model_card import write_model_card
 from uldm.models import count_parameters
 from uldm.sampling import SCHEDULER_NAMES, make_scheduler
+from uldm.saving import processes_stop_together, save_folder_atomically, save_pretrained_atomically
 from uldm.training import TrainingLoop, build_training_loop, save_run_arguments, start_run
 from uldm.validation import fixed_validation_noise, image_grid, log_image_grid
 from uldm.vae import LatentScaling, describe_vae, latent_shape, vae_dtype_for, vae_fingerprint
@@ -272,10 +274,12 @@ def main(args: argparse.Namespace) -> None:
     finished = loop.run(compute_loss, on_step_end)
     if finished:
         grid = validate(loop.global_step)
-        if accelerator.is_main_process:
-            save_result(args, loop, pipeline, lora_config)
-            write_dreambooth_model_card(args, loop, photos, base_grid, grid, len(instance_paths), class_set)
-            logger.info("Saved the result to %s", args.output_dir)
+        with processes_stop_together(accelerator, "the result", args.output_dir,
+                                     remedy=final_save_remedy(args.output_dir, loop.global_step)):
+            if accelerator.is_main_process:
+                save_result(args, loop, pipeline, lora_config)
+                write_dreambooth_model_card(args, loop, photos, base_grid, grid, len(instance_paths), class_set)
+                logger.info("Saved the result to %s", args.output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
 
@@ -298,15 +302,19 @@ def save_result(args, loop: TrainingLoop, base: UnconditionalLatentPipeline, lor
     """A full pipeline that loads like the base one (same VAE, scheduler, latent scaling), or only the
     LoRA adapter."""
     name = args.pretrained_model_name_or_path
+    remedy = final_save_remedy(args.output_dir, loop.global_step)
     with loop.ema_weights() as model:
         if lora_config is not None:
-            save_lora_adapter(model, lora_config, args.output_dir,
-                              base_model=os.path.abspath(name) if os.path.isdir(name) else name)
+            save_folder_atomically(
+                lambda folder: save_lora_adapter(model, lora_config, folder,
+                                                 base_model=os.path.abspath(name) if os.path.isdir(name) else name),
+                args.output_dir, "the LoRA adapter", remedy=remedy)
             return
         vae = base.vae.to(torch.float32) if base.vae.dtype != torch.float32 else base.vae
-        UnconditionalLatentPipeline(unet=model, vae=vae, scheduler=base.scheduler,
-                                    latent_scaling_factor=base.latent_scale,
-                                    latent_shift_factor=base.latent_shift).save_pretrained(args.output_dir)
+        save_pretrained_atomically(UnconditionalLatentPipeline(unet=model, vae=vae, scheduler=base.scheduler,
+                                                               latent_scaling_factor=base.latent_scale,
+                                                               latent_shift_factor=base.latent_shift),
+                                   args.output_dir, "the fine-tuned pipeline", remedy=remedy)
 
 
 LORA_USAGE = """\

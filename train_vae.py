@@ -27,11 +27,13 @@ from uldm.autoencoder import (
     default_holdout_size, evaluate_reconstructions, load_lpips, measure_latent_std,
     reconstruction_pairs, resolve_perceptual_weights, split_holdout, stack_pixels, store_scaling_factor,
 )
+from uldm.checkpoints import final_save_remedy
 from uldm.data import build_image_dataset, sharded_verifier
 from uldm.latent_cache import random_horizontal_flip
 from uldm.errors import InputError, exit_cleanly_on_input_errors
 from uldm.model_card import write_model_card
 from uldm.models import count_parameters
+from uldm.saving import processes_stop_together, save_pretrained_atomically
 from uldm.training import build_training_loop, read_metrics, save_run_arguments, start_run
 from uldm.validation import log_image_grid
 from uldm.vae import describe_vae, latent_shape
@@ -184,8 +186,10 @@ def main(args: argparse.Namespace) -> None:
                                      args.encode_batch_size, accelerator, args.seed)
             scale, source = store_scaling_factor(trained, std, args.keep_scaling_factor)
             logger.info("Latent std %.5f; scaling_factor %.6f (%s)", std, scale, source)
-            if accelerator.is_main_process:
-                trained.save_pretrained(args.output_dir)
+            remedy = final_save_remedy(args.output_dir, loop.global_step)
+            with processes_stop_together(accelerator, "the trained VAE", args.output_dir, remedy=remedy):
+                if accelerator.is_main_process:
+                    save_pretrained_atomically(trained, args.output_dir, "the trained VAE", remedy=remedy)
             trained.train()
         if accelerator.is_main_process:
             loop.metrics.log({"latent_std": std, "scaling_factor": scale}, step=loop.global_step)

@@ -371,3 +371,45 @@ def test_a_sound_checkpoint_that_does_not_fit_the_run_is_not_called_damaged(tmp_
     message = str(raised.value)
     assert message.startswith(f"{tmp_path / 'checkpoint-2'} does not fit this run (RuntimeError: ")
     assert "its files are intact" in message and "damaged" not in message
+
+
+# --------------------------------------------------------------------------------------------
+# Sample folders
+
+
+class SolidColours:
+    """A stand-in pipeline: image i of a call is a solid colour (the sampling loop is what is tested)."""
+
+    def __call__(self, batch_size, **kwargs):
+        from PIL import Image
+
+        return type("Output", (), {"images": [Image.new("RGB", (16, 16), (40 * i, 0, 0)) for i in range(batch_size)]})
+
+
+def test_a_full_disk_while_writing_samples_keeps_the_images_written(accelerator, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from uldm.sampling import missing_indices, write_missing_samples
+
+    real_save, calls = Image.Image.save, []
+
+    def save_until_the_disk_is_full(image, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) > 3:
+            Path(path).write_bytes(b"\x89PNG")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_save(image, path, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save_until_the_disk_is_full)
+    with pytest.raises(SaveError) as raised:
+        write_missing_samples(SolidColours(), tmp_path, 8, accelerator, batch_size=2)
+    message = str(raised.value)
+    assert message.startswith(f"Could not write 8 images to {tmp_path}: the disk is full")
+    assert "(for the 8 images, at the size of those written)" in message
+    assert "The images already written are kept." in message and "makes only the missing images" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["000000.png", "000001.png", "000002.png"], \
+        "the partly written image is removed, the others are kept"
+
+    monkeypatch.setattr(Image.Image, "save", real_save)
+    assert write_missing_samples(SolidColours(), tmp_path, 8, accelerator, batch_size=2) == [3, 4, 5, 6, 7]
+    assert missing_indices(tmp_path, 8) == []
