@@ -22,6 +22,7 @@ from accelerate import Accelerator
 from PIL import Image
 
 from pipeline_latent_uncond import UnconditionalLatentPipeline
+from uldm.errors import exit_cleanly_on_input_errors
 from uldm.sampling import (
     SCHEDULER_NAMES,
     make_image_grid,
@@ -107,6 +108,7 @@ def write_grid(output_dir: Path, num_images: int, rows: int) -> None:
     save_image_atomically(make_image_grid(images, rows), output_dir / GRID_FILE)
 
 
+@exit_cleanly_on_input_errors
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     accelerator = Accelerator(mixed_precision=args.mixed_precision)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -247,3 +248,29 @@ def test_a_damaged_newest_checkpoint_is_named_and_latest_falls_back_to_an_intact
     assert [row["step"] for row in read_metrics(out)] == [1, 2, 3, 4, 5, 6], "steps 3 and 4 were trained again"
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
     assert ckpt.checkpoint_problems(out / "checkpoint-4") == [], "the damaged checkpoint-4 was written anew"
+
+
+SMALL_DISK = os.environ.get("ULDM_TEST_SMALL_DISK")
+
+
+@pytest.mark.skipif(not SMALL_DISK, reason="set ULDM_TEST_SMALL_DISK to an empty folder on a 16 MB file system "
+                                           "(as root: mount -t tmpfs -o size=16m tmpfs DIR)")
+def test_a_real_full_disk_stops_the_run_cleanly(train_images, tiny_vae_dir, capsys):
+    """The issue's case for real: a tiny run's checkpoint (about 8 MB) fits once on 16 MB, not twice."""
+    from conftest import latent_training_args
+
+    out = Path(SMALL_DISK) / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            run_script("train_unconditional_latent", latent_training_args(
+                train_images, tiny_vae_dir, out, max_train_steps=4, checkpointing_steps=2))
+        assert stop.value.code == 2
+        (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+        assert line.startswith(f"error: Could not write checkpoint-4 to {out}: the disk is full"), line
+        assert "checkpoint-2 is intact" in line
+        assert not (out / ".tmp-checkpoint-4").exists()
+        assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-2"]
+        assert ckpt.checkpoint_problems(out / "checkpoint-2") == []
+    finally:
+        shutil.rmtree(out, ignore_errors=True)

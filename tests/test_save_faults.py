@@ -79,7 +79,17 @@ def test_the_message_says_what_where_how_much_is_needed_and_free(tmp_path, monke
     assert "the disk quota is exceeded" in quota
     torch_style = saving.save_failure_message("x", tmp_path, RuntimeError("[enforce fail] unexpected pos 704 vs 598"),
                                               needed=25 * 1024**2)
-    assert "the write failed ([enforce fail] unexpected pos 704 vs 598), most likely because the disk is full" in torch_style
+    assert ": the disk is full (3.0 MiB were free when the write failed: [enforce fail] unexpected pos 704 vs 598)." \
+        in torch_style, "torch does not say why; less free space than needed does"
+    pretend_free_space(monkeypatch, 10**11)
+    plenty = saving.save_failure_message("x", tmp_path, RuntimeError("PytorchStreamWriter failed writing file"),
+                                         needed=25 * 1024**2)
+    assert ": the write failed (PytorchStreamWriter failed writing file)." in plenty
+    from safetensors import SafetensorError
+
+    safetensors_style = saving.save_failure_message(
+        "x", tmp_path, SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"))
+    assert "x to " + str(tmp_path) + ": the disk is full (No space left on device)." in safetensors_style
 
 
 def test_free_space_below_twice_the_expected_size_is_warned_about(tmp_path, monkeypatch, caplog):
@@ -229,8 +239,8 @@ def test_a_checkpoint_save_that_fails_removes_its_folder_and_keeps_the_previous_
     with pytest.raises(SaveError) as raised:
         save_steps(accelerator, model, tmp_path, [2])
     message = str(raised.value)
-    assert message.startswith(f"Could not write checkpoint-2 to {tmp_path}: the write failed ([enforce fail")
-    assert "most likely because the disk is full" in message
+    assert message.startswith(f"Could not write checkpoint-2 to {tmp_path}: the disk is full (4.9 KiB were free "
+                              "when the write failed: [enforce fail")
     assert f"It needs about {saving.human_size(size)} (the size of checkpoint-1); 4.9 KiB are free" in message
     assert "The unfinished .tmp-checkpoint-2 was removed; checkpoint-1 is intact." in message
     assert "--resume_from_checkpoint latest" in message

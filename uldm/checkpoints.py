@@ -277,7 +277,8 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, state: TrainingS
     if accelerator.is_main_process:
         if temp_dir.exists():
             shutil.rmtree(temp_dir)
-        warn_if_low_on_space(output_dir, needed, what, basis)
+        warn_if_low_on_space(output_dir, needed, what, basis,
+                             hint="Free some space there (or lower --checkpoints_total_limit).")
 
     def remove_temp_dir():
         if accelerator.is_main_process:

@@ -22,6 +22,7 @@ import itertools
 import logging
 import os
 import shutil
+import traceback
 from pathlib import Path
 from typing import Callable, Iterator, Union
 
@@ -84,7 +85,8 @@ def estimated_save_size(obj) -> int | None:
     return total or None
 
 
-def warn_if_low_on_space(where: str | os.PathLike, expected: int | None, what: str, basis: str = "") -> bool:
+def warn_if_low_on_space(where: str | os.PathLike, expected: int | None, what: str, basis: str = "",
+                         hint: str = "Free some space there.") -> bool:
     """Warn (and return True) when the disk of `where` has less than twice `expected` bytes free."""
     if not expected:
         return False
@@ -92,9 +94,8 @@ def warn_if_low_on_space(where: str | os.PathLike, expected: int | None, what: s
     if free >= 2 * expected:
         return False
     logger.warning(
-        "Only %s free on the disk of %s, less than twice the %s %s needs%s: saving may fail. "
-        "Free some space there (or lower --checkpoints_total_limit).",
-        human_size(free), where, human_size(expected), what, f" ({basis})" if basis else "",
+        "Only %s free on the disk of %s, less than twice the %s %s needs%s: saving may fail. %s",
+        human_size(free), where, human_size(expected), what, f" ({basis})" if basis else "", hint,
     )
     return True
 
@@ -140,15 +141,25 @@ def describe_cause(error: BaseException, free: int, needed: int | None) -> str:
     if os_error is not None:
         name = f" ({os_error.filename})" if os_error.filename else ""
         return f"{os_error.strerror or os_error}{name}"
+    text = " ".join(str(cause) for cause in _causes(error))
+    if "No space left on device" in text or "os error 28" in text:  # safetensors' words for ENOSPC
+        return "the disk is full (No space left on device)"
+    if "Disk quota exceeded" in text or "os error 122" in text:
+        return "the disk quota is exceeded (Disk quota exceeded)"
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    likely_full = free < (needed or 0) or free < 64 * 1024**2
-    return f"the write failed ({first_line})" + (", most likely because the disk is full" if likely_full else "")
+    if free < (needed or 0) or free < 64 * 1024**2:  # torch's writer says only that its position is off
+        return f"the disk is full ({human_size(free)} were free when the write failed: {first_line})"
+    return f"the write failed ({first_line})"
 
 
-def save_failure_message(what: str, where: str | os.PathLike, error: BaseException, *, needed: int | None = None,
+def save_failure_message(what: str, where: str | os.PathLike, error: BaseException | str, *, needed: int | None = None,
                          basis: str = "", written: int | None = None, kept: str = "", remedy: str = "") -> str:
-    """One message for a failed save: what, where, why, how much it needs, how much is free, what to do."""
+    """One message for a failed save: what, where, why, how much it needs, how much is free, what to do.
+
+    `error` is the exception or its description by `describe_cause` (taken when it happened: the
+    free space then tells a full disk). The free space given is measured now, after the clean-up."""
     free = free_space(where)
+    cause = error if isinstance(error, str) else describe_cause(error, free, needed)
     if needed:
         need = f"It needs about {human_size(needed)}" + (f" ({basis})" if basis else "")
     elif written:
@@ -156,7 +167,7 @@ def save_failure_message(what: str, where: str | os.PathLike, error: BaseExcepti
     else:
         need = "It needs more space than that"
     parts = [
-        f"Could not write {what} to {where}: {describe_cause(error, free, needed)}.",
+        f"Could not write {what} to {where}: {cause}.",
         f"{need}; {human_size(free)} are free on that disk.",
         kept,
         remedy or "Free some space there (or choose a bigger disk) and run again.",
@@ -180,6 +191,16 @@ def agree_on_failures(accelerator, failure) -> list[tuple[int, object]]:
     return [(rank, text) for rank, text in enumerate(reports) if text is not None]
 
 
+def release_open_files(error: BaseException) -> None:
+    """Drop the locals of the frames of a failed write: a writer object torch left open there would keep its
+    deleted file's space in use (and the free space reported too low)."""
+    import gc
+
+    for cause in _causes(error):
+        traceback.clear_frames(cause.__traceback__)
+    gc.collect()
+
+
 @contextlib.contextmanager
 def processes_stop_together(accelerator, what: str, where: str | os.PathLike, *, needed: Needed = None,
                             basis: str = "", kept: str = "", remedy: str = "",
@@ -196,23 +217,28 @@ def processes_stop_together(accelerator, what: str, where: str | os.PathLike, *,
         yield
     except Exception as error:  # noqa: BLE001 - reported to the other processes, then raised again
         own = error
-    report = None
+    report = None  # (finished message, None) or (None, (cause, needed)): the message is made after the clean-up
     if isinstance(own, SaveError):
-        report = str(own)
+        report = (str(own), None)
     elif own is not None and is_write_failure(own):
         estimate = needed() if callable(needed) else needed
-        report = save_failure_message(what, where, own, needed=estimate, basis=basis, kept=kept, remedy=remedy)
+        report = (None, (describe_cause(own, free_space(where), estimate), estimate))
     elif own is not None:
         report = (f"Could not write {what} to {where}: {type(own).__name__}: {own}. This is not a disk problem; "
-                  "see the traceback of that process.")
+                  "see the traceback of that process.", None)
     failures = agree_on_failures(accelerator, report)
     if not failures:
         return
+    if own is not None and is_write_failure(own):
+        release_open_files(own)
     if on_failure is not None:
         on_failure()
     if own is not None and not isinstance(own, SaveError) and not is_write_failure(own):
         raise own
-    rank, text = failures[0]
+    rank, (text, write_failure) = failures[0]
+    if text is None:
+        cause, estimate = write_failure
+        text = save_failure_message(what, where, cause, needed=estimate, basis=basis, kept=kept, remedy=remedy)
     if accelerator.num_processes > 1:
         text += f" [process {rank} of {accelerator.num_processes} failed; all processes stopped]"
     raise SaveError(text) from own
@@ -263,12 +289,15 @@ def save_folder_atomically(write: Callable[[Path], None], destination: str | os.
     try:
         write(temporary)
     except Exception as error:
-        written = folder_size(temporary)
-        shutil.rmtree(temporary, ignore_errors=True)
         if not is_write_failure(error):
+            shutil.rmtree(temporary, ignore_errors=True)
             raise
+        cause = describe_cause(error, free_space(destination), needed)
+        written = folder_size(temporary)
+        release_open_files(error)
+        shutil.rmtree(temporary, ignore_errors=True)
         raise SaveError(save_failure_message(
-            what, destination, error, needed=needed, basis=basis, written=written,
+            what, destination, cause, needed=needed, basis=basis, written=written,
             kept=f"The unfinished files were removed; what {destination} held before is unchanged.",
             remedy=remedy,
         )) from error
