@@ -275,7 +275,7 @@ def main(args: argparse.Namespace) -> None:
     if finished:
         grid = validate(loop.global_step)
         with processes_stop_together(accelerator, "the result", args.output_dir,
-                                     remedy=final_save_remedy(args.output_dir, loop.global_step)):
+                                     remedy=final_save_remedy(args.output_dir)):
             if accelerator.is_main_process:
                 save_result(args, loop, pipeline, lora_config)
                 write_dreambooth_model_card(args, loop, photos, base_grid, grid, len(instance_paths), class_set)
@@ -302,7 +302,7 @@ def save_result(args, loop: TrainingLoop, base: UnconditionalLatentPipeline, lor
     """A full pipeline that loads like the base one (same VAE, scheduler, latent scaling), or only the
     LoRA adapter."""
     name = args.pretrained_model_name_or_path
-    remedy = final_save_remedy(args.output_dir, loop.global_step)
+    remedy = final_save_remedy(args.output_dir)
     with loop.ema_weights() as model:
         if lora_config is not None:
             save_folder_atomically(

@@ -157,7 +157,7 @@ def main(args: argparse.Namespace) -> None:
     finished = loop.run(compute_loss, on_step_end)
     if finished:
         grid = validate(loop.global_step)
-        remedy = final_save_remedy(args.output_dir, loop.global_step)
+        remedy = final_save_remedy(args.output_dir)
         with processes_stop_together(accelerator, "the trained pipeline", args.output_dir, remedy=remedy):
             if accelerator.is_main_process:
                 with loop.ema_weights() as model:

@@ -186,7 +186,7 @@ def main(args: argparse.Namespace) -> None:
                                      args.encode_batch_size, accelerator, args.seed)
             scale, source = store_scaling_factor(trained, std, args.keep_scaling_factor)
             logger.info("Latent std %.5f; scaling_factor %.6f (%s)", std, scale, source)
-            remedy = final_save_remedy(args.output_dir, loop.global_step)
+            remedy = final_save_remedy(args.output_dir)
             with processes_stop_together(accelerator, "the trained VAE", args.output_dir, remedy=remedy):
                 if accelerator.is_main_process:
                     save_pretrained_atomically(trained, args.output_dir, "the trained VAE", remedy=remedy)

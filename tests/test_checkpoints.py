@@ -200,7 +200,7 @@ def test_a_full_disk_during_the_final_save_keeps_the_previous_model(
     assert line.startswith(f"error: Could not write the trained pipeline to {out}: the disk is full")
     assert "(the size of its weights)" in line and f"what {out} held before is unchanged" in line
     assert line.endswith("plus --resume_from_checkpoint latest: it loads checkpoint-4 and writes the model again "
-                         "without training.")
+                         "(training only the steps after it, if any).")
     assert folder_bytes(out / "unet") == previous, "the previous model's unet/ is untouched"
     assert not (out / TEMP_SAVE_NAME).exists()
     assert ckpt.checkpoint_problems(out / "checkpoint-4") == []

@@ -409,10 +409,12 @@ def restore_checkpoint(accelerator, resume_from_checkpoint: str | None, output_d
     return None
 
 
-def final_save_remedy(output_dir: str | os.PathLike, step: int) -> str:
-    """What to do when the trained model could not be written at the end of a run."""
-    if (Path(output_dir) / f"checkpoint-{step}").is_dir():
+def final_save_remedy(output_dir: str | os.PathLike) -> str:
+    """What to do when the trained model could not be written at the end of a run: resume from the newest
+    checkpoint (at the end of a run with --checkpointing_steps, that of the last step: nothing is trained again)."""
+    latest = latest_checkpoint(output_dir)
+    if latest is not None:
         return (f"Free some space there, then run the same command plus --resume_from_checkpoint latest: it loads "
-                f"checkpoint-{step} and writes the model again without training.")
+                f"{latest.name} and writes the model again (training only the steps after it, if any).")
     return ("Free some space there and run again (without --checkpointing_steps there is no checkpoint "
             "to write the model from).")
