@@ -1,13 +1,16 @@
-"""Two real processes (CPU, gloo, torchrun): when one rank's save fails, both stop with the message, at once."""
+"""Two real processes (CPU, gloo, torchrun): when one rank's save fails, both stop with the message, at once;
+then both resume together, past a damaged checkpoint."""
 
 from __future__ import annotations
 
+import shutil
 import socket
 import subprocess
 import time
 
 from conftest import REPO_ROOT, subprocess_env, venv_bin
 from uldm import checkpoints as ckpt
+from uldm.training import read_metrics
 
 # Runs a script with torch.save failing with ENOSPC on rank 1 for the files of checkpoint-4 (its
 # random_states_1.pkl: the only file that rank writes), as a full disk would make it fail.
@@ -36,19 +39,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def torchrun(*arguments: str) -> list[str]:
+    return [venv_bin("torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), *arguments]
+
+
 def test_when_one_rank_cannot_write_its_part_every_rank_stops_with_the_message(train_images, tiny_vae_dir, tmp_path):
     out, wrapper = tmp_path / "out", tmp_path / "failing_rank_1.py"
     wrapper.write_text(FAILING_RANK_1)
-    command = [
-        venv_bin("torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
-        # The launcher stops the other workers as soon as it sees one fail: give both time to report.
-        "--monitor_interval", "3",
-        str(wrapper), str(REPO_ROOT / "train_unconditional_latent.py"),
+    training = [
+        str(REPO_ROOT / "train_unconditional_latent.py"),
         "--train_data_dir", str(train_images), "--vae_name_or_path", str(tiny_vae_dir),
         "--model_config_name_or_path", "tiny", "--resolution", "32", "--train_batch_size", "2",
         "--max_train_steps", "4", "--checkpointing_steps", "2", "--validation_steps", "0",
         "--num_validation_images", "0", "--report_to", "none", "--output_dir", str(out),
     ]
+    # The launcher stops the other workers as soon as it sees one fail: give both time to report.
+    command = torchrun("--monitor_interval", "3", str(wrapper), *training)
     started = time.monotonic()
     # Without the agreement the main process would wait in a barrier for the gloo timeout (30 minutes).
     result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=240, cwd=tmp_path)
@@ -65,4 +71,17 @@ def test_when_one_rank_cannot_write_its_part_every_rank_stops_with_the_message(t
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-2"]
     assert ckpt.checkpoint_problems(out / "checkpoint-2") == []
     assert not (out / ".tmp-checkpoint-4").exists()
-    print(f"two-process fault test: {elapsed:.1f} s")
+
+    # Both ranks resume together: a damaged newer checkpoint-3 is skipped (verified once, on rank 0) and the
+    # run goes on from checkpoint-2 on both.
+    shutil.copytree(out / "checkpoint-2", out / "checkpoint-3")
+    weights = out / "checkpoint-3" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    result = subprocess.run(torchrun(*training, "--resume_from_checkpoint", "latest"), env=subprocess_env(),
+                            capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stderr.count("it is damaged: model.safetensors is truncated") == 1, "warned once, by rank 0"
+    assert [row["step"] for row in read_metrics(out)] == [1, 2, 3, 4]
+    assert (out / "checkpoint-4" / "random_states_1.pkl").is_file()
+    assert ckpt.checkpoint_problems(out / "checkpoint-4") == []
+    print(f"two-process fault test, failing run: {elapsed:.1f} s")

@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from collections import namedtuple
 from pathlib import Path
 
@@ -57,7 +56,8 @@ def test_the_errors_torch_and_safetensors_raise_on_a_full_disk_count_as_write_fa
     from safetensors import SafetensorError
 
     assert saving.is_write_failure(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"))
-    assert saving.is_write_failure(SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"))
+    assert saving.is_write_failure(
+        SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"))
     assert saving.is_write_failure(disk_full())
     assert not saving.is_write_failure(ValueError("a bug"))
     assert not saving.is_write_failure(RuntimeError("CUDA error: an illegal memory access was encountered"))
@@ -234,8 +234,8 @@ def test_a_checkpoint_save_that_fails_removes_its_folder_and_keeps_the_previous_
     size = ckpt.checkpoint_size(tmp_path / "checkpoint-1")
     pretend_free_space(monkeypatch, 5000)
     # torch.save (optimizer.bin) fails the way torch fails on a full disk: a RuntimeError, not an OSError.
-    monkeypatch.setattr(torch, "save", failing_writer(torch.save, ".tmp-checkpoint-2",
-                                                      RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")))
+    torch_disk_full = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    monkeypatch.setattr(torch, "save", failing_writer(torch.save, ".tmp-checkpoint-2", torch_disk_full))
     with pytest.raises(SaveError) as raised:
         save_steps(accelerator, model, tmp_path, [2])
     message = str(raised.value)
@@ -292,8 +292,8 @@ def test_damage_is_found_and_named_with_or_without_a_manifest(accelerator, tmp_p
     truncate(one / "model.safetensors")
     (two / "random_states_0.pkl").unlink()
     flip_a_byte(three / "optimizer.bin")
-    assert ckpt.checkpoint_problems(one) == [f"model.safetensors is truncated (100 bytes; "
-                                             f"{json.loads((one / 'training_state.json').read_text())['files']['model.safetensors']['size']} when saved)"]
+    saved_size = ckpt.read_manifest(one)["model.safetensors"]["size"]
+    assert ckpt.checkpoint_problems(one) == [f"model.safetensors is truncated (100 bytes; {saved_size} when saved)"]
     assert ckpt.checkpoint_problems(two) == ["random_states_0.pkl is missing"]
     assert ckpt.checkpoint_problems(three) == ["optimizer.bin does not match its sha256 checksum "
                                                "(changed or damaged since it was saved)"]
@@ -331,8 +331,9 @@ def test_latest_falls_back_past_damaged_checkpoints_naming_the_files(accelerator
         model.weight.fill_(99)
     with caplog.at_level(logging.WARNING):
         assert ckpt.restore_checkpoint(accelerator, "latest", tmp_path) == tmp_path / "checkpoint-1"
-    assert "Skipping " + str(tmp_path / "checkpoint-3") + ", it is damaged: model.safetensors is truncated" in caplog.text
-    assert "Skipping " + str(tmp_path / "checkpoint-2") + ", it is damaged: optimizer.bin does not load (UnpicklingError" in caplog.text
+    assert f"Skipping {tmp_path / 'checkpoint-3'}, it is damaged: model.safetensors is truncated" in caplog.text
+    assert (f"Skipping {tmp_path / 'checkpoint-2'}, it is damaged: optimizer.bin does not load (UnpicklingError"
+            in caplog.text)
     assert "Resuming from " + str(tmp_path / "checkpoint-1") in caplog.text
     assert torch.all(model.weight == 1), "the weights of checkpoint-1, whatever the failed loads did before"
 
