@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from uldm import args as cli
+from uldm.checkpoints import final_save_remedy
 from uldm.data import ImageFolderDataset, Preprocessing, image_folder_dataset, sharded_verifier
 from uldm.diffusion import noisy_latents_and_target
 from uldm.dreambooth import (
@@ -43,6 +44,7 @@ from uldm.lora import add_lora_adapter, lora_target_modules, register_adapter_on
 from uldm.model_card import write_model_card
 from uldm.models import count_parameters
 from uldm.sampling import SCHEDULER_NAMES, build_pipeline, save_pipeline
+from uldm.saving import save_folder_atomically
 from uldm.training import (
     Schedule, Validation, ValidationResult, build_training_loop, finish_run, read_metrics, start_run,
 )
@@ -241,7 +243,10 @@ def main(argv=None) -> None:
             return
         name = args.pretrained_model_name_or_path
         if lora_config is not None:
-            save_lora_result(model, args.output_dir, base_model=os.path.abspath(name) if os.path.isdir(name) else name)
+            save_folder_atomically(
+                lambda folder: save_lora_result(model, folder,
+                                                base_model=os.path.abspath(name) if os.path.isdir(name) else name),
+                args.output_dir, "the LoRA adapter", remedy=final_save_remedy(args.output_dir))
         else:
             save_pipeline(model, vae, scaling, pipeline.scheduler, args.output_dir)
         write_dreambooth_model_card(args, config.arguments, loop, photos, len(instance_paths), class_set)

@@ -27,12 +27,14 @@ from uldm.autoencoder import (
     default_holdout_size, evaluate_reconstructions, load_lpips, reconstruction_pairs, resolve_perceptual_weights,
     split_holdout, stack_pixels, store_scaling_factor,
 )
+from uldm.checkpoints import final_save_remedy
 from uldm.data import DataConfig, build_image_dataset, sharded_verifier
 from uldm.errors import InputError, exit_cleanly_on_input_errors
 from uldm.latents import measure_latent_std, random_horizontal_flip
 from uldm.model_card import write_model_card
 from uldm.models import count_parameters
 from uldm.presets import list_presets
+from uldm.saving import save_pretrained_atomically
 from uldm.training import (
     Schedule, Validation, ValidationResult, build_training_loop, finish_run, read_metrics, start_run,
 )
@@ -160,7 +162,8 @@ def main(argv=None) -> None:
         scale, source = store_scaling_factor(trained, std, args.keep_scaling_factor)
         logger.info("Latent std %.5f; scaling_factor %.6f (%s)", std, scale, source)
         if accelerator.is_main_process:
-            trained.save_pretrained(args.output_dir)
+            save_pretrained_atomically(trained, args.output_dir, "the trained VAE",
+                                       remedy=final_save_remedy(args.output_dir))
             loop.metrics.log({"latent_std": std, "scaling_factor": scale}, step=loop.global_step)
             shutil.copyfile(loop.last_validation.grids["reconstruction"], f"{args.output_dir}/reconstructions.png")
             write_vae_card(args, config.arguments, trained, loop, loop.last_validation.metrics, std, scale, source)

@@ -14,12 +14,20 @@ class InputError(ValueError):
     """Bad or missing input: the message says what is wrong and what to do."""
 
 
+class SaveError(InputError):
+    """Writing a checkpoint, model or samples failed (usually a full disk or an exceeded quota).
+
+    The message says what was being written, where, how much it needed and how much is free; the
+    unfinished files were removed and what was saved before is intact. A subclass of InputError, so
+    the scripts' error path prints it without a traceback and exits with status 2."""
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the weights were not updated with it."""
 
 
 def exit_cleanly_on_input_errors(main):
-    """Decorator for a script's entry point: InputError / NonFiniteLossError -> message, exit 2."""
+    """Decorator for a script's entry point: InputError (SaveError too) / NonFiniteLossError -> message, exit 2."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):

@@ -97,5 +97,9 @@ def save_image_atomically(image: Image.Image, path: str | os.PathLike) -> None:
     """Save as PNG under a hidden temporary name, then rename: nobody ever lists a half-written image."""
     path = Path(path)
     temporary = _temporary_path(path)
-    image.save(temporary, format="PNG")
+    try:
+        image.save(temporary, format="PNG")
+    except BaseException:
+        temporary.unlink(missing_ok=True)  # a full disk must not keep the part written
+        raise
     os.replace(temporary, path)

@@ -31,7 +31,10 @@ from diffusers.utils import make_image_grid as diffusers_make_image_grid
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .checkpoints import final_save_remedy
 from .images import _temporary_path, save_image_atomically  # the latter also imported from here by sample.py
+from .saving import save_pretrained_atomically
+from .saving import processes_stop_together
 
 # name -> (class, config overrides). The config of the saved scheduler supplies the noise schedule.
 SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
@@ -72,7 +75,8 @@ def save_pipeline(unet, vae, scaling, scheduler, output_dir: str | os.PathLike) 
     training_dtype = vae.dtype
     vae.to(torch.float32)
     try:
-        build_pipeline(unet, vae, scaling, scheduler.config, scheduler=scheduler).save_pretrained(output_dir)
+        save_pretrained_atomically(build_pipeline(unet, vae, scaling, scheduler.config, scheduler=scheduler),
+                                   output_dir, "the trained pipeline", remedy=final_save_remedy(output_dir))
     finally:
         vae.to(training_dtype)
 
@@ -161,21 +165,35 @@ def write_samples(
     progress = tqdm(total=len(own_indices), desc=description, unit="img", disable=not accelerator.is_main_process)
     if accelerator.num_processes > 1:
         progress.set_postfix_str(f"main process' share of {len(indices)}")
-    for batch in batches(own_indices, batch_size):
-        with accelerator.autocast():
-            images = pipeline(
-                batch_size=len(batch),
-                num_inference_steps=num_inference_steps,
-                generator=generators_for_indices(seed, batch),
-                eta=eta,
-                output_type="pil",
-            ).images
-        for index, image in zip(batch, images):
-            save_image_atomically(image, output_dir / file_name(index))
-        progress.update(len(batch))
+    written = []
+    # A full disk on any process stops all of them with one message; the images written are kept.
+    with processes_stop_together(
+            accelerator, f"{len(indices)} images", output_dir,
+            needed=lambda: _space_for_all(written, len(indices)),
+            basis=f"for the {len(indices)} images, at the size of those written",
+            kept="The images already written are kept.",
+            remedy="Free some space there and run the same command again: it makes only the missing images."):
+        for batch in batches(own_indices, batch_size):
+            with accelerator.autocast():
+                images = pipeline(
+                    batch_size=len(batch),
+                    num_inference_steps=num_inference_steps,
+                    generator=generators_for_indices(seed, batch),
+                    eta=eta,
+                    output_type="pil",
+                ).images
+            for index, image in zip(batch, images):
+                save_image_atomically(image, output_dir / file_name(index))
+                written.append(output_dir / file_name(index))
+            progress.update(len(batch))
     progress.close()
-    accelerator.wait_for_everyone()
     return own_indices
+
+
+def _space_for_all(written: list[Path], count: int) -> int | None:
+    """Bytes `count` images need, at the mean size of the images this process wrote so far."""
+    sizes = [path.stat().st_size for path in written if path.is_file()]
+    return int(sum(sizes) / len(sizes) * count) if sizes else None
 
 
 def _load_sample(output_dir: Path, index: int) -> np.ndarray:

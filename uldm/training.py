@@ -42,6 +42,7 @@ from .data import EpochBatchSampler
 from .errors import InputError, NonFiniteLossError
 from .plots import plot_loss_curve
 from .posthoc_ema import PosthocEmaConfig, build_posthoc_ema
+from .saving import processes_stop_together
 from .testing import BatchTrace
 from .validation import log_image_grid
 
@@ -476,13 +477,12 @@ class TrainingLoop:
         self.metrics = MetricsWriter(self.accelerator, self.output_dir, resume_step=self.global_step)
 
     def _restore(self, resume_from_checkpoint: str | None) -> None:
-        path = ckpt.resolve_resume_path(resume_from_checkpoint, self.output_dir)
+        path = ckpt.restore_checkpoint(self.accelerator, resume_from_checkpoint, self.output_dir)
         if path is None:
             if resume_from_checkpoint:
                 logger.info("No complete checkpoint in %s yet; starting a new run.", self.output_dir)
             return
         logger.info("Resuming from %s", path)
-        self.accelerator.load_state(str(path))
         saved = TrainingState.load(path)
         if self.ema is not None:
             self.ema.to(self.accelerator.device)
@@ -505,25 +505,16 @@ class TrainingLoop:
         self.accelerator.step = self.state.micro_batches
 
     def save_checkpoint(self) -> Path:
-        """Every process writes into a temporary folder; the main one publishes it when all are done."""
-        accelerator = self.accelerator
-        temp_dir = ckpt.temporary_checkpoint_dir(self.output_dir, self.global_step)
-        if accelerator.is_main_process and temp_dir.exists():
-            shutil.rmtree(temp_dir)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(temp_dir))
-        accelerator.wait_for_everyone()
-        final = self.output_dir / f"checkpoint-{self.global_step}"
-        if accelerator.is_main_process:
-            arguments = self.output_dir / RUN_ARGUMENTS_FILE
+        """Every process writes into a temporary folder; the main one publishes it when all are done.
+        A failed write (full disk) on any process raises SaveError on all of them (see uldm.checkpoints)."""
+        arguments = self.output_dir / RUN_ARGUMENTS_FILE
+
+        def copy_run_arguments(folder: Path) -> None:
             if arguments.is_file():
-                shutil.copyfile(arguments, temp_dir / arguments.name)
-            self.state.save(temp_dir)  # written last: marks the checkpoint complete
-            final = ckpt.publish_checkpoint(temp_dir, self.output_dir, self.global_step)
-            ckpt.prune_checkpoints(self.output_dir, self.config.checkpoints_total_limit)
-            logger.info("Saved %s", final)
-        accelerator.wait_for_everyone()
-        return final
+                shutil.copyfile(arguments, folder / arguments.name)
+
+        return ckpt.save_checkpoint(self.accelerator, self.output_dir, self.state,
+                                    self.config.checkpoints_total_limit, write_extra=copy_run_arguments)
 
     # ---- EMA --------------------------------------------------------------------------------
 
@@ -548,9 +539,9 @@ class TrainingLoop:
         the main one): at the end of training and on the save schedule (e.g. --save_model_epochs)."""
         if self.save_result_with is None:
             return
-        with self.ema_weights() as model:
+        with self.ema_weights() as model, processes_stop_together(
+                self.accelerator, "the trained model", self.output_dir, remedy=ckpt.final_save_remedy(self.output_dir)):
             self.save_result_with(model)
-        self.accelerator.wait_for_everyone()
 
     # ---- validation -------------------------------------------------------------------------
 
