@@ -652,30 +652,21 @@ def load_pipeline(pipeline_dir: Path, pipeline_class):
 
 
 def _save_pipeline_atomically(pipeline, folder: Path, synthesized: SynthesizedEMA) -> Path:
-    """Write into a hidden sibling folder, then put it in place of `folder` (an earlier result is replaced
-    only once the new one is whole)."""
-    import shutil
+    """The pipeline and its posthoc_ema.json, put in place of `folder` only once whole (uldm.saving)."""
+    from .saving import save_folder_atomically
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    temporary = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    pipeline.save_pretrained(str(temporary))
-    (temporary / "posthoc_ema.json").write_text(json.dumps({
-        "sigma_rel": synthesized.sigma_rel,
-        "gamma": sigma_rel_to_gamma(synthesized.sigma_rel),
-        "step": synthesized.step,
-        "profile_fit_error": synthesized.fit_error,
-        "snapshots": [{"file": s.path.name, "step": s.step, "sigma_rel": s.sigma_rel, "weight": w}
-                      for s, w in synthesized.coefficients],
-    }, indent=2) + "\n")
-    if folder.exists():
-        backup = folder.with_name(f".{folder.name}.old")
-        shutil.rmtree(backup, ignore_errors=True)
-        os.replace(folder, backup)
-        os.replace(temporary, folder)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        os.replace(temporary, folder)
+    def write(temporary: Path) -> None:
+        pipeline.save_pretrained(str(temporary))
+        (temporary / "posthoc_ema.json").write_text(json.dumps({
+            "sigma_rel": synthesized.sigma_rel,
+            "gamma": sigma_rel_to_gamma(synthesized.sigma_rel),
+            "step": synthesized.step,
+            "profile_fit_error": synthesized.fit_error,
+            "snapshots": [{"file": s.path.name, "step": s.step, "sigma_rel": s.sigma_rel, "weight": w}
+                          for s, w in synthesized.coefficients],
+        }, indent=2) + "\n")
+
+    save_folder_atomically(write, folder, f"the pipeline of sigma_rel {synthesized.sigma_rel:g}")
     return folder
 
 

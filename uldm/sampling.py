@@ -33,8 +33,7 @@ from tqdm.auto import tqdm
 
 from .checkpoints import final_save_remedy
 from .images import _temporary_path, save_image_atomically  # the latter also imported from here by sample.py
-from .saving import save_pretrained_atomically
-from .saving import processes_stop_together
+from .saving import processes_stop_together, save_pretrained_atomically
 
 # name -> (class, config overrides). The config of the saved scheduler supplies the noise schedule.
 SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
