@@ -151,3 +151,55 @@ def test_torchrun_without_accelerate_use_cpu_on_a_machine_without_gpus_is_refuse
     assert "error: 2 processes were started (WORLD_SIZE=2)" in result.stderr, result.stderr[-3000:]
     assert "ACCELERATE_USE_CPU=1" in result.stderr and "exitcode  : 2" in result.stderr  # the script's clean exit
     assert not out.exists() or not any(out.iterdir()), sorted(os.listdir(out))
+
+
+def worker_with_rank(launcher_pid: int, rank: int) -> int:
+    """The pid of the torchrun worker with this RANK (Linux: /proc)."""
+    children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children")
+    if not children.is_file():
+        pytest.skip("needs Linux's /proc/<pid>/task/<pid>/children")
+    for pid in map(int, children.read_text().split()):
+        variables = dict(item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in item)
+        if variables.get("RANK") == str(rank):
+            return pid
+    raise AssertionError(f"no worker with RANK={rank} among torchrun's children")
+
+
+def test_a_signal_to_one_process_stops_all_of_them_at_the_same_step(train_images, tiny_vae_dir, tmp_path):
+    """Pre-emption may reach the processes at different moments, or only one: they agree on the stop flag every
+    step, so all stop at the same step boundary with one complete checkpoint (and none waits for the others)."""
+    import os
+    import signal
+    import time
+
+    out, trace = tmp_path / "out", tmp_path / "trace"
+    command = [
+        venv_bin("torchrun"), "--nproc_per_node", "2", "--master_port", "29545",
+        str(REPO_ROOT / "train_unconditional_latent.py"),
+        "--train_data_dir", str(train_images), "--vae_name_or_path", str(tiny_vae_dir),
+        "--model_config_name_or_path", "tiny", "--resolution", "32", "--train_batch_size", "3",
+        "--max_train_steps", "200", "--cache_latents", "--checkpointing_steps", "1000", "--validation_steps", "0",
+        "--report_to", "none", "--output_dir", str(out),
+    ]
+    process = subprocess.Popen(command, env=subprocess_env(ULDM_TRACE_BATCHES=trace), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        rank1_trace, deadline = Path(f"{trace}.rank1.jsonl"), time.monotonic() + 300
+        while not (rank1_trace.is_file() and "weights_checksum" in rank1_trace.read_text()):
+            assert process.poll() is None and time.monotonic() < deadline, "the run ended before its first step"
+            time.sleep(0.2)
+        os.kill(worker_with_rank(process.pid, 1), signal.SIGTERM)
+        _, stderr = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, stderr[-4000:]
+    (checkpoint,) = out.glob("checkpoint-*")
+    step = int(checkpoint.name.split("-")[1])
+    assert 2 <= step < 200 and (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
+    assert json.loads((checkpoint / "training_state.json").read_text())["global_step"] == step
+    assert not (out / "model_index.json").exists(), "a stopped run saves no pipeline"
+    for rank in range(2):
+        steps_done = [entry["step"] for entry in read_trace(trace, rank) if "weights_checksum" in entry]
+        assert steps_done[-1] == step, f"rank {rank} stopped after step {steps_done[-1]}, the checkpoint is {step}"
+    assert [row["step"] for row in read_metrics(out, having="loss")] == list(range(1, step + 1))
