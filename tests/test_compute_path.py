@@ -194,3 +194,19 @@ def test_no_logging_interval_below_one(train_images, tiny_vae_dir, tmp_path, exp
     message = expect_input_error(run_script, SCRIPT, latent_training_args(train_images, tiny_vae_dir, tmp_path / "o",
                                                                            logging_steps=0))
     assert "--logging_steps must be at least 1" in message
+
+
+def test_asking_for_fsdp_where_accelerate_runs_without_it_is_said(tmp_path, monkeypatch, caplog):
+    """On CPUs accelerate ignores ACCELERATE_USE_FSDP (what `accelerate launch --config_file fsdp.yaml` exports)."""
+    from uldm.testing import reset_accelerate_state
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    reset_accelerate_state()
+    try:
+        with caplog.at_level("WARNING", logger="uldm.training"):
+            accelerator = uldm.training.make_accelerator(LoopConfig(output_dir=str(tmp_path / "out"), report_to="none"))
+        assert not uldm.training.is_fsdp(accelerator)
+    finally:
+        reset_accelerate_state()
+    assert "FSDP was asked for (ACCELERATE_USE_FSDP=true), but accelerate runs" in caplog.text

@@ -455,7 +455,7 @@ class StepRecords:
             self.names = names
         elif names != self.names:
             raise ValueError(f"compute_loss returned the logged values {names}, earlier {self.names}: keep them the same.")
-        values = [loss.detach().float().reshape(())] + [_device_scalar(value, loss.device) for value in logs.values()]
+        values = [loss.detach().float().mean()] + [_device_scalar(value, loss.device) for value in logs.values()]
         self._rows.append(torch.stack(values))
         self._where.append((step, micro_batch))
 
