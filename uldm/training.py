@@ -729,11 +729,12 @@ class TrainingLoop:
         if not self.fsdp:
             yield
             return
-        copy_ = self.unsharded_copy.to(self.accelerator.device)
+        plain, sharded = self.unsharded_copy.to(self.accelerator.device), self.unwrapped_model
         with torch.no_grad():
-            for (name, target), (_, source) in zip(copy_.named_parameters(), self.unwrapped_model.named_parameters()):
+            for (name, target), (sharded_name, source) in zip(plain.named_parameters(), sharded.named_parameters()):
+                assert name == sharded_name, f"{name} != {sharded_name}: the copy is not of this model"
                 target.copy_(_full_tensor(source))
-            for target, source in zip(copy_.buffers(), self.unwrapped_model.buffers()):
+            for target, source in zip(plain.buffers(), sharded.buffers()):
                 target.copy_(source)
         try:
             yield
