@@ -72,7 +72,8 @@ def test_two_processes_shard_the_data_keep_equal_weights_and_write_one_set_of_ou
     assert len(grouped["pipeline"]) == 1
 
 
-def _torchrun(port: int, output_dir: Path, train_images, tiny_vae_dir, cwd: Path, extra_env=None, *options) -> subprocess.CompletedProcess:
+def _torchrun_latent_run(port: int, output_dir: Path, train_images, tiny_vae_dir, *options, env=None):
+    """4 steps of the latent trainer in 2 CPU processes (accumulation 2, EMA, checkpoints and validation at 2 and 4)."""
     command = [
         venv_bin("torchrun"), "--nproc_per_node", "2", "--master_port", str(port),
         str(REPO_ROOT / "train_unconditional_latent.py"),
@@ -83,8 +84,8 @@ def _torchrun(port: int, output_dir: Path, train_images, tiny_vae_dir, cwd: Path
         "--num_validation_images", "2", "--validation_inference_steps", "2", "--report_to", "none",
         "--learning_rate", "1e-3", "--lr_warmup_steps", "1", "--output_dir", str(output_dir), *options,
     ]
-    return subprocess.run(command, env=subprocess_env(**(extra_env or {})), capture_output=True, text=True,
-                          timeout=600, cwd=cwd)
+    return subprocess.run(command, env=subprocess_env(**(env or {})), capture_output=True, text=True, timeout=600,
+                          cwd=output_dir.parent)
 
 
 def test_fsdp2_trains_as_ddp_resumes_exactly_and_saves_a_loadable_pipeline(train_images, tiny_vae_dir, tmp_path):
@@ -100,14 +101,15 @@ def test_fsdp2_trains_as_ddp_resumes_exactly_and_saves_a_loadable_pipeline(train
 
     fsdp, resumed, ddp = tmp_path / "fsdp", tmp_path / "resumed", tmp_path / "ddp"
     force = {"ULDM_TEST_FORCE_FSDP": "2"}
-    result = _torchrun(29541, fsdp, train_images, tiny_vae_dir, tmp_path, force)
+    result = _torchrun_latent_run(29541, fsdp, train_images, tiny_vae_dir, env=force)
     assert result.returncode == 0, result.stderr[-4000:]
     assert (fsdp / "checkpoint-2" / "pytorch_model_fsdp_0").is_dir(), "the checkpoint is not FSDP's (sharded)"
     resumed.mkdir()
     shutil.copytree(fsdp / "checkpoint-2", resumed / "checkpoint-2")
-    result = _torchrun(29542, resumed, train_images, tiny_vae_dir, tmp_path, force, "--resume_from_checkpoint", "latest")
+    result = _torchrun_latent_run(29542, resumed, train_images, tiny_vae_dir, "--resume_from_checkpoint", "latest",
+                                  env=force)
     assert result.returncode == 0, result.stderr[-4000:]
-    result = _torchrun(29543, ddp, train_images, tiny_vae_dir, tmp_path)
+    result = _torchrun_latent_run(29543, ddp, train_images, tiny_vae_dir)
     assert result.returncode == 0, result.stderr[-4000:]
 
     losses = {run: [row["loss"] for row in read_metrics(run, having="loss")] for run in (fsdp, resumed, ddp)}
