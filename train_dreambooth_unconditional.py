@@ -108,6 +108,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     cli.add_ema_args(parser)  # with --use_lora the EMA (and its checkpoints) keeps a copy of the whole UNet
     cli.add_logging_args(parser, validation_steps=100)
     cli.add_checkpoint_args(parser, checkpointing_steps=200)
+    cli.add_compute_args(parser)
     args = parser.parse_args(argv)
     cli.check_common_args(args)
     if args.max_train_steps is None and args.num_epochs is None:
@@ -181,8 +182,9 @@ def main(argv=None) -> None:
     unet, vae = pipeline.unet, pipeline.vae
     vae.requires_grad_(False).eval()
     vae.to(accelerator.device)
-    if vae.dtype != vae_dtype_for(accelerator.mixed_precision):
-        vae.to(dtype=vae_dtype_for(accelerator.mixed_precision))
+    vae_dtype = vae_dtype_for(accelerator.mixed_precision, config.compute.vae_precision, args.cache_latents)
+    if vae.dtype != vae_dtype:
+        vae.to(dtype=vae_dtype)
     unet.to(accelerator.device)
     scaling = pipeline_scaling(pipeline)
     logger.info("Base model %s: %d px, VAE %s, UNet %.1fM parameters, latent scale %.5f",

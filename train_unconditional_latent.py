@@ -58,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     cli.add_ema_args(parser)
     cli.add_logging_args(parser)
     cli.add_checkpoint_args(parser)
+    cli.add_compute_args(parser)
     args = parser.parse_args(argv)
     cli.check_common_args(args)
     if not args.model_config_name_or_path and not args.pretrained_model_name_or_path:
@@ -85,7 +86,7 @@ def main(argv=None) -> None:
     accelerator = start_run(config)
 
     vae = load_vae(args.vae_name_or_path, args.vae_subfolder, args.revision,
-                   torch_dtype=vae_dtype_for(accelerator.mixed_precision))
+                   torch_dtype=vae_dtype_for(accelerator.mixed_precision, config.compute.vae_precision, args.cache_latents))
     vae.to(accelerator.device)
     unet = build_unet(args.model_config_name_or_path, args.pretrained_model_name_or_path, args.revision)
     check_unet_matches_latents(unet, vae, args.resolution)

@@ -97,6 +97,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     cli.add_ema_args(parser)
     cli.add_logging_args(parser, validation_steps=500)
     cli.add_checkpoint_args(parser)
+    cli.add_compute_args(parser, frozen_vae=False)
     args = parser.parse_args(argv)
     check_args(args)
     return args
@@ -171,7 +172,8 @@ def main(argv=None) -> None:
                         loop.last_validation.metrics["val_psnr"])
         trained.train()
 
-    loop = build_training_loop(accelerator, config, AutoencoderForTraining(vae), train_set, "train_vae",
+    autoencoder = AutoencoderForTraining(vae)
+    loop = build_training_loop(accelerator, config, autoencoder, train_set, "train_vae",
                                ema_model=vae, save_result=save_result,
                                validation=Validation(validate, Schedule(every_steps=args.validation_steps), at_start=True))
     model = loop.model
@@ -180,7 +182,7 @@ def main(argv=None) -> None:
         pixels = batch["pixel_values"]
         if args.random_flip:
             pixels = random_horizontal_flip(pixels, generator)
-        reconstruction, kl = model(pixels, generator)
+        reconstruction, kl = model(pixels, autoencoder.latent_noise(pixels, generator))
         return criterion(pixels, reconstruction, kl)
 
     loop.run(compute_loss)

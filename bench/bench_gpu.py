@@ -29,9 +29,10 @@ bf16: autocast with fp32 weights, as accelerate's --mixed_precision bf16, and th
 bf16, as train_unconditional_latent.py loads it), then per data path --warmup_steps untimed and
 --steps timed training steps: latents (random ones for the cache path; the VAE's encoding of a batch
 of 256 px images for the other), noise, forward, MSE, backward, clipping at 1.0, AdamW, EMA. "loop"
-rows do what uldm/training.py does today: AdamW's default (foreach) implementation, diffusers'
-EMAModel default (one tensor at a time), and one device-to-host copy of the loss and non-finite flag
-every step. "tuned" rows: fused AdamW, EMAModel(foreach=True), the losses read back once at the end.
+rows do what uldm/training.py did before issue 13: AdamW's default (foreach) implementation,
+diffusers' EMAModel default (one tensor at a time), and one device-to-host copy of the loss and
+non-finite flag every step. "tuned" rows do what it does now on a GPU: fused AdamW,
+EMAModel(foreach=True), the losses read back every --logging_steps (here once, at the end).
 MFU = the UNet's training FLOPs per image (forward + backward, counted with
 torch.utils.flop_counter.FlopCounterMode through the math attention kernel) x img/s over the dense
 peak of the GPU's datasheet for the precision (bf16 for bf16 rows, TF32 for the fp32 rows, whose
@@ -260,7 +261,7 @@ class Encoders:
 
 
 def build_step(unet, runnable, variant: ModelVariant, args, device: torch.device, make_latents, tuned: bool):
-    """The training step of a row: AdamW and EMA as the loop has them today, or the tuned ones."""
+    """The training step of a row: AdamW and EMA as the loop had them before issue 13, or as it has them now (tuned)."""
     from diffusers.training_utils import EMAModel
 
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, weight_decay=1e-6, **({"fused": True} if tuned else {}))
@@ -474,7 +475,7 @@ def describe(result: dict, args, rows, parts, vae_checks, skipped, device: torch
     settings = result["settings"]
     report.add_table(
         result, f"{args.unet}: training step at batch {args.train_batch_size} on {settings['device']['name']} "
-                f"(x baseline: img/s over fp32 with the VAE every step and today's loop)",
+                f"(x baseline: img/s over fp32 with the VAE every step and the loop before issue 13)",
         ["variant", "data", "step", "img/s", "ms/step", "first step (s)", "UNet TFLOP/s", "MFU", "MFU with VAE",
          "peak memory (GiB)", "x baseline"],
         [[r["variant"], r["data_path"], r["step"], r["images_per_sec"], r["ms_per_step"], r["first_step_s"],
@@ -493,9 +494,10 @@ def describe(result: dict, args, rows, parts, vae_checks, skipped, device: torch
         f"{settings['measured_matmul_tflops']['tf32']:.3g} TFLOP/s TF32.")
     result["notes"].append(
         "Rows: 'encode' = the VAE encodes the batch of images every step (they are already on the device: data "
-        "loading is not measured); 'cache' = latents ready on the device, UNet only. 'loop' step = today's "
-        "uldm/training.py (foreach AdamW, EMAModel one tensor at a time, a device-to-host readback every step); "
-        "'tuned' = fused AdamW, EMAModel(foreach=True), losses read back once after the timed steps. "
+        "loading is not measured); 'cache' = latents ready on the device, UNet only. 'loop' step = "
+        "uldm/training.py before issue 13 (foreach AdamW, EMAModel one tensor at a time, a device-to-host "
+        "readback every step); 'tuned' = uldm/training.py now (fused AdamW, EMAModel(foreach=True), losses read "
+        "back every --logging_steps: here once after the timed steps). "
         "The first step of the first row of a compiled variant includes torch.compile's compilation.")
     if vae_checks:
         report.add_table(result, "VAE in half precision: non-finite values and difference from fp32 "
@@ -509,8 +511,9 @@ def describe(result: dict, args, rows, parts, vae_checks, skipped, device: torch
             "The VAE check has random weights: the real SD-VAE's NaNs in fp16 come from its trained activations "
             "overflowing fp16's range (65504) in the decoder, which random weights do not reproduce; this checks "
             "that the code runs in each dtype and how far the rounding moves the result. bf16 has fp32's range, so "
-            "it cannot overflow where fp32 does not; train_unconditional_latent.py runs the VAE in bf16 under "
-            "--mixed_precision bf16 and in fp32 otherwise (uldm.vae.vae_dtype_for).")
+            "it cannot overflow where fp32 does not; with --vae_precision auto train_unconditional_latent.py runs the "
+            "VAE in bf16 under --mixed_precision bf16 when it encodes every step, in fp32 otherwise (with "
+            "--cache_latents, fp16, fp32; uldm.vae.vae_dtype_for).")
     if parts:
         optimizer, ema = parts["optimizer"], parts["ema"]
         part_rows = [["AdamW", name, 1000 * seconds, optimizer["step_s"]["for-loop"] / seconds]

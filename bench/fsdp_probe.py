@@ -4,7 +4,7 @@
 A tiny UNet2DModel (configs/unet/tiny.json) trained through accelerate the way uldm/training.py does
 (AdamW, a LambdaLR registered for checkpointing, diffusers' EMAModel, accelerator.clip_grad_norm_,
 save_state/load_state, get_state_dict), in 2 CPU processes with gloo. accelerate 1.15 never selects FSDP
-for CPU processes, so --force_fsdp 1|2 forces it (see force_fsdp_on_cpu) to run accelerate's real FSDP
+for CPU processes, so --force_fsdp 1|2 forces it (uldm.testing.force_fsdp_on_cpu) to run accelerate's real FSDP
 code paths on the CPU. Each process prints one line "RESULT {json}" at the start and one at the end.
 
     run() { ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 --master_port $1 bench/fsdp_probe.py "${@:2}"; }
@@ -53,29 +53,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def force_fsdp_on_cpu(accelerator, version: int, state_dict_type: str) -> None:
-    """accelerate sets DistributedType.FSDP only over GPU-like devices (state.py, AcceleratorState.__init__:
-    MULTI_CPU is not in the list); set it by hand, in PartialState's shared dict too, which is copied back
-    into the AcceleratorState whenever one is instantiated."""
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-    options = dict(fsdp_version=version, auto_wrap_policy="transformer_based_wrap",
-                   transformer_cls_names_to_wrap=["ResnetBlock2D", "Attention"], state_dict_type=state_dict_type)
-    if version == 1:
-        options["use_orig_params"] = True
-    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(**options)
-    accelerator.state.distributed_type = DistributedType.FSDP
-    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-
-
 def main(argv=None) -> None:
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
     from diffusers import UNet2DModel
     from diffusers.training_utils import EMAModel
 
-    from uldm.args import read_json_preset
+    from uldm.presets import read_json_preset
+    from uldm.testing import force_fsdp_on_cpu
 
     args = parse_args(argv)
     accelerator = Accelerator(project_config=ProjectConfiguration(project_dir=args.out))

@@ -88,6 +88,26 @@ def add_posthoc_ema_args(parser: argparse.ArgumentParser) -> None:
                        help="Precision of the saved snapshots (float16 halves the disk space).")
 
 
+def add_compute_args(parser: argparse.ArgumentParser, frozen_vae: bool = True) -> None:
+    """How the training step runs on the device (`uldm.training.ComputeConfig`, `LoopConfig.logging_steps`)."""
+    group = parser.add_argument_group("compute")
+    group.add_argument("--torch_compile", action="store_true",
+                       help="Compile the trained model with torch.compile (inductor) for training; validation and "
+                            "the saved model stay eager. The first step then takes minutes (compiling).")
+    group.add_argument("--logging_steps", type=int, default=None,
+                       help="Read the losses back from the device every this many optimiser steps (metrics.jsonl "
+                            "still gets one row per step). A non-finite loss stops the run at the next read-back, "
+                            "which also happens before every checkpoint, validation and saved result. "
+                            "Default: 1 on the CPU, 10 on GPUs (no device-to-host wait in between).")
+    if frozen_vae:
+        from .vae import VAE_PRECISIONS
+
+        group.add_argument("--vae_precision", choices=VAE_PRECISIONS, default="auto",
+                           help="dtype of the frozen VAE. auto: fp32 with --cache_latents (encoded once, stored) or "
+                                "without mixed precision or with fp16 (VAEs overflow in fp16), bf16 with "
+                                "--mixed_precision bf16 when it encodes every step.")
+
+
 def add_noise_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("diffusion")
     group.add_argument("--ddpm_num_steps", type=int, default=1000)
@@ -134,6 +154,8 @@ def check_common_args(args) -> None:
             raise InputError(f"--{name} must be at least 1.")
     if getattr(args, "max_train_steps", None) is not None and args.max_train_steps < 1:
         raise InputError("--max_train_steps must be at least 1.")
+    if getattr(args, "logging_steps", None) is not None and args.logging_steps < 1:
+        raise InputError("--logging_steps must be at least 1 (or left out: 1 on the CPU, 10 on GPUs).")
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,7 +174,7 @@ def training_config(args: argparse.Namespace):
     (training_args.json, trackers, model card) without secrets such as --hub_token."""
     from .hub import public_arguments
     from .posthoc_ema import PosthocEmaConfig
-    from .training import EmaConfig, LoopConfig, OptimizerConfig, TrainingConfig
+    from .training import ComputeConfig, EmaConfig, LoopConfig, OptimizerConfig, TrainingConfig
 
     posthoc = None
     if getattr(args, "use_posthoc_ema", False):  # not every trainer offers it
@@ -162,6 +184,7 @@ def training_config(args: argparse.Namespace):
         optimizer=config_from(OptimizerConfig, args),
         ema=config_from(EmaConfig, args) if args.use_ema else None,
         posthoc_ema=posthoc,
+        compute=config_from(ComputeConfig, args),
         arguments=public_arguments(args),
     )
 

@@ -32,8 +32,7 @@ from pipeline_latent_uncond import configured_latent_scaling
 from .presets import read_model_config
 from .data import Preprocessing
 from .errors import InputError
-from .latents import sample_from_moments
-from .vae import load_vae
+from .vae import downsample_factor, load_vae
 
 logger = logging.getLogger(__name__)
 
@@ -71,17 +70,26 @@ class AutoencoderForTraining(nn.Module):
     """One forward pass from images to (reconstruction, KL per image).
 
     Everything happens inside `forward`, the method that DistributedDataParallel wraps, so the
-    gradients of encoder and decoder are synchronised; the posterior sample uses the step's
-    generator, which keeps resumed runs exact.
+    gradients of encoder and decoder are synchronised. The posterior sample is mean + std x `noise`,
+    the noise drawn beforehand from the step's generator (`latent_noise`), which keeps resumed runs
+    exact and the forward pass free of a torch.Generator, which torch.compile cannot trace.
     """
 
     def __init__(self, vae):
         super().__init__()
         self.vae = vae
 
-    def forward(self, pixel_values: torch.Tensor, generator: torch.Generator | None = None):
+    def latent_noise(self, pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Standard normal noise of the shape of these images' latents, drawn from `generator`."""
+        factor = downsample_factor(self.vae)
+        batch, _, height, width = pixel_values.shape
+        shape = (batch, self.vae.config.latent_channels, height // factor, width // factor)
+        return torch.randn(shape, generator=generator, device=pixel_values.device, dtype=torch.float32)
+
+    def forward(self, pixel_values: torch.Tensor, noise: torch.Tensor | None = None):
+        """(reconstruction, KL per image); without `noise` the posterior mean is decoded."""
         posterior = self.vae.encode(pixel_values).latent_dist
-        latents = sample_from_moments(posterior.mean, posterior.std, generator)
+        latents = posterior.mean if noise is None else posterior.mean + posterior.std * noise
         return self.vae.decode(latents).sample, posterior.kl()
 
 

@@ -115,7 +115,13 @@ def load_pipeline_or_adapter(path: str | os.PathLike, fuse_lora: bool = False,
 
 def register_adapter_only_checkpoints(accelerator) -> None:
     """Checkpoints of a LoRA run keep only the adapter weights of the model (MBs instead of the whole
-    UNet); loading restores them exactly and leaves the frozen base weights as loaded."""
+    UNet); loading restores them exactly and leaves the frozen base weights as loaded. Not under FSDP,
+    whose checkpoints bypass these hooks (a LoRA run needs no sharding: DDP)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise InputError("--use_lora does not work with FSDP (its adapter-only checkpoints could not be resumed); "
+                         "train the adapter with DDP (configs/accelerate/multi_gpu.yaml): it is a few MB.")
 
     def keep_only_adapter(models, weights, output_dir):
         for index, state in enumerate(weights):

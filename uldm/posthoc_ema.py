@@ -177,8 +177,11 @@ class PowerFunctionEMA:
         self.last_step = 0  # optimiser steps averaged so far
         parameters = dict(model.named_parameters())
         self.names = list(parameters)
-        # A tied weight appears once in named_parameters but under each of its names in state_dict.
-        self._index_of_parameter = {id(p): index for index, p in enumerate(parameters.values())}
+        # A tied weight appears once in named_parameters but under each of its names in state_dict. By name, not
+        # by object: FSDP2 replaces the parameter objects (with sharded ones) but keeps their names.
+        index_of_parameter = {id(p): index for index, p in enumerate(parameters.values())}
+        self._index_of_name = {name: index_of_parameter[id(p)]
+                               for name, p in model.named_parameters(remove_duplicate=False)}
         with torch.no_grad():
             self.averages = [[p.detach().to(self._average_dtype(p.dtype), copy=True) for p in parameters.values()]
                              for _ in sigma_rels]
@@ -240,7 +243,7 @@ class PowerFunctionEMA:
         averages = self.averages[self._profile_index(sigma_rel)]
         result = {}
         for key, value in self.model.state_dict(keep_vars=True).items():
-            index = self._index_of_parameter.get(id(value))
+            index = self._index_of_name.get(key)
             value = averages[index] if index is not None else value
             result[key] = value.detach().to("cpu", dtype=dtype if value.is_floating_point() and dtype else None,
                                              copy=True).contiguous()
@@ -352,14 +355,13 @@ class PosthocEmaConfig:
 
 
 def check_posthoc_ema_supported(accelerator) -> None:
-    """The averages are taken of the whole parameters on every process: sharded parameters cannot be averaged here."""
-    from accelerate.utils import DistributedType
-
+    """The averages are taken of the whole parameters on every process: under FSDP2 the training loop gathers them
+    for every step; DeepSpeed ZeRO-3's partitioned parameters cannot be averaged here."""
     deepspeed_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     zero_stage = deepspeed_plugin.zero_stage if deepspeed_plugin is not None else 0
-    if accelerator.distributed_type == DistributedType.FSDP or zero_stage == 3:
+    if zero_stage == 3:
         raise InputError("--use_posthoc_ema needs every process to hold the whole model; it does not work with "
-                         "FSDP or DeepSpeed ZeRO-3. Use DDP or ZeRO-1/2, or train without --use_posthoc_ema.")
+                         "DeepSpeed ZeRO-3. Use DDP, FSDP2 or ZeRO-1/2, or train without --use_posthoc_ema.")
 
 
 def build_posthoc_ema(model: torch.nn.Module, config: PosthocEmaConfig | None, accelerator, max_train_steps: int,

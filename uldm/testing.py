@@ -4,6 +4,9 @@
   indices of its batches and a checksum of its weights after each optimiser step to
   PREFIX.rank<N>.jsonl (shows which process saw which images, and that all hold the same weights).
 * `reset_accelerate_state`: lets several runs start one after another in one Python process.
+* `force_fsdp_if_asked`: with ULDM_TEST_FORCE_FSDP=2 (or 1) set, a run on CPU processes uses accelerate's FSDP2
+  (FSDP1) code, which accelerate itself selects only on GPUs (docs/fsdp_notes.md): lets the test-suite check
+  FSDP on the CPU.
 """
 
 from __future__ import annotations
@@ -39,3 +42,35 @@ def reset_accelerate_state() -> None:
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     PartialState._reset_state()
+
+
+FORCE_FSDP_VARIABLE = "ULDM_TEST_FORCE_FSDP"
+
+
+def force_fsdp_if_asked(accelerator) -> None:
+    """See the module docstring; does nothing unless ULDM_TEST_FORCE_FSDP is set (to 2 or 1)."""
+    version = os.environ.get(FORCE_FSDP_VARIABLE)
+    if version:
+        force_fsdp_on_cpu(accelerator, int(version))
+
+
+def force_fsdp_on_cpu(accelerator, version: int = 2, state_dict_type: str = "SHARDED_STATE_DICT") -> None:
+    """Make accelerate run FSDP (`version` 2 or 1) in CPU processes.
+
+    accelerate (1.15) sets DistributedType.FSDP only over GPU-like devices (state.py, AcceleratorState.__init__:
+    MULTI_CPU is not in the list); this sets it by hand, in PartialState's shared dict too (copied back into
+    every new AcceleratorState), with the plugin configs/accelerate/fsdp.yaml describes. It relies on
+    accelerate's internals, so it fails loudly rather than letting a run go on without FSDP."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    options = dict(fsdp_version=version, auto_wrap_policy="transformer_based_wrap",
+                   transformer_cls_names_to_wrap=["ResnetBlock2D", "Attention"], state_dict_type=state_dict_type)
+    if version == 1:
+        options["use_orig_params"] = True
+    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(**options)
+    accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    if accelerator.distributed_type != DistributedType.FSDP:
+        raise RuntimeError(f"Forcing FSDP{version}: accelerate's state did not take it ({accelerator.distributed_type}); "
+                           "its internals changed.")

@@ -18,6 +18,7 @@ says exactly which batch comes next.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -75,6 +76,18 @@ class LoopConfig:
     allow_tf32: bool = False
     report_to: str | None = "tensorboard"
     tracker_project_name: str | None = None
+    logging_steps: int | None = None  # read-backs of the losses; None: 1 on the CPU, GPU_LOGGING_STEPS elsewhere
+
+
+GPU_LOGGING_STEPS = 10
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    """How the training step runs (`uldm.args.add_compute_args`)."""
+
+    torch_compile: bool = False  # inductor, through accelerate's dynamo plugin: the prepared model is compiled
+    vae_precision: str = "auto"  # the frozen VAE's dtype (uldm.vae.vae_dtype_for); the trainers apply it
 
 
 @dataclass(frozen=True)
@@ -107,6 +120,7 @@ class TrainingConfig:
     optimizer: OptimizerConfig
     ema: EmaConfig | None = None  # None: no EMA
     posthoc_ema: PosthocEmaConfig | None = None  # None: no post-hoc EMA profiles
+    compute: ComputeConfig = ComputeConfig()
     arguments: dict = field(default_factory=dict)  # the run's command-line arguments, for the records
 
 
@@ -127,13 +141,16 @@ def refuse_to_overwrite_checkpoints(output_dir: str | os.PathLike, resume_from_c
         )
 
 
-def make_accelerator(config: LoopConfig):
+def make_accelerator(config: LoopConfig, compute: ComputeConfig = ComputeConfig()):
     """An Accelerator for the run; the LR schedule is stepped by the loop, once per optimiser step.
 
-    Refuses (before any work) to start a new run over an earlier run's checkpoints."""
+    Refuses (before any work) to start a new run over an earlier run's checkpoints, processes that accelerate
+    does not join (torchrun without ACCELERATE_USE_CPU=1 on a machine without GPUs) and FSDP1."""
     refuse_to_overwrite_checkpoints(config.output_dir, config.resume_from_checkpoint)
     from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
+
+    from .testing import force_fsdp_if_asked
 
     output_dir = Path(config.output_dir)
     project_config = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs"))
@@ -146,17 +163,59 @@ def make_accelerator(config: LoopConfig):
         log_with=report_to,
         project_config=project_config,
         step_scheduler_with_optimizer=False,
+        # None leaves it to accelerate's config (ACCELERATE_DYNAMO_BACKEND); the loop handles a compiled model either way.
+        dynamo_backend="inductor" if compute.torch_compile else None,
     )
+    refuse_independent_processes(accelerator)
+    force_fsdp_if_asked(accelerator)  # tests only (ULDM_TEST_FORCE_FSDP)
+    check_fsdp(accelerator)
     deepspeed_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if deepspeed_plugin is not None:
-        # The loop builds its own sharded loader (not passed to prepare), so DeepSpeed cannot infer this.
-        deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.train_batch_size
-        if config.max_grad_norm:
-            deepspeed_plugin.deepspeed_config["gradient_clipping"] = config.max_grad_norm
+        write_deepspeed_settings(deepspeed_plugin.deepspeed_config, config)
     if config.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return accelerator
+
+
+def refuse_independent_processes(accelerator) -> None:
+    """torchrun (or `accelerate launch --num_processes N` without --cpu) on a machine without GPUs: accelerate
+    runs each process alone, so N "main" processes would train the same data into the same --output_dir."""
+    world_size = int(os.environ.get("WORLD_SIZE") or 1)
+    if world_size > 1 and accelerator.num_processes != world_size:
+        raise InputError(
+            f"{world_size} processes were started (WORLD_SIZE={world_size}), but accelerate runs each one alone "
+            f"({accelerator.distributed_type}): without a GPU it needs ACCELERATE_USE_CPU=1 to join them, and "
+            "otherwise every process would train on its own and write the same --output_dir. On CPUs: "
+            "ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N ...; on GPUs, check that torch sees them "
+            "(python -c 'import torch; print(torch.cuda.device_count())')."
+        )
+
+
+def is_fsdp(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def check_fsdp(accelerator) -> None:
+    """FSDP2 only (FSDP1's resume was not exact and its flat parameters break EMA and clipping of a subset:
+    docs/fsdp_notes.md); say so when FSDP was asked for and accelerate quietly runs without it (on CPUs)."""
+    if is_fsdp(accelerator) and not accelerator.is_fsdp2:
+        raise InputError("FSDP1 is not supported: set fsdp_version: 2 in the accelerate config "
+                         "(configs/accelerate/fsdp.yaml does), or use DDP (configs/accelerate/multi_gpu.yaml).")
+    if not is_fsdp(accelerator) and os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("true", "1"):
+        logger.warning("FSDP was asked for (ACCELERATE_USE_FSDP=%s), but accelerate runs %s: it uses FSDP only "
+                       "on GPUs, so this run trains without sharding.", os.environ["ACCELERATE_USE_FSDP"],
+                       accelerator.distributed_type)
+
+
+def write_deepspeed_settings(deepspeed_config: dict, config: LoopConfig) -> None:
+    """What DeepSpeed cannot infer: the loop builds its own sharded loader (not passed to prepare), and the
+    clipping threshold always (accelerate fills "auto" with 1.0 at prepare; DeepSpeed clips only above 0, so
+    --max_grad_norm 0 must reach it as 0.0)."""
+    deepspeed_config["train_micro_batch_size_per_gpu"] = config.train_batch_size
+    deepspeed_config["gradient_clipping"] = float(config.max_grad_norm or 0.0)
 
 
 def configure_logging(accelerator) -> None:
@@ -179,7 +238,7 @@ def start_run(config: TrainingConfig):
     arguments saved (main process)."""
     from accelerate.utils import set_seed
 
-    accelerator = make_accelerator(config.loop)
+    accelerator = make_accelerator(config.loop, config.compute)
     configure_logging(accelerator)
     set_seed(config.loop.seed)
     if accelerator.is_main_process:
@@ -202,8 +261,22 @@ def scaled_learning_rate(config: TrainingConfig, num_processes: int) -> float:
     return optimizer.learning_rate
 
 
-def build_optimizer(params, config: OptimizerConfig, learning_rate: float):
-    optimizer_class = torch.optim.AdamW
+def adamw_implementation(device: torch.device | str) -> dict:
+    """AdamW's fastest exact implementation for parameters on `device`: fused (one kernel for all parameters)
+    where torch has it for the device, else foreach (one kernel per operation over all of them). Both compute
+    what the single-tensor loop does, up to rounding (bench/bench_compile.py --parts optimizer compares them)."""
+    try:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+        fused_devices = _get_fused_kernels_supported_devices()
+    except ImportError:  # a private helper: if it moves, the always-supported choice
+        fused_devices = []
+    return {"fused": True} if torch.device(device).type in fused_devices else {"foreach": True}
+
+
+def build_optimizer(params, config: OptimizerConfig, learning_rate: float, device: torch.device | str = "cpu"):
+    """AdamW (fused or foreach for parameters on `device`, where training runs), or bitsandbytes' 8-bit AdamW."""
+    optimizer_class, implementation = torch.optim.AdamW, None
     if config.use_8bit_adam:
         try:
             import bitsandbytes
@@ -211,12 +284,15 @@ def build_optimizer(params, config: OptimizerConfig, learning_rate: float):
             raise InputError("--use_8bit_adam needs bitsandbytes (a CUDA GPU): `pip install bitsandbytes`, or "
                              "leave the flag out (AdamW in 32 bits).") from None
         optimizer_class = bitsandbytes.optim.AdamW8bit
+    else:
+        implementation = adamw_implementation(device)
     return optimizer_class(
         params,
         lr=learning_rate,
         betas=(config.adam_beta1, config.adam_beta2),
         weight_decay=config.adam_weight_decay,
         eps=config.adam_epsilon,
+        **(implementation or {}),
     )
 
 
@@ -245,6 +321,7 @@ def build_ema(model, config: EmaConfig | None):
         model.parameters(),
         decay=config.ema_max_decay,
         use_ema_warmup=True,
+        foreach=True,  # one kernel per operation over all tensors; the default loop's arithmetic up to rounding
         inv_gamma=config.ema_inv_gamma,
         power=config.ema_power,
         model_cls=type(model),
@@ -352,6 +429,89 @@ def read_metrics(output_dir: str | os.PathLike, having: str | None = None) -> li
 
 
 # --------------------------------------------------------------------------------------------
+# Losses kept on the device between read-backs
+
+
+def _device_scalar(value, device) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach().float().mean().to(device)
+    # non_blocking: a blocking copy to a GPU waits for the queued work (PyTorch synchronises after it)
+    return torch.tensor(float(value)).to(device, non_blocking=True)
+
+
+class StepRecords:
+    """The loss and logged values of every micro-batch since the last read-back, kept on the device so that
+    training never waits for them; `read_back` fetches them all at once (after one all-reduce over the
+    processes) and gives one row per optimiser step, and the first micro-batch whose values were not finite."""
+
+    def __init__(self):
+        self.names: list[str] | None = None
+        self._rows: list[torch.Tensor] = []
+        self._where: list[tuple[int, int]] = []  # (optimiser step, micro-batch number) of each row
+        self._steps: list[dict] = []  # host values of each finished step
+
+    def add(self, loss: torch.Tensor, logs: dict, step: int, micro_batch: int) -> None:
+        names = list(logs)
+        if self.names is None:
+            self.names = names
+        elif names != self.names:
+            raise ValueError(f"compute_loss returned the logged values {names}, earlier {self.names}: keep them the same.")
+        values = [loss.detach().float().mean()] + [_device_scalar(value, loss.device) for value in logs.values()]
+        self._rows.append(torch.stack(values))
+        self._where.append((step, micro_batch))
+
+    def end_step(self, step: int, **host_values) -> None:
+        self._steps.append({"step": step, **host_values})
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    def read_back(self, accelerator) -> tuple[list[dict], tuple[int, int] | None]:
+        """(rows {"step", "loss", logged means over the step's micro-batches and the processes, host values},
+        (step, micro-batch) of the first non-finite value on any process, or None). Every process calls it at
+        the same step: the all-reduce is a collective."""
+        if not self._rows:
+            return [], None
+        values = torch.stack(self._rows)
+        if accelerator.num_processes > 1:
+            values = accelerator.reduce(values, reduction="sum") / accelerator.num_processes  # NaN anywhere stays NaN
+        host = values.tolist()  # the one device-to-host copy of the interval
+        first_bad = next((where for where, row in zip(self._where, host) if not all(map(math.isfinite, row))), None)
+        per_step: dict[int, list[list[float]]] = {}
+        for (step, _), row in zip(self._where, host):
+            per_step.setdefault(step, []).append(row)
+        rows = []
+        for values_of_step in self._steps:
+            micro_batches = per_step[values_of_step["step"]]
+            means = [sum(column) / len(column) for column in zip(*micro_batches)]
+            rows.append({"step": values_of_step["step"], "loss": means[0], **values_of_step,
+                         **dict(zip(self.names or [], means[1:]))})
+        self._rows, self._where, self._steps = [], [], []
+        return rows, first_bad
+
+
+def host_process_group(accelerator):
+    """A process group whose collectives run on the host (gloo) for agreeing on flags without waiting for the
+    device: the default group when it is gloo (CPU runs), else a new one (NCCL runs). None for one process;
+    every process must call this (creating a group is a collective)."""
+    import torch.distributed as dist
+
+    if accelerator.num_processes < 2 or not (dist.is_available() and dist.is_initialized()):
+        return None
+    return dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+
+def _full_tensor(parameter: torch.Tensor) -> torch.Tensor:
+    """A parameter as a whole tensor: FSDP2's DTensor shards gathered (a collective: every process), others as they
+    are; requires_grad kept (diffusers' EMA averages the parameters that require gradients, copies the others)."""
+    if not hasattr(parameter, "full_tensor"):
+        return parameter
+    with torch.no_grad():
+        full = parameter.full_tensor()
+    return full.requires_grad_(parameter.requires_grad)
+
+
+# --------------------------------------------------------------------------------------------
 # Validation
 
 
@@ -409,12 +569,18 @@ class TrainingLoop:
     `model`, `optimizer` must already be prepared by `accelerator.prepare`; the LR scheduler and
     EMA are registered here for checkpointing. `compute_loss(batch, generator)` returns either a
     scalar loss or (loss, {name: scalar tensor}) for extra logged values.
+
+    The losses stay on the device and are read back every `logging_steps` optimiser steps and before
+    anything is written (checkpoint, validation, result, post-hoc EMA snapshot, stop); a non-finite one
+    then stops the run, so nothing trained from it is ever saved. `averaged_path` names the submodule of
+    the model that the EMAs average ("" the whole model). Under FSDP2, `unsharded_copy` is a plain copy
+    of the model made before it was sharded: validation and the result get it with the gathered weights.
     """
 
     def __init__(self, accelerator, config: LoopConfig, model, optimizer, lr_scheduler, dataset,
                  max_train_steps: int, ema=None, validation: Validation | None = None,
                  save_result: Callable[[Any], None] | None = None, save_schedule: Schedule = Schedule(),
-                 posthoc_ema=None):
+                 posthoc_ema=None, averaged_path: str = "", unsharded_copy=None):
         self.accelerator = accelerator
         self.config = config
         self.model = model
@@ -440,6 +606,13 @@ class TrainingLoop:
         )
         self.stop = GracefulStop()
         self.metrics: MetricsWriter | None = None
+        self.averaged_path = averaged_path
+        self.fsdp = is_fsdp(accelerator)
+        self.unsharded_copy = unsharded_copy
+        if self.fsdp and unsharded_copy is None:
+            raise ValueError("Under FSDP the loop needs an unsharded copy of the model (build_training_loop makes it).")
+        self.logging_steps = config.logging_steps or (1 if accelerator.device.type == "cpu" else GPU_LOGGING_STEPS)
+        self._host_group = host_process_group(accelerator)
         accelerator.register_for_checkpointing(lr_scheduler)
         if ema is not None:
             ema.to(accelerator.device)
@@ -455,7 +628,12 @@ class TrainingLoop:
 
     @property
     def unwrapped_model(self):
-        return self.accelerator.unwrap_model(self.model)
+        """The trained module itself (under FSDP2: its sharded parameters are DTensors), never torch.compile's wrapper."""
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+
+    def _averaged_parameters(self) -> list[torch.Tensor]:
+        """The parameters the EMAs average, whole (gathered under FSDP2: every process must call this)."""
+        return [_full_tensor(p) for p in self.unwrapped_model.get_submodule(self.averaged_path).parameters()]
 
     def _parameters(self):
         return [p for p in self.unwrapped_model.parameters() if p.requires_grad]
@@ -520,17 +698,39 @@ class TrainingLoop:
 
     @contextlib.contextmanager
     def ema_weights(self):
-        """Swap the EMA weights into the model for the block; the live weights always come back."""
+        """The model with the EMA weights swapped in for the block; the live weights always come back. Under
+        FSDP2 the unsharded copy (filled by validate()/save_result(), which call the callbacks using this)."""
+        model = self.unsharded_copy if self.fsdp else self.unwrapped_model
         if self.ema is None:
-            yield self.unwrapped_model
+            yield model
             return
-        parameters = list(self.unwrapped_model.parameters())
+        parameters = list(model.get_submodule(self.averaged_path).parameters())
         self.ema.store(parameters)
         self.ema.copy_to(parameters)
         try:
-            yield self.unwrapped_model
+            yield model
         finally:
             self.ema.restore(parameters)
+
+    @contextlib.contextmanager
+    def _unsharded(self):
+        """Under FSDP2: the unsharded copy on the device holding the live weights, for the block (a sharded model
+        must not run on the main process alone: its forward all-gathers). Every process calls this (gathering is
+        a collective); the copy goes back to the CPU after."""
+        if not self.fsdp:
+            yield
+            return
+        plain, sharded = self.unsharded_copy.to(self.accelerator.device), self.unwrapped_model
+        with torch.no_grad():
+            for (name, target), (sharded_name, source) in zip(plain.named_parameters(), sharded.named_parameters()):
+                assert name == sharded_name, f"{name} != {sharded_name}: the copy is not of this model"
+                target.copy_(_full_tensor(source))
+            for target, source in zip(plain.buffers(), sharded.buffers()):
+                target.copy_(source)
+        try:
+            yield
+        finally:
+            self.unsharded_copy.to("cpu")
 
     # ---- the result -------------------------------------------------------------------------
 
@@ -539,7 +739,7 @@ class TrainingLoop:
         the main one): at the end of training and on the save schedule (e.g. --save_model_epochs)."""
         if self.save_result_with is None:
             return
-        with self.ema_weights() as model, processes_stop_together(
+        with self._unsharded(), self.ema_weights() as model, processes_stop_together(
                 self.accelerator, "the trained model", self.output_dir, remedy=ckpt.final_save_remedy(self.output_dir)):
             self.save_result_with(model)
 
@@ -547,7 +747,8 @@ class TrainingLoop:
 
     def validate(self, step: int) -> ValidationRecord:
         """Run the validation callback on every process and write what it returns (main process)."""
-        result = self.validation.run(step) if self.validation is not None else None
+        with self._unsharded():
+            result = self.validation.run(step) if self.validation is not None else None
         if result is not None and self.accelerator.is_main_process:
             grids = {tag: log_image_grid(self.accelerator, images, step, self.output_dir, tag=tag)
                      for tag, images in result.images.items()}
@@ -558,20 +759,33 @@ class TrainingLoop:
 
     # ---- the loop ---------------------------------------------------------------------------
 
-    def _agree_on_flags(self, loss: torch.Tensor, logs: dict) -> tuple[bool, bool, list[float]]:
-        """One all-reduce and one device-to-host copy: (any rank non-finite, any rank asked to stop,
-        mean [loss, *logs] over the ranks)."""
-        values = [loss.detach().float().reshape(-1)] + [
-            torch.as_tensor(v).detach().float().to(loss.device).reshape(-1) for v in logs.values()
-        ]
-        nonfinite = torch.stack([(~torch.isfinite(v)).any() for v in values]).any().float()
-        stop = torch.tensor(float(self.stop.requested), device=loss.device)
-        flags = torch.stack([nonfinite, stop] + [torch.nan_to_num(v.mean()) for v in values])
-        if self.accelerator.num_processes > 1:
-            flags = self.accelerator.reduce(flags, reduction="sum")
-        host = flags.tolist()
-        means = [value / self.accelerator.num_processes for value in host[2:]]
-        return host[0] > 0, host[1] > 0, means
+    def _agree_on_stop(self) -> bool:
+        """Whether any process was asked to stop (SIGTERM/SIGINT), the same answer on all: one all-reduce of one
+        int per optimiser step over a host (gloo) group, which never waits for the device."""
+        if self._host_group is None:
+            return self.stop.requested
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(self.stop.requested)], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._host_group)
+        return bool(flag.item())
+
+    def _read_back(self, records: StepRecords, progress) -> None:
+        """Log the steps since the last read-back (one metrics row each); stop on a non-finite value."""
+        now = time.perf_counter()
+        global_batch = self.config.train_batch_size * self.accelerator.num_processes * self.config.gradient_accumulation_steps
+        images_per_sec = global_batch * len(records) / max(now - self._interval_start, 1e-9)
+        self._interval_start = now
+        rows, first_bad = records.read_back(self.accelerator)
+        for row in rows:
+            if first_bad is not None and row["step"] >= first_bad[0]:
+                break
+            step = row.pop("step")
+            values = {"loss": row.pop("loss"), "lr": row.pop("lr"), "images_per_sec": images_per_sec, **row}
+            self.metrics.log(values, step=step)
+            progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
+        if first_bad is not None:
+            raise NonFiniteLossError(self._nonfinite_message(*first_bad))
 
     def _loader(self) -> DataLoader:
         batches_per_epoch = self.sampler.batches_per_epoch()
@@ -599,11 +813,10 @@ class TrainingLoop:
         progress = tqdm(total=self.max_train_steps, initial=self.global_step, desc="Training",
                         disable=not accelerator.is_local_main_process, dynamic_ncols=True)
         global_batch = config.train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps
-        step_loss = []
-        step_logs: dict[str, list[float]] = {}
+        records = StepRecords()
         micro_batches_this_step = 0
         trace = BatchTrace(accelerator.process_index)
-        last_time = time.perf_counter()
+        self._interval_start = time.perf_counter()
         try:
             while self.global_step < self.max_train_steps:
                 for batch in self._loader():
@@ -613,9 +826,7 @@ class TrainingLoop:
                     with accelerator.accumulate(self.model):
                         result = compute_loss(batch, generator)
                         loss, logs = result if isinstance(result, tuple) else (result, {})
-                        nonfinite, stop_requested, means = self._agree_on_flags(loss, logs)
-                        if nonfinite:
-                            raise NonFiniteLossError(self._nonfinite_message())
+                        records.add(loss, logs, self.global_step + 1, self.state.micro_batches + 1)
                         accelerator.backward(loss)
                         if accelerator.sync_gradients and config.max_grad_norm:
                             accelerator.clip_grad_norm_(self._parameters(), config.max_grad_norm)
@@ -623,51 +834,48 @@ class TrainingLoop:
                         self.optimizer.zero_grad(set_to_none=True)
                     self.state.micro_batches += 1
                     micro_batches_this_step += 1
-                    step_loss.append(means[0])
-                    for name, value in zip(logs, means[1:]):
-                        step_logs.setdefault(name, []).append(value)
                     if not accelerator.sync_gradients:
                         continue
 
                     self.lr_scheduler.step()
+                    averaged = self._averaged_parameters() if self.ema or self.posthoc_ema else None
                     if self.ema is not None:
-                        self.ema.step(self.unwrapped_model.parameters())
+                        self.ema.step(averaged)
                     epochs_before = (self.state.micro_batches - micro_batches_this_step) // self.sampler.batches_per_epoch()
                     micro_batches_this_step = 0
                     epochs_ended = range(epochs_before + 1, self.state.micro_batches // self.sampler.batches_per_epoch() + 1)
                     self.state.global_step += 1
                     self.state.samples_seen += global_batch
-                    if self.posthoc_ema is not None:
-                        self.posthoc_ema.step(self.unwrapped_model.parameters(), self.global_step)
                     trace.record(None, self.global_step, self.model)
-                    now = time.perf_counter()
-                    values = {
-                        "loss": sum(step_loss) / len(step_loss),
-                        "lr": self.lr_scheduler.get_last_lr()[0],
-                        "images_per_sec": global_batch / max(now - last_time, 1e-9),
-                        "epoch": self.state.micro_batches / self.sampler.batches_per_epoch(),
-                        **{name: sum(v) / len(v) for name, v in step_logs.items()},
-                    }
-                    if self.ema is not None:
-                        values["ema_decay"] = float(self.ema.cur_decay_value or 0.0)
-                    last_time = now
-                    step_loss, step_logs = [], {}
-                    self.metrics.log(values, step=self.global_step)
+                    records.end_step(self.global_step, lr=self.lr_scheduler.get_last_lr()[0],
+                                     epoch=self.state.micro_batches / self.sampler.batches_per_epoch(),
+                                     **({"ema_decay": float(self.ema.cur_decay_value or 0.0)} if self.ema else {}))
                     progress.update(1)
-                    progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
+                    stop_requested = self._agree_on_stop()
 
                     done = self.global_step >= self.max_train_steps
                     checkpoint_due = bool(config.checkpointing_steps) and (
                         self.global_step % config.checkpointing_steps == 0 or done)
-                    if done and self.posthoc_ema is not None:
-                        self.posthoc_ema.save_snapshots()
+                    validation_due = self.validation is not None and self.validation.schedule.due(
+                        self.global_step, epochs_ended, self.max_train_steps)
+                    save_due = self.save_schedule.due(self.global_step, epochs_ended, self.max_train_steps)
+                    snapshot_due = self.posthoc_ema is not None and (done or bool(
+                        self.posthoc_ema.snapshot_steps and self.global_step % self.posthoc_ema.snapshot_steps == 0))
+                    # Nothing is written from weights that a non-finite loss may have touched: read the losses
+                    # back (and stop on one) before any checkpoint, validation, result or snapshot.
+                    if (self.global_step % self.logging_steps == 0 or done or stop_requested or checkpoint_due
+                            or validation_due or save_due or snapshot_due):
+                        self._read_back(records, progress)
+                    if self.posthoc_ema is not None:
+                        self.posthoc_ema.step(averaged, self.global_step)  # writes the snapshots when due
+                        if done:
+                            self.posthoc_ema.save_snapshots()
                     if checkpoint_due:
                         self.save_checkpoint()
                         self.metrics.plot()
-                    if self.validation is not None and self.validation.schedule.due(
-                            self.global_step, epochs_ended, self.max_train_steps):
+                    if validation_due:
                         self.validate(self.global_step)
-                    if self.save_schedule.due(self.global_step, epochs_ended, self.max_train_steps):
+                    if save_due:
                         self.save_result()
                     if stop_requested:
                         if not checkpoint_due:
@@ -690,14 +898,14 @@ class TrainingLoop:
         self.save_result()
         return True
 
-    def _nonfinite_message(self) -> str:
+    def _nonfinite_message(self, step: int, micro_batch: int) -> str:
         latest = ckpt.latest_checkpoint(self.output_dir)
         where = f"The last checkpoint, {latest}, is intact" if latest else "No checkpoint had been saved yet"
         return (
-            f"The loss became NaN or infinite at step {self.global_step + 1} "
-            f"(micro-batch {self.state.micro_batches + 1}); the weights were not updated with it. {where}. "
-            "Try a lower --learning_rate, --max_grad_norm 1.0, or --mixed_precision bf16/no instead of fp16, "
-            "then resume with --resume_from_checkpoint latest."
+            f"The loss became NaN or infinite at step {step} (micro-batch {micro_batch}); the run stopped before "
+            f"saving anything trained from it. {where}. Try a lower --learning_rate, --max_grad_norm 1.0, "
+            "--mixed_precision bf16/no instead of fp16 or --vae_precision fp32, then resume with "
+            "--resume_from_checkpoint latest."
         )
 
 
@@ -713,12 +921,16 @@ def build_training_loop(accelerator, config: TrainingConfig, model, train_set, t
     """
     max_train_steps = plan_steps(len(train_set), config.loop, accelerator.num_processes)
     parameters = model.parameters() if parameters is None else parameters
-    optimizer = build_optimizer(parameters, config.optimizer, scaled_learning_rate(config, accelerator.num_processes))
+    optimizer = build_optimizer(parameters, config.optimizer, scaled_learning_rate(config, accelerator.num_processes),
+                                accelerator.device)
     lr_scheduler = build_lr_scheduler(optimizer, config.optimizer, max_train_steps)
     averaged = model if ema_model is None else ema_model
+    averaged_path = submodule_path(model, averaged)
+    # Built before prepare, so that under FSDP2 the EMAs hold whole tensors, the same on every process.
     ema = build_ema(averaged, config.ema)
     posthoc_ema = build_posthoc_ema(averaged, config.posthoc_ema, accelerator, max_train_steps, config.loop.output_dir)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    unsharded_copy = copy.deepcopy(model).to("cpu") if is_fsdp(accelerator) else None
+    model, optimizer = accelerator.prepare(model, optimizer)  # compiles the model too with --torch_compile
     if accelerator.is_main_process:
         accelerator.init_trackers(
             config.loop.tracker_project_name or tracker_name,
@@ -726,7 +938,7 @@ def build_training_loop(accelerator, config: TrainingConfig, model, train_set, t
         )
     loop = TrainingLoop(accelerator, config.loop, model, optimizer, lr_scheduler, train_set, max_train_steps,
                         ema=ema, validation=validation, save_result=save_result, save_schedule=save_schedule,
-                        posthoc_ema=posthoc_ema)
+                        posthoc_ema=posthoc_ema, averaged_path=averaged_path, unsharded_copy=unsharded_copy)
     loop.resume()
     logger.info(
         "Training %d steps from step %d: %d items, batch %d x %d processes x %d accumulation",
@@ -734,6 +946,14 @@ def build_training_loop(accelerator, config: TrainingConfig, model, train_set, t
         config.loop.gradient_accumulation_steps,
     )
     return loop
+
+
+def submodule_path(model, submodule) -> str:
+    """The name of `submodule` inside `model` ("" for the model itself), for finding it again after wrapping."""
+    for name, module in model.named_modules():
+        if module is submodule:
+            return name
+    raise ValueError("ema_model must be the model or one of its submodules.")
 
 
 def finish_run(loop: TrainingLoop) -> None:

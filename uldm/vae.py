@@ -132,9 +132,24 @@ def vae_fingerprint(vae, name_or_path: str, subfolder: str | None, revision: str
     return digest.hexdigest()[:16]
 
 
-def vae_dtype_for(mixed_precision: str | None) -> torch.dtype:
-    """fp16 VAEs overflow (SD's VAE gives NaNs in fp16), so fp16 runs keep the VAE in fp32."""
-    return torch.bfloat16 if mixed_precision == "bf16" else torch.float32
+VAE_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_VAE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def vae_dtype_for(mixed_precision: str | None, vae_precision: str = "auto", cache_latents: bool = False) -> torch.dtype:
+    """The frozen VAE's dtype (--vae_precision; `auto` decides from the run).
+
+    auto: bf16 only under --mixed_precision bf16 when the VAE encodes every training step, where its speed
+    counts (bf16 has fp32's exponent range, so it cannot overflow); fp32 otherwise: with --cache_latents the
+    latents are encoded once and kept for the whole run, and in fp16 VAEs overflow (SD's and SDXL's VAE give
+    NaNs). A VAE that still misbehaves shows as a non-finite loss, which stops the run with a message."""
+    if vae_precision != "auto":
+        if vae_precision not in _VAE_DTYPES:
+            raise InputError(f"--vae_precision must be one of {', '.join(VAE_PRECISIONS)}, not {vae_precision!r}.")
+        return _VAE_DTYPES[vae_precision]
+    if mixed_precision == "bf16" and not cache_latents:
+        return torch.bfloat16
+    return torch.float32
 
 
 def describe_vae(vae) -> str:
