@@ -56,6 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     cli.add_noise_args(parser)
     cli.add_optimization_args(parser)
     cli.add_ema_args(parser)
+    cli.add_posthoc_ema_args(parser)
     cli.add_logging_args(parser)
     cli.add_checkpoint_args(parser)
     cli.add_compute_args(parser)

@@ -4,7 +4,7 @@
     python bench/bench_cache_latents.py            # 256 px, Stable Diffusion's VAE layout (random weights)
     python bench/bench_cache_latents.py --quick    # tiny sizes, seconds
 
-For each UNet (--unets) the real training script runs twice in this process (`main(parse_args(argv))`)
+For each UNet (--unets) the real training script runs twice in this process (`main(argv)`)
 on a folder of generated images, once encoding every batch and once with --cache_latents; images/s
 come from its metrics.jsonl, the first --warmup_steps steps left out. The time spent building the
 cache (encoding every image, and its mirror image with --random_flip) is measured separately (the
@@ -88,7 +88,7 @@ def run_training(argv: list[str]) -> tuple[list[dict], float]:
     reset_accelerate_state()
     try:
         with report.timing_calls(latent_cache, "build_or_load_latent_cache") as cache_timer:
-            script.main(script.parse_args(argv))
+            script.main(argv)
     finally:
         reset_accelerate_state()
     output_dir = argv[argv.index("--output_dir") + 1]

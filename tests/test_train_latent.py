@@ -116,11 +116,12 @@ def test_accelerate_launch_checkpoints_resumes_and_saves_a_loadable_pipeline(tra
 
 def test_exact_resume_after_sigterm_mid_epoch_with_accumulation(train_images, tiny_vae_dir, tmp_path,
                                                                 sigterm_after_step):
-    """Straight 2N steps == N steps, SIGTERM, resume N more: same weights, EMA, learning rates, losses."""
+    """Straight 2N steps == N steps, SIGTERM, resume N more: same weights, EMA, post-hoc EMA profiles, learning
+    rates, losses."""
     # 24 images, batch 4: 6 batches per epoch; with accumulation 4, steps straddle epochs.
     common = dict(max_train_steps=5, gradient_accumulation_steps=4, use_ema=True, random_flip=True,
                   cache_latents=True, checkpointing_steps=100, lr_scheduler="cosine", lr_warmup_steps=3,
-                  snr_gamma=5.0)
+                  snr_gamma=5.0, use_posthoc_ema=True, ema_snapshot_steps=1)
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     run_script(SCRIPT, latent_training_args(train_images, tiny_vae_dir, straight, **common))
 
@@ -149,6 +150,13 @@ def test_exact_resume_after_sigterm_mid_epoch_with_accumulation(train_images, ti
     # The EMA really differs from the live weights (so the comparison above covers both).
     key = next(k for k in ema_a if k.endswith("conv_in.weight"))
     assert not torch.equal(ema_a[key], live_a[key])
+    # Post-hoc EMA: a snapshot of both profiles after every step, the same in both runs.
+    names = sorted(path.name for path in (straight / "ema_snapshots").glob("*.safetensors"))
+    assert len(names) == 10 and names == sorted(path.name for path in (interrupted / "ema_snapshots").glob("*.safetensors"))
+    for name in names:
+        snapshot_a = load_file(straight / "ema_snapshots" / name)
+        snapshot_b = load_file(interrupted / "ema_snapshots" / name)
+        assert max((snapshot_a[k] - snapshot_b[k]).abs().max().item() for k in snapshot_a) <= 1e-6, name
 
 def test_a_process_without_images_to_encode_leaves_a_usable_cache(tmp_path):
     """With more processes than images, one process encodes nothing; the cache must still load."""
