@@ -74,6 +74,8 @@ class LoopConfig:
     allow_tf32: bool = False
     report_to: str | None = "tensorboard"
     tracker_project_name: str | None = None
+    logging_dir: str = "logs"  # TensorBoard's folder, inside output_dir unless absolute (diffusers' rule)
+    overwrite_output_dir: bool = False  # a fresh run moves an earlier run's files aside instead of refusing
 
 
 @dataclass(frozen=True)
@@ -122,20 +124,24 @@ def refuse_to_overwrite_checkpoints(output_dir: str | os.PathLike, resume_from_c
         raise InputError(
             f"--output_dir {output_dir} already holds checkpoints of an earlier run "
             f"({', '.join(p.name for p in existing[-3:])}). Continue it with --resume_from_checkpoint latest, "
-            "or choose another --output_dir (delete the checkpoints yourself to start over there)."
+            "choose another --output_dir, or start over there with --overwrite_output_dir (which moves the earlier "
+            "run's files aside, deleting nothing)."
         )
 
 
 def make_accelerator(config: LoopConfig):
     """An Accelerator for the run; the LR schedule is stepped by the loop, once per optimiser step.
 
-    Refuses (before any work) to start a new run over an earlier run's checkpoints."""
-    refuse_to_overwrite_checkpoints(config.output_dir, config.resume_from_checkpoint)
+    Refuses (before any work) to start a new run over an earlier run's checkpoints, or with
+    `overwrite_output_dir` moves that run's files aside (main process; the others wait)."""
+    if not config.overwrite_output_dir:
+        refuse_to_overwrite_checkpoints(config.output_dir, config.resume_from_checkpoint)
     from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
 
     output_dir = Path(config.output_dir)
-    project_config = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs"))
+    logging_dir = output_dir / config.logging_dir  # an absolute logging_dir stays as it is
+    project_config = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(logging_dir))
     report_to = None if config.report_to in (None, "", "none") else config.report_to
     accelerator = Accelerator(
         gradient_accumulation_plugin=GradientAccumulationPlugin(
@@ -155,6 +161,10 @@ def make_accelerator(config: LoopConfig):
     if config.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if config.overwrite_output_dir and not config.resume_from_checkpoint:
+        if accelerator.is_main_process:
+            ckpt.set_aside_earlier_run(output_dir, logging_dir)
+        accelerator.wait_for_everyone()
     return accelerator
 
 
@@ -524,6 +534,15 @@ class TrainingLoop:
             logger.info("Saved %s", final)
         accelerator.wait_for_everyone()
         return final
+
+    @property
+    def epochs_completed(self) -> int:
+        """Whole passes over the data so far (e.g. for naming a --save_model_epochs save)."""
+        return self.state.micro_batches // self.sampler.batches_per_epoch()
+
+    @property
+    def finished(self) -> bool:
+        return self.global_step >= self.max_train_steps
 
     # ---- EMA --------------------------------------------------------------------------------
 
