@@ -43,8 +43,9 @@ from uldm.latents import latents_from_batch
 from uldm.model_card import write_model_card
 from uldm.models import count_parameters, use_xformers_if_installed
 from uldm.sampling import SCHEDULER_NAMES, build_pipeline, save_pipeline
-from uldm.saving import save_folder_atomically
-from uldm.training import Validation, ValidationResult, build_training_loop, finish_run, read_metrics, start_run
+from uldm.training import (
+    Schedule, Validation, ValidationResult, build_training_loop, finish_run, read_metrics, start_run,
+)
 from uldm.validation import ValidationConfig, fixed_validation_noise, image_grid, sample_from_noise
 from uldm.vae import describe_vae, latent_shape, vae_dtype_for, vae_fingerprint
 
@@ -250,14 +251,11 @@ def main(argv=None) -> None:
         if not accelerator.is_main_process:
             return
         name = args.pretrained_model_name_or_path
-        base = os.path.abspath(name) if os.path.isdir(name) else name
-        # Atomic: a --save_model_epochs save replaces the result of an earlier epoch.
         if lora_config is not None:
-            save_folder_atomically(lambda folder: save_lora_adapter(model, lora_config, folder, base_model=base),
-                                   args.output_dir, "the LoRA adapter")
+            save_lora_adapter(model, lora_config, args.output_dir,
+                              base_model=os.path.abspath(name) if os.path.isdir(name) else name)
         else:
-            save_folder_atomically(lambda folder: save_pipeline(model, vae, scaling, pipeline.scheduler, folder),
-                                   args.output_dir, "the pipeline")
+            save_pipeline(model, vae, scaling, pipeline.scheduler, args.output_dir)
         write_dreambooth_model_card(args, config.arguments, loop, photos, len(instance_paths), class_set,
                                     location=hub.location if hub.enabled else None)
         logger.info("Saved the result of epoch %d (step %d) to %s", loop.epochs_completed, loop.global_step,
@@ -267,8 +265,10 @@ def main(argv=None) -> None:
 
     loop = build_training_loop(accelerator, config, unet, train_set, "train_dreambooth_unconditional",
                                parameters=trainable,
-                               validation=Validation(validate, cli.validation_schedule(args), at_start=True),
-                               save_result=save_result, save_schedule=cli.save_schedule(args))
+                               validation=Validation(validate, Schedule(every_steps=validation_config.validation_steps,
+                                                                        every_epochs=args.save_images_epochs),
+                                                     at_start=True),
+                               save_result=save_result, save_schedule=Schedule(every_epochs=args.save_model_epochs))
     unet = loop.model
     dreambooth_loss = DreamBoothLoss(noise_scheduler, args.prior_loss_weight, args.snr_gamma)
 

@@ -26,8 +26,7 @@ from uldm.model_card import write_model_card
 from uldm.models import build_unet, count_parameters, use_xformers_if_installed
 from uldm.presets import list_presets
 from uldm.sampling import build_pipeline, make_scheduler, save_pipeline
-from uldm.saving import save_folder_atomically
-from uldm.training import Validation, ValidationResult, build_training_loop, finish_run, start_run
+from uldm.training import Schedule, Validation, ValidationResult, build_training_loop, finish_run, start_run
 from uldm.validation import ValidationConfig, fixed_validation_noise, sample_from_noise
 from uldm.vae import check_unet_matches_latents, describe_vae, latent_shape, load_vae, vae_dtype_for, vae_fingerprint
 
@@ -134,10 +133,7 @@ def main(argv=None) -> None:
         if not accelerator.is_main_process:
             return
         # Saved pipelines sample with DPM-Solver++ (good images in ~25 steps) on the training noise schedule.
-        # Atomic: a --save_model_epochs save replaces the pipeline of an earlier epoch.
-        scheduler = make_scheduler("dpmsolver++", noise_scheduler.config)
-        save_folder_atomically(lambda folder: save_pipeline(model, vae, scaling, scheduler, folder), args.output_dir,
-                               "the pipeline")
+        save_pipeline(model, vae, scaling, make_scheduler("dpmsolver++", noise_scheduler.config), args.output_dir)
         write_model_card(
             args.output_dir,
             title="Unconditional latent diffusion model",
@@ -157,8 +153,9 @@ def main(argv=None) -> None:
             hub.upload_in_background(f"Epoch {loop.epochs_completed}")
 
     loop = build_training_loop(accelerator, config, unet, train_set, "train_unconditional_latent",
-                               validation=Validation(validate, cli.validation_schedule(args)),
-                               save_result=save_result, save_schedule=cli.save_schedule(args))
+                               validation=Validation(validate, Schedule(every_steps=validation_config.validation_steps,
+                                                                        every_epochs=args.save_images_epochs)),
+                               save_result=save_result, save_schedule=Schedule(every_epochs=args.save_model_epochs))
     unet = loop.model
     accelerator.log({"latent_scaling_factor": scaling.scale}, step=0)
 

@@ -34,8 +34,9 @@ from uldm.latents import measure_latent_std, random_horizontal_flip
 from uldm.model_card import write_model_card
 from uldm.models import count_parameters, use_xformers_if_installed
 from uldm.presets import list_presets
-from uldm.saving import save_folder_atomically
-from uldm.training import Validation, ValidationResult, build_training_loop, finish_run, read_metrics, start_run
+from uldm.training import (
+    Schedule, Validation, ValidationResult, build_training_loop, finish_run, read_metrics, start_run,
+)
 from uldm.vae import describe_vae, latent_shape
 
 logger = logging.getLogger("train_vae")
@@ -166,8 +167,7 @@ def main(argv=None) -> None:
         scale, source = store_scaling_factor(trained, std, args.keep_scaling_factor)
         logger.info("Latent std %.5f; scaling_factor %.6f (%s)", std, scale, source)
         if accelerator.is_main_process:
-            # Atomic: a --save_model_epochs save replaces the VAE of an earlier epoch.
-            save_folder_atomically(trained.save_pretrained, args.output_dir, "the VAE")
+            trained.save_pretrained(args.output_dir)
             loop.metrics.log({"latent_std": std, "scaling_factor": scale}, step=loop.global_step)
             shutil.copyfile(loop.last_validation.grids["reconstruction"], f"{args.output_dir}/reconstructions.png")
             write_vae_card(args, config.arguments, trained, loop, loop.last_validation.metrics, std, scale, source,
@@ -179,8 +179,11 @@ def main(argv=None) -> None:
         trained.train()
 
     loop = build_training_loop(accelerator, config, AutoencoderForTraining(vae), train_set, "train_vae",
-                               ema_model=vae, save_result=save_result, save_schedule=cli.save_schedule(args),
-                               validation=Validation(validate, cli.validation_schedule(args), at_start=True))
+                               ema_model=vae, save_result=save_result,
+                               save_schedule=Schedule(every_epochs=args.save_model_epochs),
+                               validation=Validation(validate, Schedule(every_steps=args.validation_steps,
+                                                                        every_epochs=args.save_images_epochs),
+                                                     at_start=True))
     model = loop.model
 
     def compute_loss(batch, generator):

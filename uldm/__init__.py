@@ -17,7 +17,7 @@ Each idea has one home:
   fixed noise (ValidationConfig).
 * `dreambooth`, `autoencoder`, `posthoc_ema`, `face_align`, `demo_data`: one job each.
 * `fid`, `identity`, `subject_similarity`, `distances`: measuring samples.
-* `model_card`, `hub`: sharing results (HubConfig, HubUploader). `saving`: model folders saved atomically. `errors`: the error scripts print (exit 2). `testing`: test support.
+* `model_card`, `hub`: sharing results. `errors`: the error scripts print (exit 2). `testing`: test support.
 """
 
 __version__ = "0.1.0"

@@ -292,20 +292,6 @@ def config_from(config_class: type[Config], args: argparse.Namespace, **override
     return config_class(**{**values, **overrides})
 
 
-def validation_schedule(args: argparse.Namespace):
-    """Grids every --validation_steps steps and every --save_images_epochs epochs."""
-    from .training import Schedule
-
-    return Schedule(every_steps=args.validation_steps or 0, every_epochs=getattr(args, "save_images_epochs", 0) or 0)
-
-
-def save_schedule(args: argparse.Namespace):
-    """The result saved every --save_model_epochs epochs (the loop also saves it at the end)."""
-    from .training import Schedule
-
-    return Schedule(every_epochs=getattr(args, "save_model_epochs", 0) or 0)
-
-
 def hub_config(args: argparse.Namespace):
     """The Hub flags, with the folders of the run that stay local (TensorBoard logs, the latent cache, class
     images) as absolute paths."""

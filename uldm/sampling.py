@@ -52,6 +52,19 @@ def make_scheduler(name: str, config: Mapping[str, Any]):
     return scheduler_class.from_config(config, **overrides)
 
 
+def sampling_autocast(accelerator, precision: str | None = None):
+    """The precision samples are drawn in: the run's mixed precision (None), full precision ("no", "fp32"), or
+    autocast to "fp16"/"bf16" whatever the run's (DreamBooth's --prior_generation_precision)."""
+    if precision is None:
+        return accelerator.autocast()
+    if precision in ("no", "fp32"):
+        return torch.autocast(accelerator.device.type, enabled=False)
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
+    if precision not in dtypes:
+        raise ValueError(f"Unknown precision {precision!r}: no, fp32, fp16 or bf16.")
+    return torch.autocast(accelerator.device.type, dtype=dtypes[precision])
+
+
 def build_pipeline(unet, vae, scaling, scheduler_config: Mapping[str, Any], scheduler_name: str | None = None,
                    scheduler=None, progress_bar: bool = False):
     """The one place a pipeline is put together from a UNet: `vae`, the latent `scaling` (a
@@ -178,19 +191,6 @@ def write_samples(
     progress.close()
     accelerator.wait_for_everyone()
     return own_indices
-
-
-def sampling_autocast(accelerator, precision: str | None = None):
-    """The precision samples are drawn in: the run's mixed precision (None), full precision ("no", "fp32"), or
-    autocast to "fp16"/"bf16" whatever the run's (DreamBooth's --prior_generation_precision)."""
-    if precision is None:
-        return accelerator.autocast()
-    if precision in ("no", "fp32"):
-        return torch.autocast(accelerator.device.type, enabled=False)
-    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
-    if precision not in dtypes:
-        raise ValueError(f"Unknown precision {precision!r}: no, fp32, fp16 or bf16.")
-    return torch.autocast(accelerator.device.type, dtype=dtypes[precision])
 
 
 def _load_sample(output_dir: Path, index: int) -> np.ndarray:
