@@ -105,43 +105,6 @@ def resolve_resume_path(resume_from_checkpoint: str | None, output_dir: str | os
     return path
 
 
-def temporary_checkpoint_dir(output_dir: str | os.PathLike, step: int) -> Path:
-    return Path(output_dir) / f"{TEMP_PREFIX}{step}"
-
-
-def publish_checkpoint(temp_dir: Path, output_dir: str | os.PathLike, step: int) -> Path:
-    """Rename a fully written temporary folder to `checkpoint-<step>` (main process only)."""
-    final = Path(output_dir) / f"checkpoint-{step}"
-    if final.exists():
-        # Re-saving the same step (e.g. after resuming at it): replace only once the new one is whole.
-        backup = final.with_name(final.name + ".old")
-        shutil.rmtree(backup, ignore_errors=True)
-        os.replace(final, backup)
-        os.replace(temp_dir, final)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        os.replace(temp_dir, final)
-    return final
-
-
-def prune_checkpoints(output_dir: str | os.PathLike, total_limit: int | None) -> list[Path]:
-    """Delete the oldest complete checkpoints beyond `total_limit` and leftovers of cut-short saves."""
-    removed = []
-    output_dir = Path(output_dir)
-    for leftover in output_dir.glob(f"{TEMP_PREFIX}*"):
-        logger.warning("Removing %s, left over from a save that was cut short.", leftover)
-        shutil.rmtree(leftover, ignore_errors=True)
-    if total_limit is None or total_limit <= 0:
-        return removed
-    checkpoints = list_checkpoints(output_dir, warn_incomplete=False)
-    for path in checkpoints[: max(0, len(checkpoints) - total_limit)]:
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
-    if removed:
-        logger.info("Removed old checkpoints: %s", ", ".join(p.name for p in removed))
-    return removed
-
-
 # --------------------------------------------------------------------------------------------
 # Starting over in the same folder (--overwrite_output_dir)
 
@@ -180,3 +143,41 @@ def set_aside_earlier_run(output_dir: str | os.PathLike, logging_dir: str | os.P
     logger.warning("--overwrite_output_dir: moved the earlier run's %s into %s (delete it yourself when it is no "
                    "longer needed).", ", ".join(sorted(set(names))), archive)
     return archive
+
+
+def temporary_checkpoint_dir(output_dir: str | os.PathLike, step: int) -> Path:
+    return Path(output_dir) / f"{TEMP_PREFIX}{step}"
+
+
+def publish_checkpoint(temp_dir: Path, output_dir: str | os.PathLike, step: int) -> Path:
+    """Rename a fully written temporary folder to `checkpoint-<step>` (main process only)."""
+    final = Path(output_dir) / f"checkpoint-{step}"
+    if final.exists():
+        # Re-saving the same step (e.g. after resuming at it): replace only once the new one is whole.
+        backup = final.with_name(final.name + ".old")
+        shutil.rmtree(backup, ignore_errors=True)
+        os.replace(final, backup)
+        os.replace(temp_dir, final)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        os.replace(temp_dir, final)
+    return final
+
+
+def prune_checkpoints(output_dir: str | os.PathLike, total_limit: int | None) -> list[Path]:
+    """Delete the oldest complete checkpoints beyond `total_limit` and leftovers of cut-short saves."""
+    removed = []
+    output_dir = Path(output_dir)
+    for leftover in output_dir.glob(f"{TEMP_PREFIX}*"):
+        logger.warning("Removing %s, left over from a save that was cut short.", leftover)
+        shutil.rmtree(leftover, ignore_errors=True)
+    if total_limit is None or total_limit <= 0:
+        return removed
+    checkpoints = list_checkpoints(output_dir, warn_incomplete=False)
+    for path in checkpoints[: max(0, len(checkpoints) - total_limit)]:
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    if removed:
+        logger.info("Removed old checkpoints: %s", ", ".join(p.name for p in removed))
+    return removed
+
