@@ -180,4 +180,3 @@ def prune_checkpoints(output_dir: str | os.PathLike, total_limit: int | None) ->
     if removed:
         logger.info("Removed old checkpoints: %s", ", ".join(p.name for p in removed))
     return removed
-
