@@ -38,11 +38,12 @@ from uldm.dreambooth import (
     SubjectReferences, side_by_side, training_noise_scheduler,
 )
 from uldm.errors import InputError, exit_cleanly_on_input_errors
+from uldm.hub import HubUploader
 from uldm.latent_cache import CacheConfig, cached_latents
 from uldm.latents import latents_from_batch
 from uldm.lora import add_lora_adapter, lora_target_modules, register_adapter_only_checkpoints, save_lora_result
 from uldm.model_card import write_model_card
-from uldm.models import count_parameters
+from uldm.models import count_parameters, use_xformers_if_installed
 from uldm.sampling import SCHEDULER_NAMES, build_pipeline, save_pipeline
 from uldm.saving import save_folder_atomically
 from uldm.training import (
@@ -61,6 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="The base: a pipeline saved by this toolkit, a CompVis LDM folder (unet + vqvae + "
                             "scheduler) or a hub id. Its code is never run.")
     group.add_argument("--revision", type=str, default=None)
+    cli.add_variant_arg(group)
     group.add_argument("--instance_data_dir", type=str, required=True,
                        help="Photos of the subject (5-20; faces aligned with align_faces.py).")
     group.add_argument("--resolution", type=int, default=None,
@@ -86,6 +88,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--class_sampling_steps", type=int, default=25, help="Sampler steps per class image.")
     group.add_argument("--class_sampler", type=str, default="dpmsolver++", choices=SCHEDULER_NAMES,
                        help="Sampler of the class images (a fast one: dpmsolver++ gives good images in ~25 steps).")
+    group.add_argument("--prior_generation_precision", type=str, default=None, choices=["no", "fp32", "fp16", "bf16"],
+                       help="Choose prior generation precision between fp32, fp16 and bf16 (bfloat16): the class "
+                            "images are sampled under autocast to it (fp32/no: full precision). Default: the run's "
+                            "--mixed_precision.")
 
     group = parser.add_argument_group("LoRA")
     group.add_argument("--use_lora", action="store_true",
@@ -100,6 +106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     group = parser.add_argument_group("diffusion")
     group.add_argument("--snr_gamma", type=float, default=None,
                        help="Min-SNR weighting gamma (5.0 is the paper's choice), applied to each half of the batch.")
+    cli.add_offset_noise_arg(group)
 
     # DreamBooth defaults (diffusers' train_dreambooth.py): short runs, small constant learning rate.
     cli.add_optimization_args(parser, learning_rate=None, adam_beta1=0.9, adam_weight_decay=1e-2,
@@ -109,6 +116,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     cli.add_logging_args(parser, validation_steps=100)
     cli.add_checkpoint_args(parser, checkpointing_steps=200)
     cli.add_compute_args(parser)
+    cli.add_hub_args(parser)
+    cli.add_text_only_args(parser)
     args = parser.parse_args(argv)
     cli.check_common_args(args)
     if args.max_train_steps is None and args.num_epochs is None:
@@ -170,7 +179,7 @@ def instance_photos(paths: list[Path], folder: str, resolution: int, limit: int 
 def main(argv=None) -> None:
     args = parse_args(argv)
     # Everything that can be wrong with the input is checked before anything is written or generated.
-    pipeline = load_base_pipeline(args.pretrained_model_name_or_path, args.revision)
+    pipeline = load_base_pipeline(args.pretrained_model_name_or_path, args.revision, variant=args.variant)
     args.resolution = check_resolution(args.resolution, pipeline)
     instance_paths = list_instance_images(args.instance_data_dir)
     if args.with_prior_preservation:
@@ -178,6 +187,7 @@ def main(argv=None) -> None:
     config = cli.training_config(args)
     validation_config = cli.config_from(ValidationConfig, args)
     accelerator = start_run(config)
+    hub = HubUploader.from_config(cli.hub_config(args), accelerator.is_main_process)
 
     unet, vae = pipeline.unet, pipeline.vae
     vae.requires_grad_(False).eval()
@@ -195,7 +205,7 @@ def main(argv=None) -> None:
         generate_missing_class_images(
             pipeline, args.class_data_dir, args.num_class_images, accelerator, seed=args.seed,
             batch_size=args.sample_batch_size, num_inference_steps=args.class_sampling_steps,
-            scheduler_name=args.class_sampler,
+            scheduler_name=args.class_sampler, precision=args.prior_generation_precision,
         )
 
     train_set, instance_files = build_training_set(args, vae, accelerator)
@@ -213,6 +223,8 @@ def main(argv=None) -> None:
                 count_parameters(unet) / 1e6)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if args.enable_xformers_memory_efficient_attention:
+        use_xformers_if_installed(unet)
     unet.train()
 
     validation_noise = fixed_validation_noise(validation_config.num_validation_images,
@@ -251,14 +263,19 @@ def main(argv=None) -> None:
                 args.output_dir, "the LoRA adapter", remedy=final_save_remedy(args.output_dir))
         else:
             save_pipeline(model, vae, scaling, pipeline.scheduler, args.output_dir)
-        write_dreambooth_model_card(args, config.arguments, loop, photos, len(instance_paths), class_set)
-        logger.info("Saved the result to %s", args.output_dir)
+        write_dreambooth_model_card(args, config.arguments, loop, photos, len(instance_paths), class_set,
+                                    location=hub.location if hub.enabled else None)
+        logger.info("Saved the result of epoch %d (step %d) to %s", loop.epochs_completed, loop.global_step,
+                    args.output_dir)
+        if not loop.finished:
+            hub.upload_in_background(f"Epoch {loop.epochs_completed}")
 
     loop = build_training_loop(accelerator, config, unet, train_set, "train_dreambooth_unconditional",
                                parameters=trainable,
-                               validation=Validation(validate, Schedule(every_steps=validation_config.validation_steps),
+                               validation=Validation(validate, Schedule(every_steps=validation_config.validation_steps,
+                                                                        every_epochs=args.save_images_epochs),
                                                      at_start=True),
-                               save_result=save_result)
+                               save_result=save_result, save_schedule=Schedule(every_epochs=args.save_model_epochs))
     unet = loop.model
     dreambooth_loss = DreamBoothLoss(noise_scheduler, args.prior_loss_weight, args.snr_gamma)
 
@@ -268,14 +285,16 @@ def main(argv=None) -> None:
         if "prior" in batch:
             prior = latents_from_batch(batch["prior"], vae, scaling, generator, args.random_flip)
             latents = torch.cat([latents, prior])
-        noisy, timesteps, target = noisy_latents_and_target(noise_scheduler, latents, generator)
+        noisy, timesteps, target = noisy_latents_and_target(noise_scheduler, latents, generator, args.offset_noise)
         prediction = unet(noisy, timesteps).sample
         return dreambooth_loss(prediction, target, timesteps, num_instance)
 
     if class_set:
         logger.info("Each batch: %d instance + %d class images", args.train_batch_size, args.train_batch_size)
-    loop.run(compute_loss)
+    finished = loop.run(compute_loss)
     finish_run(loop)
+    if finished:
+        hub.upload_and_wait()
 
 
 LORA_USAGE = """\
@@ -300,7 +319,8 @@ pipe.save_pretrained("merged")                            # ... for a plain pipe
 """
 
 
-def write_dreambooth_model_card(args, arguments: dict, loop, photos, num_instance: int, class_set) -> None:
+def write_dreambooth_model_card(args, arguments: dict, loop, photos, num_instance: int, class_set,
+                                location: str | None = None) -> None:
     output_dir = Path(args.output_dir)
     instance_grid = output_dir / "samples" / "instance_images.png"
     instance_grid.parent.mkdir(parents=True, exist_ok=True)
@@ -335,8 +355,10 @@ def write_dreambooth_model_card(args, arguments: dict, loop, photos, num_instanc
                 "Base model samples (step 0, same noise)": base_grid if base_grid.is_file() else None,
                 "Loss": output_dir / "loss_curve.png"},
         facts=facts,
-        usage=LORA_USAGE.format(base=args.pretrained_model_name_or_path, location=output_dir.name)
+        usage=LORA_USAGE.format(base=args.pretrained_model_name_or_path, location=location or output_dir.name)
         if args.use_lora else None,
+        tags=["dreambooth", *(["lora"] if args.use_lora else [])], base_model=args.pretrained_model_name_or_path,
+        license=args.license, location=location,
     )
 
 

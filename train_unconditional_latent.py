@@ -19,10 +19,11 @@ from uldm import args as cli
 from uldm.data import DataConfig, build_image_dataset, sharded_verifier
 from uldm.diffusion import build_noise_scheduler, noisy_latents_and_target, per_sample_loss
 from uldm.errors import exit_cleanly_on_input_errors
+from uldm.hub import HubUploader
 from uldm.latent_cache import CacheConfig, cached_latents
 from uldm.latents import latents_from_batch, measure_latent_std, resolve_latent_scaling
 from uldm.model_card import write_model_card
-from uldm.models import build_unet, count_parameters
+from uldm.models import build_unet, count_parameters, use_xformers_if_installed
 from uldm.presets import list_presets
 from uldm.sampling import build_pipeline, make_scheduler, save_pipeline
 from uldm.training import Schedule, Validation, ValidationResult, build_training_loop, finish_run, start_run
@@ -40,6 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="Folder or hub id of an AutoencoderKL, VQModel or AutoencoderTiny (class read from its config).")
     group.add_argument("--vae_subfolder", type=str, default=None, help='e.g. "vae" inside a Stable Diffusion repository.')
     group.add_argument("--revision", type=str, default=None)
+    cli.add_variant_arg(group)
     group.add_argument("--latent_scaling_factor", type=str, default="auto",
                        help="'auto': the VAE config's scaling_factor, 1.0 for VQ, else 1/std measured on the data.")
     group.add_argument("--scale_estimation_images", type=int, default=512,
@@ -60,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     cli.add_logging_args(parser)
     cli.add_checkpoint_args(parser)
     cli.add_compute_args(parser)
+    cli.add_hub_args(parser)
+    cli.add_text_only_args(parser)
     args = parser.parse_args(argv)
     cli.check_common_args(args)
     if not args.model_config_name_or_path and not args.pretrained_model_name_or_path:
@@ -85,11 +89,14 @@ def main(argv=None) -> None:
     data_config, cache_config = data_and_cache_configs(args)
     validation_config = cli.config_from(ValidationConfig, args)
     accelerator = start_run(config)
+    hub = HubUploader.from_config(cli.hub_config(args), accelerator.is_main_process)
 
     vae = load_vae(args.vae_name_or_path, args.vae_subfolder, args.revision,
-                   torch_dtype=vae_dtype_for(accelerator.mixed_precision, config.compute.vae_precision, args.cache_latents))
+                   torch_dtype=vae_dtype_for(accelerator.mixed_precision, config.compute.vae_precision, args.cache_latents),
+                   variant=args.variant)
     vae.to(accelerator.device)
-    unet = build_unet(args.model_config_name_or_path, args.pretrained_model_name_or_path, args.revision)
+    unet = build_unet(args.model_config_name_or_path, args.pretrained_model_name_or_path, args.revision,
+                      args.variant)
     check_unet_matches_latents(unet, vae, args.resolution)
     logger.info("VAE: %s; UNet: %.1fM parameters", describe_vae(vae), count_parameters(unet) / 1e6)
 
@@ -111,6 +118,8 @@ def main(argv=None) -> None:
                                             args.beta_end, args.prediction_type)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if args.enable_xformers_memory_efficient_attention:
+        use_xformers_if_installed(unet)
     validation_noise = fixed_validation_noise(validation_config.num_validation_images, latent_shape(vae, args.resolution),
                                               args.seed, accelerator.device)
 
@@ -136,25 +145,33 @@ def main(argv=None) -> None:
             arguments=config.arguments,
             images={"Samples (EMA weights)" if loop.ema else "Samples": loop.last_validation.grids.get("validation"),
                     "Loss": f"{args.output_dir}/loss_curve.png"},
-            facts={"steps": loop.global_step, "images seen": loop.state.samples_seen,
+            facts={"steps": loop.global_step, "epochs": loop.epochs_completed, "images seen": loop.state.samples_seen,
                    "latent scale": f"{scaling.scale:.6f} ({scaling.source})", "latent shift": scaling.shift},
+            base_model=args.pretrained_model_name_or_path, license=args.license,
+            location=hub.location if hub.enabled else None,
         )
-        logger.info("Saved the pipeline to %s", args.output_dir)
+        logger.info("Saved the pipeline of epoch %d (step %d) to %s", loop.epochs_completed, loop.global_step,
+                    args.output_dir)
+        if not loop.finished:
+            hub.upload_in_background(f"Epoch {loop.epochs_completed}")
 
     loop = build_training_loop(accelerator, config, unet, train_set, "train_unconditional_latent",
-                               validation=Validation(validate, Schedule(every_steps=validation_config.validation_steps)),
-                               save_result=save_result)
+                               validation=Validation(validate, Schedule(every_steps=validation_config.validation_steps,
+                                                                        every_epochs=args.save_images_epochs)),
+                               save_result=save_result, save_schedule=Schedule(every_epochs=args.save_model_epochs))
     unet = loop.model
     accelerator.log({"latent_scaling_factor": scaling.scale}, step=0)
 
     def compute_loss(batch, generator):
         latents = latents_from_batch(batch, vae, scaling, generator, args.random_flip)
-        noisy, timesteps, target = noisy_latents_and_target(noise_scheduler, latents, generator)
+        noisy, timesteps, target = noisy_latents_and_target(noise_scheduler, latents, generator, args.offset_noise)
         prediction = unet(noisy, timesteps).sample
         return per_sample_loss(prediction, target, timesteps, noise_scheduler, args.snr_gamma).mean()
 
-    loop.run(compute_loss)
+    finished = loop.run(compute_loss)
     finish_run(loop)
+    if finished:
+        hub.upload_and_wait()
 
 
 

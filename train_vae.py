@@ -30,9 +30,10 @@ from uldm.autoencoder import (
 from uldm.checkpoints import final_save_remedy
 from uldm.data import DataConfig, build_image_dataset, sharded_verifier
 from uldm.errors import InputError, exit_cleanly_on_input_errors
+from uldm.hub import HubUploader
 from uldm.latents import measure_latent_std, random_horizontal_flip
 from uldm.model_card import write_model_card
-from uldm.models import count_parameters
+from uldm.models import count_parameters, use_xformers_if_installed
 from uldm.presets import list_presets
 from uldm.saving import save_pretrained_atomically
 from uldm.training import (
@@ -74,6 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="Fine-tune this AutoencoderKL (folder or hub id) instead.")
     group.add_argument("--vae_subfolder", type=str, default=None, help='e.g. "vae" inside a Stable Diffusion repository.')
     group.add_argument("--revision", type=str, default=None)
+    cli.add_variant_arg(group)
     group = parser.add_argument_group("loss")
     group.add_argument("--reconstruction_loss", choices=RECONSTRUCTION_LOSSES, default="l1",
                        help="Per-pixel reconstruction error (CompVis: l1).")
@@ -98,6 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     cli.add_logging_args(parser, validation_steps=500)
     cli.add_checkpoint_args(parser)
     cli.add_compute_args(parser, frozen_vae=False)
+    cli.add_hub_args(parser)
+    cli.add_text_only_args(parser)
     args = parser.parse_args(argv)
     check_args(args)
     return args
@@ -123,14 +127,17 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     config = cli.training_config(args)
     accelerator = start_run(config)
+    hub = HubUploader.from_config(cli.hub_config(args), accelerator.is_main_process)
 
     vae = build_autoencoder(args.model_config_name_or_path, args.pretrained_vae_name_or_path,
-                            args.vae_subfolder, args.revision)
+                            args.vae_subfolder, args.revision, args.variant)
     latent = latent_shape(vae, args.resolution)
     logger.info("%s, %.1fM parameters; %d px images -> %s latents", describe_vae(vae),
                 count_parameters(vae) / 1e6, args.resolution, "x".join(map(str, latent)))
     if args.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
+    if args.enable_xformers_memory_efficient_attention:
+        use_xformers_if_installed(vae)
 
     images = build_image_dataset(cli.config_from(DataConfig, args),
                                  verify=sharded_verifier(accelerator, args.resolution))
@@ -167,15 +174,21 @@ def main(argv=None) -> None:
                                        remedy=final_save_remedy(args.output_dir))
             loop.metrics.log({"latent_std": std, "scaling_factor": scale}, step=loop.global_step)
             shutil.copyfile(loop.last_validation.grids["reconstruction"], f"{args.output_dir}/reconstructions.png")
-            write_vae_card(args, config.arguments, trained, loop, loop.last_validation.metrics, std, scale, source)
-            logger.info("Saved the VAE to %s (held-out PSNR %.2f dB)", args.output_dir,
-                        loop.last_validation.metrics["val_psnr"])
+            write_vae_card(args, config.arguments, trained, loop, loop.last_validation.metrics, std, scale, source,
+                           location=hub.location if hub.enabled else None)
+            logger.info("Saved the VAE of epoch %d (step %d) to %s (held-out PSNR %.2f dB)", loop.epochs_completed,
+                        loop.global_step, args.output_dir, loop.last_validation.metrics["val_psnr"])
+            if not loop.finished:
+                hub.upload_in_background(f"Epoch {loop.epochs_completed}")
         trained.train()
 
     autoencoder = AutoencoderForTraining(vae)
     loop = build_training_loop(accelerator, config, autoencoder, train_set, "train_vae",
                                ema_model=vae, save_result=save_result,
-                               validation=Validation(validate, Schedule(every_steps=args.validation_steps), at_start=True))
+                               save_schedule=Schedule(every_epochs=args.save_model_epochs),
+                               validation=Validation(validate, Schedule(every_steps=args.validation_steps,
+                                                                        every_epochs=args.save_images_epochs),
+                                                     at_start=True))
     model = loop.model
 
     def compute_loss(batch, generator):
@@ -185,11 +198,14 @@ def main(argv=None) -> None:
         reconstruction, kl = model(pixels, autoencoder.latent_noise(pixels, generator))
         return criterion(pixels, reconstruction, kl)
 
-    loop.run(compute_loss)
+    finished = loop.run(compute_loss)
     finish_run(loop)
+    if finished:
+        hub.upload_and_wait()
 
 
-def write_vae_card(args, arguments: dict, vae, loop, final: dict, std: float, scale: float, source: str) -> None:
+def write_vae_card(args, arguments: dict, vae, loop, final: dict, std: float, scale: float, source: str,
+                   location: str | None = None) -> None:
     start = "from scratch" if not args.pretrained_vae_name_or_path else f"from {args.pretrained_vae_name_or_path}"
     before = [row for row in read_metrics(args.output_dir, having="val_psnr") if row["step"] == 0]
     facts = {
@@ -211,7 +227,8 @@ def write_vae_card(args, arguments: dict, vae, loop, final: dict, std: float, sc
         images={"Held-out images (left) and reconstructions (right)": f"{args.output_dir}/reconstructions.png",
                 "Loss": f"{args.output_dir}/loss_curve.png"},
         facts=facts,
-        usage=USAGE.format(location=Path(args.output_dir).name),
+        usage=USAGE.format(location=location or Path(args.output_dir).name),
+        pipeline_tag=None, tags=["autoencoder"], base_model=args.pretrained_vae_name_or_path, license=args.license,
     )
 
 

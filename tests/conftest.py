@@ -5,7 +5,9 @@ Nothing here downloads anything; every model is randomly initialised from config
 
 from __future__ import annotations
 
+import hashlib
 import os
+import threading
 import sys
 from pathlib import Path
 
@@ -181,6 +183,44 @@ def train_images(tmp_path_factory):
 
 # --------------------------------------------------------------------------------------------
 # Repeated tricks
+
+
+class FakeHub:
+    """Stands in for the Hub (tests/test_hub.py, trainer runs with --push_to_hub): records create_repo and
+    upload_folder calls; upload_folder selects the files the way huggingface_hub's does (filter_repo_objects
+    over the folder, relative POSIX paths) and records their SHA-256 at the time of the upload."""
+
+    def __init__(self, monkeypatch, namespace: str = "someone", fail_with: Exception | None = None):
+        self.namespace, self.fail_with = namespace, fail_with
+        self.repos, self.uploads = [], []
+        self.release = threading.Event()
+        self.release.set()
+        hub = self
+        from huggingface_hub import HfApi, RepoUrl, constants
+        from huggingface_hub.utils import filter_repo_objects
+
+        def create_repo(api, repo_id, *, private=None, exist_ok=False, **kwargs):
+            hub.repos.append({"repo_id": repo_id, "private": private, "exist_ok": exist_ok})
+            full = repo_id if "/" in repo_id else f"{hub.namespace}/{repo_id}"
+            return RepoUrl(f"https://huggingface.co/{full}")
+
+        def upload_folder(api, *, repo_id, folder_path, commit_message=None, allow_patterns=None,
+                          ignore_patterns=None, **kwargs):
+            hub.release.wait(timeout=30)
+            if hub.fail_with is not None:
+                raise hub.fail_with
+            root = Path(folder_path)
+            names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+            files = list(filter_repo_objects(names, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
+            digests = {name: hashlib.sha256((root / name).read_bytes()).hexdigest() for name in files}
+            hub.uploads.append({"repo_id": repo_id, "message": commit_message, "files": files, "digests": digests,
+                                **kwargs})
+            return f"https://huggingface.co/{repo_id}/commit/{len(hub.uploads)}"
+
+        monkeypatch.setattr(HfApi, "create_repo", create_repo)
+        monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
 
 
 @pytest.fixture

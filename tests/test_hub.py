@@ -8,19 +8,17 @@ import hashlib
 import json
 import logging
 import shlex
-import threading
 from pathlib import Path
 
 import pytest
-from huggingface_hub import HfApi, ModelCard, RepoUrl, constants
-from huggingface_hub.utils import filter_repo_objects
+from huggingface_hub import ModelCard, constants
 
+from uldm.args import add_hub_args, hub_config
 from uldm.errors import InputError
-from uldm.hub import (
-    HubUploader, add_hub_args, check_hub_args, files_to_upload, public_arguments, retry_command,
-    upload_ignore_patterns,
-)
+from uldm.hub import HubUploader, check_hub_config, files_to_upload, public_arguments, retry_command
 from uldm.model_card import write_model_card
+
+from conftest import FakeHub
 
 # What a run writes into --output_dir (train_unconditional_latent.py, after resuming once, with EMA
 # snapshots, the latent cache and TensorBoard logs), and what of it belongs on the model page.
@@ -67,36 +65,9 @@ def run_args(output_dir, *argv) -> argparse.Namespace:
     return parser.parse_args([str(a) for a in argv])
 
 
-class FakeHub:
-    """Stands in for the Hub: records create_repo/upload_folder calls; upload_folder selects the files the
-    way huggingface_hub's does (filter_repo_objects over the folder, relative POSIX paths)."""
-
-    def __init__(self, monkeypatch, namespace: str = "someone", fail_with: Exception | None = None):
-        self.namespace, self.fail_with = namespace, fail_with
-        self.repos, self.uploads = [], []
-        self.release = threading.Event()
-        self.release.set()
-        hub = self
-
-        def create_repo(api, repo_id, *, private=None, exist_ok=False, **kwargs):
-            hub.repos.append({"repo_id": repo_id, "private": private, "exist_ok": exist_ok})
-            full = repo_id if "/" in repo_id else f"{hub.namespace}/{repo_id}"
-            return RepoUrl(f"https://huggingface.co/{full}")
-
-        def upload_folder(api, *, repo_id, folder_path, commit_message=None, allow_patterns=None,
-                          ignore_patterns=None, **kwargs):
-            hub.release.wait(timeout=30)
-            if hub.fail_with is not None:
-                raise hub.fail_with
-            root = Path(folder_path)
-            names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-            files = list(filter_repo_objects(names, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
-            hub.uploads.append({"repo_id": repo_id, "message": commit_message, "files": files, **kwargs})
-            return f"https://huggingface.co/{repo_id}/commit/{len(hub.uploads)}"
-
-        monkeypatch.setattr(HfApi, "create_repo", create_repo)
-        monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+def run_config(output_dir, *argv):
+    """The HubConfig of a run with these arguments (built the way the trainers build it)."""
+    return hub_config(run_args(output_dir, *argv))
 
 
 # -- flags and checks -------------------------------------------------------------------------------
@@ -117,26 +88,26 @@ def test_hub_flags_are_diffusers_flags_with_their_help(tmp_path):
 
 @pytest.mark.parametrize("report_to", ["wandb", "tensorboard,wandb"])
 def test_a_token_on_the_command_line_is_refused_with_wandb(tmp_path, report_to):
-    args = run_args(tmp_path / "out", "--push_to_hub", "--hub_token", "hf_secret", "--report_to", report_to)
+    config = run_config(tmp_path / "out", "--push_to_hub", "--hub_token", "hf_secret", "--report_to", report_to)
     with pytest.raises(InputError, match="hf auth login") as error:
-        check_hub_args(args)
+        check_hub_config(config)
     assert "wandb records every command-line argument" in str(error.value)
-    check_hub_args(run_args(tmp_path / "out", "--push_to_hub", "--hub_token", "hf_secret"))  # tensorboard: fine
-    check_hub_args(run_args(tmp_path / "out", "--push_to_hub", "--report_to", report_to))  # logged in: fine
+    check_hub_config(run_config(tmp_path / "out", "--push_to_hub", "--hub_token", "hf_secret"))  # tensorboard: fine
+    check_hub_config(run_config(tmp_path / "out", "--push_to_hub", "--report_to", report_to))  # logged in: fine
 
 
 def test_an_output_folder_name_that_cannot_be_a_repository_needs_hub_model_id(tmp_path):
     with pytest.raises(InputError, match="--hub_model_id NAME"):
-        check_hub_args(run_args(tmp_path / "my faces!", "--push_to_hub"))
+        check_hub_config(run_config(tmp_path / "my faces!", "--push_to_hub"))
     with pytest.raises(InputError, match="^--hub_model_id is not a valid"):
-        check_hub_args(run_args(tmp_path / "out", "--push_to_hub", "--hub_model_id", "a/b/c"))
-    check_hub_args(run_args(tmp_path / "my faces!", "--push_to_hub", "--hub_model_id", "me/faces"))
-    check_hub_args(run_args(tmp_path / "my faces!"))  # nothing to push: nothing to check
+        check_hub_config(run_config(tmp_path / "out", "--push_to_hub", "--hub_model_id", "a/b/c"))
+    check_hub_config(run_config(tmp_path / "my faces!", "--push_to_hub", "--hub_model_id", "me/faces"))
+    check_hub_config(run_config(tmp_path / "my faces!"))  # nothing to push: nothing to check
 
 
 def test_hub_flags_without_push_to_hub_are_named_in_a_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="uldm.hub"):
-        check_hub_args(run_args(tmp_path / "out", "--hub_model_id", "me/faces", "--hub_private_repo"))
+        check_hub_config(run_config(tmp_path / "out", "--hub_model_id", "me/faces", "--hub_private_repo"))
     assert "--hub_model_id, --hub_private_repo given without --push_to_hub" in caplog.text
 
 
@@ -154,7 +125,7 @@ def test_the_output_folder_goes_up_without_checkpoints_logs_cache_snapshots_or_t
     out = make_output_folder(tmp_path / "ffhq256-ldm", SHARED + LOCAL_ONLY)
     before = folder_state(out)
     hub = FakeHub(monkeypatch)
-    uploader = HubUploader.from_args(run_args(out, "--push_to_hub", "--hub_private_repo"))
+    uploader = HubUploader.from_config(run_config(out, "--push_to_hub", "--hub_private_repo"))
     assert uploader.upload_and_wait() is True
 
     assert [upload["files"] for upload in hub.uploads] == [sorted(SHARED)]
@@ -176,7 +147,7 @@ def test_adapters_and_vaes_go_up_with_their_card(tmp_path, monkeypatch, result):
     common = ["README.md", "loss_curve.png", "training_args.json", "metrics.jsonl"]
     out = make_output_folder(tmp_path / "run", common + result + LOCAL_ONLY)
     hub = FakeHub(monkeypatch)
-    assert HubUploader.from_args(run_args(out, "--push_to_hub", "--hub_model_id", "me/run")).upload_and_wait()
+    assert HubUploader.from_config(run_config(out, "--push_to_hub", "--hub_model_id", "me/run")).upload_and_wait()
     assert hub.uploads[0]["files"] == sorted(common + result)
     assert hub.uploads[0]["repo_id"] == "me/run"
 
@@ -192,34 +163,47 @@ def test_folders_of_the_run_inside_the_output_folder_stay_local_wherever_they_ar
     parser.add_argument("--latent_cache_dir")
     parser.add_argument("--class_data_dir")
     add_hub_args(parser)
-    args = parser.parse_args(["--output_dir", str(out), "--push_to_hub", "--logging_dir", "tb",
-                              "--latent_cache_dir", str(out / "cache" / "latents"),
-                              "--class_data_dir", str(out / "class_images")])
+    config = hub_config(parser.parse_args(["--output_dir", str(out), "--push_to_hub", "--logging_dir", "tb",
+                                           "--latent_cache_dir", str(out / "cache" / "latents"),
+                                           "--class_data_dir", str(out / "class_images")]))
     hub = FakeHub(monkeypatch)
-    assert HubUploader.from_args(args).upload_and_wait()
+    assert HubUploader.from_config(config).upload_and_wait()
     assert hub.uploads[0]["files"] == sorted(shared)
 
     # Folders outside the output folder add no pattern (and do not exclude look-alikes inside it).
-    elsewhere = parser.parse_args(["--output_dir", str(out), "--latent_cache_dir", str(tmp_path / "cache"),
-                                   "--class_data_dir", str(tmp_path / "class_images")])
-    assert upload_ignore_patterns(elsewhere) == upload_ignore_patterns(parser.parse_args(["--output_dir", str(out)]))
+    elsewhere = hub_config(parser.parse_args(["--output_dir", str(out), "--latent_cache_dir", str(tmp_path / "cache"),
+                                              "--class_data_dir", str(tmp_path / "class_images")]))
+    assert elsewhere.ignore_patterns == hub_config(parser.parse_args(["--output_dir", str(out)])).ignore_patterns
+
+
+def test_relative_folders_of_the_run_are_found_from_the_working_directory(tmp_path, monkeypatch):
+    """--latent_cache_dir and --class_data_dir are relative to where the command runs (--logging_dir to the
+    output folder, as in diffusers)."""
+    monkeypatch.chdir(tmp_path)
+    parser = argparse.ArgumentParser()
+    for name in ("--output_dir", "--logging_dir", "--latent_cache_dir", "--class_data_dir"):
+        parser.add_argument(name)
+    add_hub_args(parser)
+    config = hub_config(parser.parse_args(["--output_dir", "outputs/run", "--logging_dir", "tb",
+                                           "--latent_cache_dir", "outputs/run/cache", "--class_data_dir", "class"]))
+    assert config.ignore_patterns[-2:] == ["tb/*", "cache/*"]
 
 
 def test_only_the_main_process_uploads(tmp_path, monkeypatch):
     out = make_output_folder(tmp_path / "run", SHARED)
     hub = FakeHub(monkeypatch)
-    uploader = HubUploader.from_args(run_args(out, "--push_to_hub"), is_main_process=False)
+    uploader = HubUploader.from_config(run_config(out, "--push_to_hub"), is_main_process=False)
     assert uploader.upload_in_background("Epoch 2") is None
     assert uploader.upload_and_wait() is False
     assert hub.repos == [] and hub.uploads == []
-    off = HubUploader.from_args(run_args(out), is_main_process=True)  # no --push_to_hub
+    off = HubUploader.from_config(run_config(out), is_main_process=True)  # no --push_to_hub
     assert off.upload_and_wait() is False and hub.uploads == []
 
 
 def test_intermediate_uploads_run_in_the_background_and_the_final_one_waits_for_them(tmp_path, monkeypatch):
     out = make_output_folder(tmp_path / "run", SHARED)
     hub = FakeHub(monkeypatch)
-    uploader = HubUploader.from_args(run_args(out, "--push_to_hub"))
+    uploader = HubUploader.from_config(run_config(out, "--push_to_hub"))
     hub.release.clear()  # the network is slow: the first upload does not finish ...
     first = uploader.upload_in_background("Epoch 2")
     assert first is not None and not first.done(), "training goes on while it uploads"
@@ -234,7 +218,7 @@ def test_intermediate_uploads_run_in_the_background_and_the_final_one_waits_for_
 def test_a_failed_background_upload_warns_and_training_goes_on(tmp_path, monkeypatch, caplog):
     out = make_output_folder(tmp_path / "run", SHARED)
     hub = FakeHub(monkeypatch, fail_with=ConnectionError("network is unreachable"))
-    uploader = HubUploader.from_args(run_args(out, "--push_to_hub"))
+    uploader = HubUploader.from_config(run_config(out, "--push_to_hub"))
     with caplog.at_level(logging.INFO, logger="uldm.hub"):
         future = uploader.upload_in_background("Epoch 2")
         concurrent_wait(future)
@@ -259,7 +243,7 @@ def test_offline_the_run_keeps_everything_and_one_message_says_how_to_upload(tmp
     out = make_output_folder(tmp_path / "ffhq256-ldm", SHARED + LOCAL_ONLY)
     before = folder_state(out)
     with caplog.at_level(logging.INFO, logger="uldm.hub"):
-        uploader = HubUploader.from_args(run_args(out, "--push_to_hub", "--hub_model_id", "me/faces"))
+        uploader = HubUploader.from_config(run_config(out, "--push_to_hub", "--hub_model_id", "me/faces"))
         assert uploader.upload_in_background("Epoch 2") is None, "offline: nothing is tried during the run"
         start_messages = len(caplog.records)
         assert uploader.upload_and_wait() is False

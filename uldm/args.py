@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from typing import TypeVar
 
+from .checkpoints import PREVIOUS_RUN_PREFIX
 from .errors import InputError
 
 Config = TypeVar("Config")
@@ -39,9 +41,16 @@ def add_optimization_args(parser: argparse.ArgumentParser, learning_rate: float 
                           lr_scheduler: str = "cosine", lr_warmup_steps: int = 500) -> None:
     group = parser.add_argument_group("optimisation")
     group.add_argument("--output_dir", type=str, required=True)
+    group.add_argument("--overwrite_output_dir", action="store_true",
+                       help="Start a new run in an --output_dir that holds an earlier run: its checkpoints, EMA "
+                            f"snapshots, sample grids, metrics and logs are moved (never deleted) into "
+                            f"<output_dir>/{PREVIOUS_RUN_PREFIX}<date-time>/. Without it such a folder is refused.")
     group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--train_batch_size", type=int, default=16, help="Batch size per process.")
-    group.add_argument("--num_epochs", type=int, default=100)
+    group.add_argument("--train_batch_size", type=int, default=16,
+                       help="Batch size (per device) for the training dataloader.")
+    group.add_argument("--num_epochs", "--num_train_epochs", dest="num_epochs", metavar="N", type=int, default=100,
+                       help="Epochs to train (--num_epochs in diffusers' train_unconditional.py, --num_train_epochs "
+                            "in train_dreambooth.py).")
     group.add_argument("--max_train_steps", type=int, default=None,
                        help="Optimiser steps to train for; overrides --num_epochs.")
     group.add_argument("--gradient_accumulation_steps", type=int, default=1)
@@ -57,10 +66,23 @@ def add_optimization_args(parser: argparse.ArgumentParser, learning_rate: float 
     group.add_argument("--adam_beta2", type=float, default=0.999)
     group.add_argument("--adam_weight_decay", type=float, default=adam_weight_decay)
     group.add_argument("--adam_epsilon", type=float, default=1e-08)
+    group.add_argument("--lr_num_cycles", type=int, default=1,
+                       help="Number of hard resets of the lr in cosine_with_restarts scheduler.")
+    group.add_argument("--lr_power", type=float, default=1.0, help="Power factor of the polynomial scheduler.")
+    group.add_argument("--use_8bit_adam", action="store_true",
+                       help="Whether or not to use 8-bit Adam from bitsandbytes (needs bitsandbytes and a CUDA GPU).")
+    group.add_argument("--set_grads_to_none", action="store_true",
+                       help="Save more memory by using setting grads to None instead of zero. Always on here: the "
+                            "loop zeroes gradients with set_to_none=True (accepted for diffusers' command lines).")
     group.add_argument("--max_grad_norm", type=float, default=1.0)
     group.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                        help="Default: accelerate's config.")
     group.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere and newer GPUs.")
+    group.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                       help="Whether or not to use xformers. Without xformers installed the run goes on with "
+                            "PyTorch's scaled_dot_product_attention, which diffusers uses already (same memory saving).")
+    group.add_argument("--local_rank", type=int, default=-1,
+                       help="For distributed training: local_rank (set by the launcher; accelerate reads LOCAL_RANK).")
 
 
 def add_ema_args(parser: argparse.ArgumentParser) -> None:
@@ -120,19 +142,56 @@ def add_noise_args(parser: argparse.ArgumentParser) -> None:
                        choices=["epsilon", "v_prediction", "sample"])
     group.add_argument("--snr_gamma", type=float, default=None,
                        help="Min-SNR weighting gamma (5.0 is the paper's choice); off by default.")
+    add_offset_noise_arg(group)
+
+
+def add_offset_noise_arg(group) -> None:
+    group.add_argument("--offset_noise", type=float, nargs="?", const=0.1, default=0.0,
+                       help="Fine-tuning against a modified noise: adds 0.1 (or the value given) x a per-channel "
+                            "constant to the noise (https://www.crosslabs.org//blog/diffusion-with-offset-noise).")
+
+
+def add_variant_arg(group) -> None:
+    group.add_argument("--variant", type=str, default=None,
+                       help="Variant of the model files of the pretrained model identifier from huggingface.co/models, "
+                            "'e.g.' fp16 (loads diffusion_pytorch_model.<variant>.safetensors).")
 
 
 def add_logging_args(parser: argparse.ArgumentParser, validation_steps: int = 1000) -> None:
     group = parser.add_argument_group("logging and validation")
-    group.add_argument("--report_to", type=str, default="tensorboard",
-                       help='"tensorboard", "wandb", "all" or "none".')
+    group.add_argument("--report_to", "--logger", dest="report_to", metavar="NAME", type=str, default="tensorboard",
+                       help='The integration to report the results and logs to: "tensorboard", "wandb", "comet_ml", '
+                            '"all" or "none" (--logger in diffusers\' train_unconditional.py).')
+    group.add_argument("--logging_dir", type=str, default="logs",
+                       help="TensorBoard log directory, inside --output_dir unless absolute (kept off the Hub).")
     group.add_argument("--tracker_project_name", type=str, default=None)
     group.add_argument("--validation_steps", type=int, default=validation_steps,
                        help="Write a sample grid every this many steps (and at the end); 0 turns it off.")
-    group.add_argument("--num_validation_images", type=int, default=16)
-    group.add_argument("--validation_inference_steps", type=int, default=50)
-    group.add_argument("--validation_scheduler", type=str, default="dpmsolver++",
-                       help="Sampler of the validation grids: ddim, dpmsolver++, unipc, euler or ddpm.")
+    group.add_argument("--save_images_epochs", type=int, default=0,
+                       help="How often to save images during training: a grid at the end of every this many epochs "
+                            "(as well as every --validation_steps, and at the end); 0: off.")
+    group.add_argument("--num_validation_images", "--eval_batch_size", dest="num_validation_images", metavar="N", type=int,
+                       default=16, help="The number of images to generate for evaluation, in one batch, from the "
+                                        "same noise at every validation (--eval_batch_size in train_unconditional.py).")
+    group.add_argument("--validation_inference_steps", "--ddpm_num_inference_steps", dest="validation_inference_steps",
+                       metavar="N", type=int, default=50,
+                       help="Sampler steps of the validation grids (--ddpm_num_inference_steps in train_unconditional.py, "
+                            "whose DDPM sampler needs ~1000; the default DPM-Solver++ needs 25-50).")
+    group.add_argument("--validation_scheduler", type=scheduler_name, default="dpmsolver++",
+                       help="Sampler of the validation grids: ddim, dpmsolver++, unipc, euler or ddpm (or diffusers' "
+                            "class names, e.g. DPMSolverMultistepScheduler, DDPMScheduler).")
+
+
+def scheduler_name(name: str) -> str:
+    """A sampler name of uldm.sampling, from it or from diffusers' class name (train_dreambooth.py's choices)."""
+    from .sampling import SCHEDULERS
+
+    by_class = {scheduler_class.__name__: key for key, (scheduler_class, _) in SCHEDULERS.items()}
+    if name in SCHEDULERS:
+        return name
+    if name in by_class:
+        return by_class[name]
+    raise argparse.ArgumentTypeError(f"unknown sampler {name!r}: choose one of {', '.join([*SCHEDULERS, *by_class])}")
 
 
 def add_checkpoint_args(parser: argparse.ArgumentParser, checkpointing_steps: int = 500) -> None:
@@ -143,10 +202,96 @@ def add_checkpoint_args(parser: argparse.ArgumentParser, checkpointing_steps: in
                        help="Keep at most this many checkpoints (older ones are removed after a new one is complete).")
     group.add_argument("--resume_from_checkpoint", type=str, default=None,
                        help='A checkpoint folder, or "latest" (newest complete one; a fresh start if none).')
+    group.add_argument("--save_model_epochs", type=int, default=0,
+                       help="How often to save the model during training: the result (EMA weights) is written into "
+                            "--output_dir at the end of every this many epochs, replacing the previous one, and at "
+                            "the end; 0: only at the end.")
+
+
+def add_hub_args(parser: argparse.ArgumentParser) -> None:
+    """diffusers' Hub flags (train_unconditional.py, train_dreambooth.py), with their help texts; and the
+    licence of the model card."""
+    group = parser.add_argument_group("Hugging Face Hub")
+    group.add_argument("--push_to_hub", action="store_true", help="Whether or not to push the model to the Hub.")
+    group.add_argument("--hub_token", type=str, default=None, help="The token to use to push to the Model Hub.")
+    group.add_argument("--hub_model_id", type=str, default=None,
+                       help="The name of the repository to keep in sync with the local `output_dir`.")
+    group.add_argument("--hub_private_repo", action="store_true",
+                       help="Whether or not to create a private repository.")
+    group.add_argument("--license", type=str, default=None,
+                       help='The licence in the model card\'s metadata: a Hub licence id such as "apache-2.0", "mit", '
+                            '"cc-by-nc-4.0" or "other" (default: none stated).')
+
+
+# diffusers flags that only mean something for a model that takes text (or another input): refused, with
+# what to do instead. An unconditional model is trained without a prompt and samples without one.
+TEXT_ONLY_FLAGS = {
+    "instance_prompt": "the photos alone define the subject (--instance_data_dir)",
+    "class_prompt": "class images are samples of the base model, drawn without a prompt (--class_data_dir, "
+                    "--num_class_images)",
+    "validation_prompt": "validation grids are drawn from fixed noise (--num_validation_images, --validation_steps)",
+    "validation_prompts": "validation grids are drawn from fixed noise (--num_validation_images, --validation_steps)",
+    "train_text_encoder": "there is no text encoder: the UNet is trained (or a LoRA adapter on it, --use_lora)",
+    "pre_compute_text_embeddings": "there is no text encoder, so there are no embeddings to compute",
+    "text_encoder_use_attention_mask": "there is no text encoder",
+    "skip_save_text_encoder": "there is no text encoder to save",
+    "tokenizer_name": "there is no tokenizer",
+    "tokenizer_max_length": "there is no tokenizer",
+    "caption_column": "the images are used without captions",
+    "class_labels_conditioning": "the UNet takes no class labels",
+    "validation_images": "the pipeline takes no input image",
+}
+_TEXT_FLAGS_GIVEN = "_text_only_flags_given"
+
+
+class _RefusedTextFlag(argparse.Action):
+    """Takes any values, records that the flag was given; `refuse_text_only_flags` then refuses it."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest=_TEXT_FLAGS_GIVEN, nargs="*", default=argparse.SUPPRESS,
+                         help=argparse.SUPPRESS)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = getattr(namespace, _TEXT_FLAGS_GIVEN, [])
+        setattr(namespace, _TEXT_FLAGS_GIVEN, [*given, self.option_strings[0]])
+
+
+def add_text_only_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "diffusers flags that need text (refused)",
+        "An unconditional model takes no prompt, so these flags of diffusers' text-to-image scripts are refused "
+        "with what to do instead: " + ", ".join(f"--{name}" for name in TEXT_ONLY_FLAGS) + ".")
+    for name in TEXT_ONLY_FLAGS:
+        group.add_argument(f"--{name}", action=_RefusedTextFlag)
+
+
+def refuse_text_only_flags(args: argparse.Namespace) -> None:
+    given = list(dict.fromkeys(vars(args).pop(_TEXT_FLAGS_GIVEN, [])))
+    if not given:
+        return
+    reasons = "\n".join(f"  {flag}: {TEXT_ONLY_FLAGS[flag[2:]]}." for flag in given)
+    raise InputError(
+        f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} text, and this model takes none: an unconditional "
+        f"model is trained and samples without a prompt. Remove {'it' if len(given) == 1 else 'them'} from the "
+        f"command line:\n{reasons}")
 
 
 def check_common_args(args) -> None:
     """Checks that argparse cannot express; messages say what to change."""
+    refuse_text_only_flags(args)
+    environment_rank = int(os.environ.get("LOCAL_RANK", -1))
+    if hasattr(args, "local_rank") and environment_rank != -1:
+        args.local_rank = environment_rank  # diffusers' rule: the launcher's value wins
+    for name in ("save_images_epochs", "save_model_epochs"):
+        if (getattr(args, name, 0) or 0) < 0:
+            raise InputError(f"--{name} must be 0 (off) or a number of epochs.")
+    if getattr(args, "overwrite_output_dir", False) and getattr(args, "resume_from_checkpoint", None):
+        raise InputError("--overwrite_output_dir starts a new run, --resume_from_checkpoint continues one: give one "
+                         "of them.")
+    if hasattr(args, "push_to_hub"):
+        from .hub import check_hub_config
+
+        check_hub_config(hub_config(args))
     if getattr(args, "train_data_dir", None) and getattr(args, "dataset_name", None):
         raise InputError("Give either --train_data_dir or --dataset_name, not both.")
     for name in ("train_batch_size", "gradient_accumulation_steps", "resolution"):
@@ -167,6 +312,16 @@ def config_from(config_class: type[Config], args: argparse.Namespace, **override
     script has no argument for keep their defaults."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class) if hasattr(args, f.name)}
     return config_class(**{**values, **overrides})
+
+
+def hub_config(args: argparse.Namespace):
+    """The Hub flags, with the folders of the run that stay local (TensorBoard logs, the latent cache, class
+    images) as absolute paths."""
+    from .hub import HubConfig
+
+    folders = [os.path.join(args.output_dir, args.logging_dir) if getattr(args, "logging_dir", None) else None,
+               getattr(args, "latent_cache_dir", None), getattr(args, "class_data_dir", None)]
+    return config_from(HubConfig, args, local_folders=tuple(os.path.abspath(f) for f in folders if f))
 
 
 def training_config(args: argparse.Namespace):

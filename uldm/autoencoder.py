@@ -46,12 +46,12 @@ VGG16_URL = f"https://download.pytorch.org/models/{VGG16_FILE_NAME}"
 
 
 def build_autoencoder(model_config_name_or_path: str | None = None, pretrained_vae_name_or_path: str | None = None,
-                      subfolder: str | None = None, revision: str | None = None):
+                      subfolder: str | None = None, revision: str | None = None, variant: str | None = None):
     """A trainable AutoencoderKL: fresh from a preset / config, or the weights of a saved one."""
     from diffusers import AutoencoderKL
 
     if pretrained_vae_name_or_path:
-        vae = load_vae(pretrained_vae_name_or_path, subfolder, revision)
+        vae = load_vae(pretrained_vae_name_or_path, subfolder, revision, variant=variant)
         if not isinstance(vae, AutoencoderKL):
             raise InputError(
                 f"{pretrained_vae_name_or_path} holds a {type(vae).__name__}; train_vae.py trains AutoencoderKL "

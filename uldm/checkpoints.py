@@ -121,6 +121,46 @@ def resolve_resume_path(resume_from_checkpoint: str | None, output_dir: str | os
     return path
 
 
+# --------------------------------------------------------------------------------------------
+# Starting over in the same folder (--overwrite_output_dir)
+
+PREVIOUS_RUN_PREFIX = "previous_run_"
+# What a run writes into its output folder that a new run would mix with (grids, metrics, TensorBoard
+# events, post-hoc EMA snapshots) or prune (checkpoints). The saved model itself is replaced by the new run's first
+# save; the latent cache and class images stay (they are keyed by their contents and reused).
+RUN_RECORDS = ("samples", "metrics.jsonl", "loss_curve.png", "training_args.json")
+
+
+def set_aside_earlier_run(output_dir: str | os.PathLike, logging_dir: str | os.PathLike | None = None) -> Path | None:
+    """Move an earlier run's checkpoints and records into `output_dir/previous_run_<date-time>/` (nothing
+    is deleted); returns that folder, or None when there was nothing to move. Main process only."""
+    import time
+
+    from .posthoc_ema import SNAPSHOT_DIR_NAME
+
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None
+    records = (*RUN_RECORDS, SNAPSHOT_DIR_NAME)
+    names = [p.name for p in output_dir.iterdir()
+             if checkpoint_step(p) is not None or p.name.startswith(TEMP_PREFIX) or p.name in records]
+    if logging_dir is not None:
+        logs = Path(os.path.abspath(logging_dir))
+        if logs.parent == Path(os.path.abspath(output_dir)) and logs.exists():
+            names.append(logs.name)
+    if not names:
+        return None
+    archive = output_dir / f"{PREVIOUS_RUN_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}"
+    while archive.exists():  # two starts within a second
+        archive = archive.with_name(archive.name + "_")
+    archive.mkdir()
+    for name in sorted(set(names)):
+        os.replace(output_dir / name, archive / name)
+    logger.warning("--overwrite_output_dir: moved the earlier run's %s into %s (delete it yourself when it is no "
+                   "longer needed).", ", ".join(sorted(set(names))), archive)
+    return archive
+
+
 def temporary_checkpoint_dir(output_dir: str | os.PathLike, step: int) -> Path:
     return Path(output_dir) / f"{TEMP_PREFIX}{step}"
 

@@ -79,9 +79,22 @@ def per_sample_loss(model_pred: torch.Tensor, target: torch.Tensor, timesteps: t
     return losses
 
 
-def noisy_latents_and_target(noise_scheduler, latents: torch.Tensor, generator: torch.Generator):
-    """Draw noise and timesteps from `generator`; return (noisy latents, timesteps, target)."""
+def with_offset_noise(noise: torch.Tensor, offset_noise: float, generator: torch.Generator) -> torch.Tensor:
+    """diffusers' --offset_noise (crosslabs.org, "Diffusion with offset noise"): a constant per sample and
+    channel, times `offset_noise` (0.1 there), added to the noise, so the model learns to change the mean
+    brightness and colour of a latent too."""
+    if not offset_noise:
+        return noise
+    offset = torch.randn((*noise.shape[:2], 1, 1), generator=generator, device=noise.device, dtype=noise.dtype)
+    return noise + offset_noise * offset
+
+
+def noisy_latents_and_target(noise_scheduler, latents: torch.Tensor, generator: torch.Generator,
+                             offset_noise: float = 0.0):
+    """Draw noise (with `offset_noise`, see with_offset_noise) and timesteps from `generator`; return
+    (noisy latents, timesteps, target). The timesteps do not depend on `offset_noise`."""
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     timesteps = sample_timesteps(noise_scheduler, latents.shape[0], generator, latents.device)
+    noise = with_offset_noise(noise, offset_noise, generator)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     return noisy, timesteps, training_target(noise_scheduler, latents, noise, timesteps)

@@ -14,12 +14,12 @@ each model save and at the end, on the main process. This module does the same w
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import importlib.util
 import logging
 import os
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
 
 from uldm.errors import InputError
@@ -37,6 +37,7 @@ LOCAL_ONLY_PATTERNS = (
     "logs/*",              # TensorBoard (the default --logging_dir)
     "latent_cache/*",      # the encoded data set (the default --latent_cache_dir)
     "ema_snapshots/*",
+    "previous_run_*",      # an earlier run's files, moved aside by --overwrite_output_dir
     ".*",                  # hidden files and folders: checkpoints being written (.tmp-checkpoint-*),
                            # other temporary writes, notebook and editor files
     "*/.*",
@@ -49,54 +50,60 @@ TEXT_SUFFIXES = {".json", ".jsonl", ".md", ".txt", ".yaml", ".yml", ".py", ".csv
 MAX_SCANNED_BYTES = 16 * 2**20
 
 
-def add_hub_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    """diffusers' Hub flags (train_unconditional.py, train_dreambooth.py), with their help texts."""
-    group = parser.add_argument_group("Hugging Face Hub")
-    group.add_argument("--push_to_hub", action="store_true", help="Whether or not to push the model to the Hub.")
-    group.add_argument("--hub_token", type=str, default=None, help="The token to use to push to the Model Hub.")
-    group.add_argument("--hub_model_id", type=str, default=None,
-                       help="The name of the repository to keep in sync with the local `output_dir`.")
-    group.add_argument("--hub_private_repo", action="store_true",
-                       help="Whether or not to create a private repository.")
-    return group
+@dataclass(frozen=True)
+class HubConfig:
+    """diffusers' Hub flags of a run (built by `uldm.args.hub_config`)."""
+
+    output_dir: str
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    hub_token: str | None = None
+    hub_private_repo: bool = False
+    report_to: str | None = None  # the trackers: wandb would record a --hub_token given on the command line
+    # Folders of the run that stay local even when they lie inside the output folder (TensorBoard logs,
+    # the latent cache, DreamBooth's class images): absolute, or relative to the working directory.
+    local_folders: tuple[str, ...] = ()
+
+    @property
+    def repo_id(self) -> str:
+        """diffusers' rule: --hub_model_id, else the name of the output folder (in the token's namespace)."""
+        return self.hub_model_id or Path(os.path.abspath(self.output_dir)).name
+
+    @property
+    def ignore_patterns(self) -> list[str]:
+        return upload_ignore_patterns(self.output_dir, self.local_folders)
 
 
-def hub_repo_id(args) -> str:
-    """diffusers' rule: --hub_model_id, else the name of the output folder (in the token's namespace)."""
-    return getattr(args, "hub_model_id", None) or Path(os.path.abspath(args.output_dir)).name
-
-
-def check_hub_args(args) -> None:
+def check_hub_config(config: HubConfig) -> None:
     """Refuse, before any work, what cannot be uploaded safely or at all; warn about Hub flags that do
     nothing. Raises InputError."""
-    if getattr(args, "hub_token", None) is not None and reports_to_wandb(args):
+    if config.hub_token is not None and reports_to_wandb(config.report_to):
         # Same refusal as diffusers, and for the same reason: wandb stores every argument of the run in
         # its config, so the token would be readable by anyone who can see the wandb project.
         raise InputError(
             "You cannot use both --report_to=wandb and --hub_token: wandb records every command-line argument "
             "of the run, so your token would be stored in the wandb project. Log in once with `hf auth login` "
             "(or set HF_TOKEN in the environment) and drop --hub_token.")
-    if not getattr(args, "push_to_hub", False):
-        given = [f"--{name}" for name in ("hub_model_id", "hub_token", "hub_private_repo") if getattr(args, name, None)]
+    if not config.push_to_hub:
+        given = [f"--{name}" for name in ("hub_model_id", "hub_token", "hub_private_repo") if getattr(config, name)]
         if given:
             logger.warning("%s given without --push_to_hub: nothing will be uploaded.", ", ".join(given))
         return
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
-    repo_id = hub_repo_id(args)
+    repo_id = config.repo_id
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:
-        source = "--hub_model_id" if getattr(args, "hub_model_id", None) else f"the name of --output_dir ({repo_id!r})"
+        source = "--hub_model_id" if config.hub_model_id else f"the name of --output_dir ({repo_id!r})"
         raise InputError(
             f"{source} is not a valid Hub repository name: {error} Pass --hub_model_id NAME or "
             "--hub_model_id USER_OR_ORG/NAME (letters, digits, '-', '_', '.').") from None
 
 
-def reports_to_wandb(args) -> bool:
-    trackers = {name.strip() for value in (getattr(args, "report_to", None), getattr(args, "logger", None))
-                for name in str(value or "").split(",")}
+def reports_to_wandb(report_to: str | None) -> bool:
+    trackers = {name.strip() for name in str(report_to or "").split(",")}
     return "wandb" in trackers or ("all" in trackers and importlib.util.find_spec("wandb") is not None)
 
 
@@ -105,16 +112,13 @@ def public_arguments(args) -> dict:
     return {key: (None if key in SECRET_ARGUMENTS else value) for key, value in vars(args).items()}
 
 
-def upload_ignore_patterns(args) -> list[str]:
-    """LOCAL_ONLY_PATTERNS plus the run's folders that live inside the output folder: TensorBoard logs
-    (--logging_dir), the latent cache (--latent_cache_dir) and DreamBooth's class images (--class_data_dir)."""
-    output_dir = Path(os.path.abspath(args.output_dir))
+def upload_ignore_patterns(output_dir: str | os.PathLike, local_folders=()) -> list[str]:
+    """LOCAL_ONLY_PATTERNS plus the run's `local_folders` that lie inside the output folder (e.g. TensorBoard
+    logs in --logging_dir, the latent cache in --latent_cache_dir, DreamBooth's --class_data_dir)."""
+    output_dir = Path(os.path.abspath(output_dir))
     patterns = list(LOCAL_ONLY_PATTERNS)
-    folders = [getattr(args, "logging_dir", None),
-               getattr(args, "latent_cache_dir", None), getattr(args, "class_data_dir", None)]
-    for folder in filter(None, folders):
-        # diffusers joins --logging_dir to the output folder; an absolute path stays as it is.
-        inside = Path(os.path.abspath(output_dir / folder))
+    for folder in filter(None, local_folders):
+        inside = Path(os.path.abspath(folder))
         if inside != output_dir and output_dir in inside.parents:
             pattern = f"{inside.relative_to(output_dir).as_posix()}/*"
             if pattern not in patterns:
@@ -197,13 +201,11 @@ class HubUploader:
             self._api = HfApi(token=token)
 
     @classmethod
-    def from_args(cls, args, is_main_process: bool = True) -> "HubUploader":
+    def from_config(cls, config: HubConfig, is_main_process: bool = True) -> "HubUploader":
         """The uploader of a run (inactive without --push_to_hub or off the main process); it starts
         creating the repository in the background, so that a login or network problem shows at once."""
-        uploader = cls(hub_repo_id(args), args.output_dir, token=getattr(args, "hub_token", None),
-                       private=bool(getattr(args, "hub_private_repo", False)),
-                       ignore_patterns=upload_ignore_patterns(args),
-                       enabled=bool(getattr(args, "push_to_hub", False)) and is_main_process)
+        uploader = cls(config.repo_id, config.output_dir, token=config.hub_token, private=config.hub_private_repo,
+                       ignore_patterns=config.ignore_patterns, enabled=config.push_to_hub and is_main_process)
         uploader.start()
         return uploader
 

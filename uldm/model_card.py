@@ -34,6 +34,7 @@ pipe = UnconditionalLatentPipeline.from_pretrained("{location}")
 
 
 DEFAULT_PIPELINE_TAG = "unconditional-image-generation"
+CARD_COPY_PREFIX = "card_"  # images from elsewhere are copied next to README.md under this prefix
 BASE_TAGS = ("latent-diffusion",)
 
 
@@ -82,13 +83,19 @@ def hub_model_id_or_none(name_or_path: str | None) -> str | None:
 
 def card_body(output_dir: Path, title: str, summary: str, arguments: dict, images, facts, usage, location) -> str:
     lines = [f"# {title}", "", summary, ""]
+    copies = set()
     for caption, source in (images or {}).items():
         if source is None or not Path(source).is_file():
             continue
-        name = Path(source).name if Path(source).parent == output_dir else f"card_{Path(source).name}"
+        name = Path(source).name if Path(source).parent == output_dir else f"{CARD_COPY_PREFIX}{Path(source).name}"
         if Path(source).resolve() != (output_dir / name).resolve():
             shutil.copyfile(source, output_dir / name)
+            copies.add(name)
         lines += [f"**{caption}**", "", f"![{caption}]({name})", ""]
+    # The copies an earlier card of this folder showed (e.g. the grid of an earlier --save_model_epochs save).
+    for stale in output_dir.glob(f"{CARD_COPY_PREFIX}*.png"):
+        if stale.name not in copies:
+            stale.unlink()
     if facts:
         lines += ["## Facts", "", "| | |", "|---|---|"]
         lines += [f"| {key} | {value} |" for key, value in facts.items()]

@@ -17,14 +17,14 @@ def _unet_location(name_or_path: str) -> tuple[str, str | None]:
 
 
 def build_unet(model_config_name_or_path: str | None = None, pretrained_model_name_or_path: str | None = None,
-               revision: str | None = None):
+               revision: str | None = None, variant: str | None = None):
     """UNet2DModel with fresh weights from a preset/config, or with the weights of a saved model."""
     from diffusers import UNet2DModel
 
     if pretrained_model_name_or_path:
         location, subfolder = _unet_location(pretrained_model_name_or_path)
         try:
-            return UNet2DModel.from_pretrained(location, subfolder=subfolder, revision=revision)
+            return UNet2DModel.from_pretrained(location, subfolder=subfolder, revision=revision, variant=variant)
         except (OSError, ValueError) as error:
             raise InputError(
                 f"Could not load a UNet2DModel from '{pretrained_model_name_or_path}': {error}\n"
@@ -41,3 +41,22 @@ def build_unet(model_config_name_or_path: str | None = None, pretrained_model_na
 
 def count_parameters(model) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
+
+
+def use_xformers_if_installed(*models) -> bool:
+    """--enable_xformers_memory_efficient_attention: xformers' attention in these models where xformers is
+    installed (True); otherwise a warning that PyTorch's scaled_dot_product_attention, which diffusers'
+    attention uses by default, is already memory-efficient (False). diffusers' examples stop instead."""
+    import logging
+
+    from diffusers.utils import is_xformers_available
+
+    if not is_xformers_available():
+        logging.getLogger(__name__).warning(
+            "--enable_xformers_memory_efficient_attention: xformers is not installed, so attention runs on "
+            "PyTorch's scaled_dot_product_attention, which diffusers uses already (its flash and memory-efficient "
+            "kernels save the same memory). Going on without xformers.")
+        return False
+    for model in models:
+        model.enable_xformers_memory_efficient_attention()
+    return True

@@ -54,6 +54,19 @@ def make_scheduler(name: str, config: Mapping[str, Any]):
     return scheduler_class.from_config(config, **overrides)
 
 
+def sampling_autocast(accelerator, precision: str | None = None):
+    """The precision samples are drawn in: the run's mixed precision (None), full precision ("no", "fp32"), or
+    autocast to "fp16"/"bf16" whatever the run's (DreamBooth's --prior_generation_precision)."""
+    if precision is None:
+        return accelerator.autocast()
+    if precision in ("no", "fp32"):
+        return torch.autocast(accelerator.device.type, enabled=False)
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
+    if precision not in dtypes:
+        raise ValueError(f"Unknown precision {precision!r}: no, fp32, fp16 or bf16.")
+    return torch.autocast(accelerator.device.type, dtype=dtypes[precision])
+
+
 def build_pipeline(unet, vae, scaling, scheduler_config: Mapping[str, Any], scheduler_name: str | None = None,
                    scheduler=None, progress_bar: bool = False):
     """The one place a pipeline is put together from a UNet: `vae`, the latent `scaling` (a
@@ -146,13 +159,15 @@ def write_samples(
     num_inference_steps: int = 50,
     eta: float = 0.0,
     description: str = "Sampling",
+    precision: str | None = None,
 ) -> list[int]:
     """Draw image i for every i in `indices` and write it to output_dir / file_name(i); returns this process' indices.
 
     Every process must call this with the same `indices` (it synchronises them at the end, so on
     return every process sees all the images). The indices are split between the processes; image i
     is drawn with generator seed + i, so it is the same whatever the split or batch size. Runs under
-    `accelerator.autocast()` (fp16/bf16 compute with fp32 latents when mixed precision is on).
+    `accelerator.autocast()` (fp16/bf16 compute with fp32 latents when mixed precision is on), or in the
+    given `precision` (see sampling_autocast).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
@@ -173,7 +188,7 @@ def write_samples(
             kept="The images already written are kept.",
             remedy="Free some space there and run the same command again: it makes only the missing images."):
         for batch in batches(own_indices, batch_size):
-            with accelerator.autocast():
+            with sampling_autocast(accelerator, precision):
                 images = pipeline(
                     batch_size=len(batch),
                     num_inference_steps=num_inference_steps,

@@ -76,6 +76,8 @@ class LoopConfig:
     allow_tf32: bool = False
     report_to: str | None = "tensorboard"
     tracker_project_name: str | None = None
+    logging_dir: str = "logs"  # TensorBoard's folder, inside output_dir unless absolute (diffusers' rule)
+    overwrite_output_dir: bool = False  # a fresh run moves an earlier run's files aside instead of refusing
     logging_steps: int | None = None  # read-backs of the losses; None: 1 on the CPU, GPU_LOGGING_STEPS elsewhere
 
 
@@ -137,23 +139,27 @@ def refuse_to_overwrite_checkpoints(output_dir: str | os.PathLike, resume_from_c
         raise InputError(
             f"--output_dir {output_dir} already holds checkpoints of an earlier run "
             f"({', '.join(p.name for p in existing[-3:])}). Continue it with --resume_from_checkpoint latest, "
-            "or choose another --output_dir (delete the checkpoints yourself to start over there)."
+            "choose another --output_dir, or start over there with --overwrite_output_dir (which moves the earlier "
+            "run's files aside, deleting nothing)."
         )
 
 
 def make_accelerator(config: LoopConfig, compute: ComputeConfig = ComputeConfig()):
     """An Accelerator for the run; the LR schedule is stepped by the loop, once per optimiser step.
 
-    Refuses (before any work) to start a new run over an earlier run's checkpoints, processes that accelerate
-    does not join (torchrun without ACCELERATE_USE_CPU=1 on a machine without GPUs) and FSDP1."""
-    refuse_to_overwrite_checkpoints(config.output_dir, config.resume_from_checkpoint)
+    Refuses (before any work) to start a new run over an earlier run's checkpoints (or, with
+    `overwrite_output_dir`, moves that run's files aside: main process, the others wait), processes that
+    accelerate does not join (torchrun without ACCELERATE_USE_CPU=1 on a machine without GPUs) and FSDP1."""
+    if not config.overwrite_output_dir:
+        refuse_to_overwrite_checkpoints(config.output_dir, config.resume_from_checkpoint)
     from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
 
     from .testing import force_fsdp_if_asked
 
     output_dir = Path(config.output_dir)
-    project_config = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs"))
+    logging_dir = output_dir / config.logging_dir  # an absolute logging_dir stays as it is
+    project_config = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(logging_dir))
     report_to = None if config.report_to in (None, "", "none") else config.report_to
     accelerator = Accelerator(
         gradient_accumulation_plugin=GradientAccumulationPlugin(
@@ -175,6 +181,10 @@ def make_accelerator(config: LoopConfig, compute: ComputeConfig = ComputeConfig(
     if config.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if config.overwrite_output_dir and not config.resume_from_checkpoint:
+        if accelerator.is_main_process:
+            ckpt.set_aside_earlier_run(output_dir, logging_dir)
+        accelerator.wait_for_everyone()
     return accelerator
 
 
@@ -693,6 +703,15 @@ class TrainingLoop:
 
         return ckpt.save_checkpoint(self.accelerator, self.output_dir, self.state,
                                     self.config.checkpoints_total_limit, write_extra=copy_run_arguments)
+
+    @property
+    def epochs_completed(self) -> int:
+        """Whole passes over the data so far (e.g. for naming a --save_model_epochs save)."""
+        return self.state.micro_batches // self.sampler.batches_per_epoch()
+
+    @property
+    def finished(self) -> bool:
+        return self.global_step >= self.max_train_steps
 
     # ---- EMA --------------------------------------------------------------------------------
 

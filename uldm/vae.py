@@ -54,8 +54,9 @@ def _guess_local_subfolder(name_or_path: str, subfolder: str | None) -> str | No
 
 
 def load_vae(name_or_path: str, subfolder: str | None = None, revision: str | None = None,
-             torch_dtype: torch.dtype | None = None):
-    """Load an AutoencoderKL, VQModel or AutoencoderTiny from a local folder or hub id.
+             torch_dtype: torch.dtype | None = None, variant: str | None = None):
+    """Load an AutoencoderKL, VQModel or AutoencoderTiny from a local folder or hub id (`variant`: diffusers'
+    weight-file variant, e.g. "fp16").
 
     The class is read from the folder's config.json, so one argument serves all three.
     """
@@ -68,7 +69,8 @@ def load_vae(name_or_path: str, subfolder: str | None = None, revision: str | No
         raise InputError(f"Could not load the VAE config of '{name_or_path}': {error}\n{_offline_help(name_or_path)}") from error
     cls = _vae_class(config.get("_class_name", "AutoencoderKL"))
     try:
-        vae = cls.from_pretrained(name_or_path, subfolder=subfolder, revision=revision, torch_dtype=torch_dtype)
+        vae = cls.from_pretrained(name_or_path, subfolder=subfolder, revision=revision, torch_dtype=torch_dtype,
+                                  variant=variant)
     except (OSError, ValueError) as error:
         raise InputError(f"Could not load the VAE weights of '{name_or_path}': {error}\n{_offline_help(name_or_path)}") from error
     vae.requires_grad_(False)
