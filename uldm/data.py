@@ -156,9 +156,12 @@ class ImageFolderDataset(ImageDataset):
     def fingerprint(self) -> str:
         """The listing: relative paths, sizes and modification times (an edited, added or removed file changes it)."""
         digest = hashlib.sha256()
+        prefix = str(self.root).rstrip(os.sep) + os.sep
         for path in self.paths:
-            stat = path.stat()
-            digest.update(f"{path.relative_to(self.root)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+            name = str(path)  # relative to the root; by string, as pathlib is slow over 70,000 files
+            relative = name[len(prefix):] if name.startswith(prefix) else str(path.relative_to(self.root))
+            stat = os.stat(name)
+            digest.update(f"{relative}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
         return digest.hexdigest()[:16]
 
 
