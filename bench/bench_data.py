@@ -128,21 +128,26 @@ def make_photo(size: int, seed: int) -> Image.Image:
     return Image.fromarray(np.clip(np.asarray(coarse, dtype=np.float64) + grain, 0, 255).astype(np.uint8))
 
 
-def make_sources(folder: Path, count: int, size: int) -> list[bytes]:
+def make_sources(folder: Path, count: int, size: int) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     sources = []
     for index in range(count):
         path = folder / f"source-{index:03d}.jpg"
         make_photo(size, index).save(path, quality=90)
-        sources.append(path.read_bytes())
+        sources.append(path)
     return sources
 
 
-def fill_folder(folder: Path, count: int, sources: list[bytes]) -> None:
-    """`count` JPEG files, copies of the sources (a restart with a complete cache reads none of them)."""
+def fill_folder(folder: Path, count: int, sources: list[Path], link: bool = False) -> None:
+    """`count` JPEG files, copies of the sources; or hard links to them, where only the listing matters (a restart
+    with a complete cache reads no image, and 10,000 copies of a 1024 px JPEG would fill gigabytes)."""
     folder.mkdir(parents=True, exist_ok=True)
     for index in range(count):
-        (folder / f"{index:05d}.jpg").write_bytes(sources[index % len(sources)])
+        source, target = sources[index % len(sources)], folder / f"{index:05d}.jpg"
+        if link:
+            os.link(source, target)
+        else:
+            shutil.copyfile(source, target)
 
 
 def write_synthetic_cache(cache_folder: Path, num_items: int, shape=LATENT_SHAPE, seed: int = 0,
@@ -322,7 +327,7 @@ def run_script(argv: list[str]) -> None:
         reset_accelerate_state()
 
 
-def measure_restart(args, work: Path, sources: list[bytes]) -> dict:
+def measure_restart(args, work: Path, sources: list[Path]) -> dict:
     import json
 
     from uldm.data import DataConfig, ImageFolderDataset, Preprocessing, list_folder_images, prepare_training_set
@@ -342,7 +347,7 @@ def measure_restart(args, work: Path, sources: list[bytes]) -> dict:
     prepared = {}
     for count in args.restart_sizes:
         photos, cache = work / f"photos-{count}", work / f"cache-{count}"
-        fill_folder(photos, count, sources)
+        fill_folder(photos, count, sources, link=True)
         images = ImageFolderDataset(list_folder_images(photos), photos, preprocessing)
         write_synthetic_cache(cache / cache_key_of(images, vae_key, with_flips=True), count,
                               shape=(4, latent_side, latent_side))
@@ -446,15 +451,21 @@ def measure_memory(args, work: Path) -> dict:
     folder = work / "memory-cache"
     write_synthetic_cache(folder, args.memory_items)
     cache_bytes = sum(path.stat().st_size for path in folder.rglob("*.npy"))
-    context = multiprocessing.get_context("fork")
+    # Spawned, not forked: two independent processes like two training runs (forked ones would share this process's
+    # pages, and a fork after torch's thread pool has run can hang).
+    context = multiprocessing.get_context("spawn")
     barrier, results = context.Barrier(2), context.Queue()
     processes = [context.Process(target=_read_whole_cache, args=(str(folder), args.batch_size, barrier, results))
                  for _ in range(2)]
     for process in processes:
         process.start()
-    measured = [results.get(timeout=1800) for _ in processes]
-    for process in processes:
-        process.join()
+    try:
+        measured = [results.get(timeout=900) for _ in processes]
+    finally:
+        for process in processes:
+            process.join(timeout=60)
+            if process.is_alive():
+                process.kill()
     shutil.rmtree(folder)
     return {"items": args.memory_items, "cache_mib": cache_bytes / 2**20, "processes": measured}
 

@@ -70,6 +70,15 @@ def test_every_benchmark_runs_quickly_and_writes_results_and_report(tmp_path):
         assert_positive(run, "images_per_sec", "decode_seconds", "unet_seconds_per_step")
         assert 0 < run["decode_share"] < 1
 
+    data = read_result(results_dir, "data")["results"]
+    assert [(run["path"][:8], run["num_workers"]) for run in data["loader"]["runs"]] == [
+        (path, workers) for path in ("per item", "gathere") for workers in (0, 1, 2)]
+    for run in data["loader"]["runs"]:
+        assert_positive(run, "latents_per_sec", "latents_per_cpu_sec")
+    assert all(entry["image_files_opened"] == 0 for entry in data["restart"]["sizes"].values())
+    assert_positive(data["restart"], "ratio_resume", "first_pass_images_per_sec")
+    assert data["memory"]["processes"][0]["cache"]["Rss"] > 0
+
     gpu = read_result(results_dir, "gpu")
     if not torch.cuda.is_available():
         assert gpu["results"]["skipped"] is True and "No CUDA device" in gpu["notes"][0]

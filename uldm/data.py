@@ -110,8 +110,9 @@ class ImageDataset(Dataset):
         return {"pixel_values": self.preprocessing(self._readable_image(index), self._rng(index)), "index": index}
 
     def _readable_image(self, index: int) -> Image.Image:
-        """Item `index`'s image; if it cannot be decoded, the next readable item's (warned about once), so that a
-        file damaged after the start check never stops a run. Deterministic: exact resume is unaffected."""
+        """Item `index`'s image; if it cannot be decoded, the next readable item's, so that a file that passed the
+        start check (or was damaged since) never stops a run. Deterministic, so exact resume is unaffected. Warned
+        about when a process or loader worker first meets the file (loader workers are made anew each epoch)."""
         for offset in range(len(self)):
             candidate = (index + offset) % len(self)
             if candidate in self._unreadable:
@@ -373,13 +374,13 @@ class TrainingSet(NamedTuple):
 
 
 def prepare_training_set(config: DataConfig, accelerator, cache: CacheConfig | None = None, vae=None,
-                       vae_key: str | None = None, description: dict | None = None) -> TrainingSet:
+                         vae_key: str | None = None, description: dict | None = None) -> TrainingSet:
     """What a script trains on: the images of `config`, or, with `cache`, their latents (encoded by `vae`, whose
-    identity is `vae_key`, on first use) — and the readable image files.
+    identity is `vae_key`, on first use), the same on every process; and the readable image files.
 
-    With a complete cache no image is opened (the cache is keyed on the listing, and it remembers which files
-    it found unreadable or small on its first pass, and says so again). Without one, the files' headers are
-    checked, split over the processes."""
+    With a complete cache no image is opened: the cache is keyed on the listing, and it remembers which files it
+    found unreadable or small on its first pass, and says so again. Without one, the files' headers are checked
+    (`verify_image_files`), split over the processes."""
     if cache is None:
         images = build_image_dataset(config, verify=sharded_verifier(accelerator, config.resolution))
         return TrainingSet(images, list(getattr(images, "paths", [])))
@@ -387,14 +388,15 @@ def prepare_training_set(config: DataConfig, accelerator, cache: CacheConfig | N
         raise ValueError("A latent cache needs the VAE and its key.")
     from .latent_cache import cached_latents  # imported here: it brings in diffusers, which a data set needs not
 
-    if config.dataset_name:
-        images = build_image_dataset(config)
-        where = f"of {config.dataset_name}"
-    else:
+    if config.train_data_dir and not config.dataset_name:
         root = Path(config.train_data_dir)
+        # Every listed file: the cache's first pass checks them, a complete cache knows which were unreadable.
         images = ImageFolderDataset(list_folder_images(root, config.max_train_samples, config.seed), root,
                                     config.preprocessing, config.seed)
         where = f"under {root}"
+    else:
+        images = build_image_dataset(config)
+        where = f"of {config.dataset_name}"
     latents = cached_latents(images, vae, vae_key, cache, config.random_flip, accelerator, description or {})
     report_checked_images([(name, reason) for _, name, reason in latents.unreadable], len(latents),
                           latents.num_smaller_than_resolution, config.resolution, where)

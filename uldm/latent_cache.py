@@ -99,7 +99,7 @@ def part_problem(folder: Path, record: dict) -> str | None:
             return f"{path.name} has {size:,} bytes, {expected['bytes']:,} expected (truncated?)"
         try:
             shape, dtype = _read_npy_header(path)
-        except (OSError, ValueError, SyntaxError) as error:
+        except (OSError, ValueError, SyntaxError, EOFError) as error:
             return f"{path.name} has no readable header ({error})"
         if shape != expected["shape"] or dtype != expected["dtype"]:
             return f"{path.name} holds {dtype} {shape}, {expected['dtype']} {expected['shape']} expected"
@@ -405,10 +405,10 @@ def build_or_load_latent_cache(
         ranges = part_ranges(len(dataset), num_processes, items_per_part)
         records = _completed_parts(folder, ranges) if folder.is_dir() else {}
         todo = [part for part in ranges if part not in records]
-        if records and is_main:
+        if is_main and records:
             logger.info("Resuming the unfinished latent cache %s: %d of %d parts are done.", folder, len(records),
                         len(ranges))
-        else:
+        elif is_main:
             logger.info("Encoding %d images into the latent cache %s", len(dataset), folder)
         records.update({part: None for part in todo})
     wait_for_everyone()  # everyone has looked before anyone writes
