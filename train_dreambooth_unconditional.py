@@ -123,8 +123,9 @@ def build_image_set(folder: str, args, preprocessing: Preprocessing, vae, vae_ke
                     cache_config: CacheConfig | None, max_items: int | None = None):
     """An image folder as a data set of images, or of cached latents with --cache_latents; and its
     readable image files."""
-    config = DataConfig(train_data_dir=folder, resolution=preprocessing.resolution, center_crop=preprocessing.center_crop,
-                        random_flip=args.random_flip, max_train_samples=max_items, seed=args.seed)
+    config = DataConfig(train_data_dir=folder, resolution=preprocessing.resolution,
+                        center_crop=preprocessing.center_crop, random_flip=args.random_flip,
+                        max_train_samples=max_items, seed=args.seed)
     return prepare_training_set(config, accelerator, cache_config, vae, vae_key,
                                 description={"images": str(folder), "resolution": args.resolution})
 

@@ -398,8 +398,9 @@ def prepare_training_set(config: DataConfig, accelerator, cache: CacheConfig | N
         images = build_image_dataset(config)
         where = f"of {config.dataset_name}"
     latents = cached_latents(images, vae, vae_key, cache, config.random_flip, accelerator, description or {})
-    report_checked_images([(name, reason) for _, name, reason in latents.unreadable], len(latents),
-                          latents.num_smaller_than_resolution, config.resolution, where)
+    # Named from today's listing (the key holds relative paths, so the folder may have moved since the first pass).
+    unreadable = [(images.item_name(index), reason) for index, _, reason in latents.unreadable]
+    report_checked_images(unreadable, len(latents), latents.num_smaller_than_resolution, config.resolution, where)
     files = [images.paths[i] for i in latents.source_indices.tolist()] if isinstance(images, ImageFolderDataset) else []
     return TrainingSet(latents, files)
 
