@@ -72,7 +72,7 @@ def test_every_benchmark_runs_quickly_and_writes_results_and_report(tmp_path):
 
     data = read_result(results_dir, "data")["results"]
     assert [(run["path"][:8], run["num_workers"]) for run in data["loader"]["runs"]] == [
-        (path, workers) for path in ("per item", "gathere") for workers in (0, 1, 2)]
+        (path, workers) for path in ("per item", "gathered") for workers in (0, 1, 2)]
     for run in data["loader"]["runs"]:
         assert_positive(run, "latents_per_sec", "latents_per_cpu_sec")
     assert all(entry["image_files_opened"] == 0 for entry in data["restart"]["sizes"].values())
