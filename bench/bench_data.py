@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The data path at FFHQ scale: the loader from the latent cache and from JPEGs, the cost of a restart, memory.
 
-    python bench/bench_data.py            # full sizes: about 5 minutes on an idle 2-core machine, 4 GB of /tmp
+    python bench/bench_data.py            # full sizes: 5-10 minutes on an idle 2-core machine (estimate), 4 GB of /tmp
     python bench/bench_data.py --quick    # tiny sizes, seconds (a smoke test)
 
 1. Loader from the cache: latents/s through torch's DataLoader built as the training loop builds it
