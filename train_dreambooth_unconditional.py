@@ -30,7 +30,7 @@ import torch
 
 from uldm import args as cli
 from uldm.checkpoints import final_save_remedy
-from uldm.data import ImageFolderDataset, Preprocessing, image_folder_dataset, sharded_verifier
+from uldm.data import DataConfig, ImageFolderDataset, Preprocessing, prepare_training_set
 from uldm.diffusion import noisy_latents_and_target
 from uldm.dreambooth import (
     DreamBoothDataset, DreamBoothLoss, base_resolution, check_class_image_sizes, check_resolution,
@@ -39,7 +39,7 @@ from uldm.dreambooth import (
 )
 from uldm.errors import InputError, exit_cleanly_on_input_errors
 from uldm.hub import HubUploader
-from uldm.latent_cache import CacheConfig, cached_latents
+from uldm.latent_cache import CacheConfig
 from uldm.latents import latents_from_batch
 from uldm.lora import add_lora_adapter, lora_target_modules, register_adapter_only_checkpoints, save_lora_result
 from uldm.model_card import write_model_card
@@ -138,12 +138,11 @@ def build_image_set(folder: str, args, preprocessing: Preprocessing, vae, vae_ke
                     cache_config: CacheConfig | None, max_items: int | None = None):
     """An image folder as a data set of images, or of cached latents with --cache_latents; and its
     readable image files."""
-    images = image_folder_dataset(folder, preprocessing, args.seed, max_items,
-                                  verify=sharded_verifier(accelerator, args.resolution))
-    if cache_config is None:
-        return images, images.paths
-    description = {"images": str(folder), "resolution": args.resolution}
-    return cached_latents(images, vae, vae_key, cache_config, args.random_flip, accelerator, description), images.paths
+    config = DataConfig(train_data_dir=folder, resolution=preprocessing.resolution,
+                        center_crop=preprocessing.center_crop, random_flip=args.random_flip,
+                        max_train_samples=max_items, seed=args.seed)
+    return prepare_training_set(config, accelerator, cache_config, vae, vae_key,
+                                description={"images": str(folder), "resolution": args.resolution})
 
 
 def build_training_set(args, vae, accelerator) -> tuple[DreamBoothDataset, list[Path]]:

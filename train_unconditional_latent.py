@@ -16,11 +16,11 @@ import argparse
 import logging
 
 from uldm import args as cli
-from uldm.data import DataConfig, build_image_dataset, sharded_verifier
+from uldm.data import DataConfig, prepare_training_set
 from uldm.diffusion import build_noise_scheduler, noisy_latents_and_target, per_sample_loss
 from uldm.errors import exit_cleanly_on_input_errors
 from uldm.hub import HubUploader
-from uldm.latent_cache import CacheConfig, cached_latents
+from uldm.latent_cache import CacheConfig
 from uldm.latents import latents_from_batch, measure_latent_std, resolve_latent_scaling
 from uldm.model_card import write_model_card
 from uldm.models import build_unet, count_parameters, use_xformers_if_installed
@@ -100,13 +100,10 @@ def main(argv=None) -> None:
     check_unet_matches_latents(unet, vae, args.resolution)
     logger.info("VAE: %s; UNet: %.1fM parameters", describe_vae(vae), count_parameters(unet) / 1e6)
 
-    images = build_image_dataset(data_config, verify=sharded_verifier(accelerator, args.resolution))
-    logger.info("Training images: %d", len(images))
-    train_set = images
-    if cache_config is not None:
-        vae_key = vae_fingerprint(vae, args.vae_name_or_path, args.vae_subfolder, args.revision)
-        train_set = cached_latents(images, vae, vae_key, cache_config, args.random_flip, accelerator,
-                                   description={"vae": args.vae_name_or_path, "resolution": args.resolution})
+    vae_key = vae_fingerprint(vae, args.vae_name_or_path, args.vae_subfolder, args.revision)
+    train_set, _ = prepare_training_set(data_config, accelerator, cache_config, vae, vae_key,
+                                        description={"vae": args.vae_name_or_path, "resolution": args.resolution})
+    logger.info("Training images: %d", len(train_set))
     scaling = resolve_latent_scaling(
         args.latent_scaling_factor, vae,
         measure_std=lambda: measure_latent_std(train_set, vae, accelerator, args.scale_estimation_images,

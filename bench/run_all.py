@@ -19,10 +19,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench import bench_cache_latents, bench_compile, bench_gpu, bench_sampling, bench_train_step, report  # noqa: E402
+from bench import bench_cache_latents, bench_compile, bench_data, bench_gpu, bench_sampling, bench_train_step, report  # noqa: E402
 
 BENCHMARKS = {
     "cache_latents": bench_cache_latents,
+    "data": bench_data,
     "train_step": bench_train_step,
     "sampling": bench_sampling,
     "compile": bench_compile,

@@ -84,6 +84,14 @@ def test_every_benchmark_runs_quickly_and_writes_results_and_report(tmp_path):
     assert set(compiled["optimizer"]["step_s"]) == set(bench_compile.OPTIMIZERS)
     assert all(d <= bench_compile.WEIGHTS_RTOL for d in compiled["optimizer"]["weights_relative_difference"].values())
     assert compiled["ema"]["average_relative_difference"] <= bench_compile.WEIGHTS_RTOL
+    data = read_result(results_dir, "data")["results"]
+    assert [(run["path"][:8], run["num_workers"]) for run in data["loader"]["runs"]] == [
+        (path, workers) for path in ("per item", "gathered") for workers in (0, 1, 2)]
+    for run in data["loader"]["runs"]:
+        assert_positive(run, "latents_per_sec", "latents_per_cpu_sec")
+    assert all(entry["image_files_opened"] == 0 for entry in data["restart"]["sizes"].values())
+    assert_positive(data["restart"], "ratio_resume", "first_pass_images_per_sec")
+    assert data["memory"]["processes"][0]["cache"]["Rss"] > 0
 
     gpu = read_result(results_dir, "gpu")
     if not torch.cuda.is_available():

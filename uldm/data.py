@@ -1,8 +1,16 @@
-"""Training images: a folder (searched recursively) or a `datasets` data set, preprocessed one way.
+"""Training images: a folder (searched recursively) or a `datasets` data set, preprocessed one way;
+and the training set a script trains on (`prepare_training_set`): those images, or their cached latents.
 
 Every random choice (shuffling, crop position) is a pure function of the seed, the epoch and
 the item, never of a global random state, so a resumed run sees exactly the batches that an
 uninterrupted run would have seen, on any number of workers.
+
+Checking the files costs no decoding pass of its own. With --cache_latents the images are checked
+while they are encoded (the first pass decodes each image once) and the cache remembers what it
+found, so a start with a complete cache opens no image at all. Without it, every start opens each
+file's header only (`verify_image_files`: the size, and for PNG the chunk checksums; no pixels are
+decoded), and a file that still fails to decode when training reaches it (a truncated JPEG, say) is
+replaced by the next readable item, with a warning naming it, instead of stopping the run.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +33,9 @@ from tqdm.auto import tqdm
 
 from .errors import InputError
 from .images import list_image_files, load_rgb_image, to_rgb
+
+if TYPE_CHECKING:
+    from .latent_cache import CacheConfig
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +79,10 @@ class Preprocessing:
 # Data sets
 
 
+def describe_error(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
 class ImageDataset(Dataset):
     """Base: items are {"pixel_values": 3xRxR in [-1, 1], "index": int}."""
 
@@ -75,17 +90,53 @@ class ImageDataset(Dataset):
         self.preprocessing = preprocessing
         self.seed = seed
         self.epoch = 0  # set before each epoch's iterator is made; drives the random crops
+        self._unreadable: set[int] = set()  # found while training (per process and worker)
 
     def load_image(self, index: int) -> Image.Image:
         raise NotImplementedError
 
     def fingerprint(self) -> str:
-        """Identifies the content, for cache keys."""
+        """Identifies the content, for cache keys, without opening any image."""
         raise NotImplementedError
 
+    def item_name(self, index: int) -> str:
+        """How messages name an item."""
+        return f"item {index}"
+
+    def _rng(self, index: int) -> np.random.Generator | None:
+        return None if self.preprocessing.center_crop else stable_random(self.seed, self.epoch, index)
+
     def __getitem__(self, index: int) -> dict:
-        rng = None if self.preprocessing.center_crop else stable_random(self.seed, self.epoch, index)
-        return {"pixel_values": self.preprocessing(self.load_image(index), rng), "index": index}
+        return {"pixel_values": self.preprocessing(self._readable_image(index), self._rng(index)), "index": index}
+
+    def _readable_image(self, index: int) -> Image.Image:
+        """Item `index`'s image; if it cannot be decoded, the next readable item's, so that a file that passed the
+        start check (or was damaged since) never stops a run. Deterministic, so exact resume is unaffected. Warned
+        about when a process or loader worker first meets the file (loader workers are made anew each epoch)."""
+        for offset in range(len(self)):
+            candidate = (index + offset) % len(self)
+            if candidate in self._unreadable:
+                continue
+            try:
+                return self.load_image(candidate)
+            except Exception as error:  # any decoder failure means: use another image
+                self._unreadable.add(candidate)
+                logger.warning("Cannot decode %s (%s); training on the next readable image in its place.",
+                               self.item_name(candidate), describe_error(error))
+        raise RuntimeError(f"None of the {len(self)} training images can be decoded any more; see the warnings.")
+
+    def checked_item(self, index: int) -> dict:
+        """For the latent cache's first pass, which checks each image while it encodes it: the centre-cropped item
+        plus "error" (why it cannot be decoded, "" if it can; then the pixels are zeros) and "small" (smaller than
+        the resolution). Never raises for a bad file."""
+        resolution = self.preprocessing.resolution
+        try:
+            image = self.load_image(index)
+        except Exception as error:  # any decoder failure means: skip this file
+            return {"pixel_values": torch.zeros(3, resolution, resolution), "index": index,
+                    "error": describe_error(error), "small": False}
+        return {"pixel_values": self.preprocessing(image, self._rng(index)), "index": index, "error": "",
+                "small": min(image.size) < resolution}
 
 
 class ImageFolderDataset(ImageDataset):
@@ -100,11 +151,18 @@ class ImageFolderDataset(ImageDataset):
     def load_image(self, index: int) -> Image.Image:
         return load_rgb_image(self.paths[index])
 
+    def item_name(self, index: int) -> str:
+        return str(self.paths[index])
+
     def fingerprint(self) -> str:
+        """The listing: relative paths, sizes and modification times (an edited, added or removed file changes it)."""
         digest = hashlib.sha256()
+        prefix = str(self.root).rstrip(os.sep) + os.sep
         for path in self.paths:
-            stat = path.stat()
-            digest.update(f"{path.relative_to(self.root)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+            name = str(path)  # relative to the root; by string, as pathlib is slow over 70,000 files
+            relative = name[len(prefix):] if name.startswith(prefix) else str(path.relative_to(self.root))
+            stat = os.stat(name)
+            digest.update(f"{relative}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
         return digest.hexdigest()[:16]
 
 
@@ -135,16 +193,19 @@ class HFImageDataset(ImageDataset):
 
 def _check_one_image(path: Path) -> tuple[str | None, tuple[int, int] | None]:
     try:
-        image = load_rgb_image(path)
-        return None, image.size
+        with Image.open(path) as image:
+            size = image.size
+            image.verify()  # PNG: every chunk's checksum (a truncated file fails); JPEG: the header only
+        return None, size
     except Exception as error:  # any decoder failure means: skip this file
-        return f"{type(error).__name__}: {error}", None
+        return describe_error(error), None
 
 
 def verify_image_files(
     paths: Sequence[Path], resolution: int, num_threads: int = 8, show_progress: bool = True
 ) -> tuple[list[Path], list[tuple[Path, str]], int]:
-    """Decode each file once. Returns (good files, [(bad file, reason)], number smaller than resolution)."""
+    """Open each file's header, decoding no pixels (see the module docstring: what this misses is caught when the
+    image is loaded). Returns (good files, [(bad file, reason)], number smaller than resolution)."""
     good, bad, small = [], [], 0
     with ThreadPoolExecutor(max_workers=num_threads) as pool:
         results = pool.map(_check_one_image, paths)
@@ -167,14 +228,9 @@ def select_subset(num_items: int, max_items: int | None, seed: int) -> list[int]
     return sorted(np.random.default_rng(seed).permutation(num_items)[:max_items].tolist())
 
 
-def image_folder_dataset(
-    train_data_dir: str | os.PathLike,
-    preprocessing: Preprocessing,
-    seed: int = 0,
-    max_train_samples: int | None = None,
-    verify: Callable[[list[Path]], tuple[list[Path], list, int]] | None = None,
-) -> ImageFolderDataset:
-    """All images under `train_data_dir`; unreadable ones skipped with a warning naming them."""
+def list_folder_images(train_data_dir: str | os.PathLike, max_train_samples: int | None = None,
+                       seed: int = 0) -> list[Path]:
+    """The image files under `train_data_dir` (a seeded subset of `max_train_samples`), none of them opened."""
     root = Path(train_data_dir)
     if not root.exists():
         raise InputError(
@@ -187,23 +243,42 @@ def image_folder_dataset(
             f"--train_data_dir {root} holds no images (looked recursively for "
             f"png, jpg, jpeg, webp, bmp, tif, gif, ppm files)."
         )
-    paths = [paths[i] for i in select_subset(len(paths), max_train_samples, seed)]
-    if verify is None:
-        verify = lambda files: verify_image_files(files, preprocessing.resolution)  # noqa: E731
-    good, bad, small = verify(paths)
+    return [paths[i] for i in select_subset(len(paths), max_train_samples, seed)]
+
+
+def report_checked_images(bad: Sequence[tuple[object, str]], num_good: int, num_small: int, resolution: int,
+                          where: str) -> None:
+    """Warn about unreadable and small images; refuse a set with no readable image."""
     if bad:
-        listed = "\n".join(f"  {path}: {reason}" for path, reason in bad[:20])
+        listed = "\n".join(f"  {name}: {reason}" for name, reason in bad[:20])
         more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
         logger.warning("Skipping %d unreadable image file(s):\n%s%s", len(bad), listed, more)
-    if not good:
-        raise InputError(f"None of the {len(paths)} image files under {root} could be read; see the warnings above.")
-    if small:
+    if not num_good:
+        raise InputError(f"None of the {len(bad)} image files {where} could be read; see the warnings above.")
+    if num_small:
         logger.warning(
             "%d image(s) are smaller than --resolution %d and will be upscaled; "
             "this blurs them. Consider a lower --resolution or larger images.",
-            small,
-            preprocessing.resolution,
+            num_small,
+            resolution,
         )
+
+
+def image_folder_dataset(
+    train_data_dir: str | os.PathLike,
+    preprocessing: Preprocessing,
+    seed: int = 0,
+    max_train_samples: int | None = None,
+    verify: Callable[[list[Path]], tuple[list[Path], list, int]] | None = None,
+) -> ImageFolderDataset:
+    """All images under `train_data_dir`, checked by `verify` (default `verify_image_files`: headers only);
+    unreadable ones skipped with a warning naming them."""
+    root = Path(train_data_dir)
+    paths = list_folder_images(root, max_train_samples, seed)
+    if verify is None:
+        verify = lambda files: verify_image_files(files, preprocessing.resolution)  # noqa: E731
+    good, bad, small = verify(paths)
+    report_checked_images(bad, len(good), small, preprocessing.resolution, f"under {root}")
     return ImageFolderDataset(good, root, preprocessing, seed)
 
 
@@ -291,6 +366,43 @@ def build_image_dataset(config: DataConfig, verify=None) -> ImageDataset:
         return image_folder_dataset(config.train_data_dir, config.preprocessing, config.seed,
                                     config.max_train_samples, verify)
     raise InputError("Give the training images with --train_data_dir DIR or --dataset_name NAME.")
+
+
+class TrainingSet(NamedTuple):
+    dataset: Dataset  # an ImageDataset, or the LatentCacheDataset of its latents
+    files: list[Path]  # the readable image files, in item order ([] for a `datasets` data set)
+
+
+def prepare_training_set(config: DataConfig, accelerator, cache: CacheConfig | None = None, vae=None,
+                         vae_key: str | None = None, description: dict | None = None) -> TrainingSet:
+    """What a script trains on: the images of `config`, or, with `cache`, their latents (encoded by `vae`, whose
+    identity is `vae_key`, on first use), the same on every process; and the readable image files.
+
+    With a complete cache no image is opened: the cache is keyed on the listing, and it remembers which files it
+    found unreadable or small on its first pass, and says so again. Without one, the files' headers are checked
+    (`verify_image_files`), split over the processes."""
+    if cache is None:
+        images = build_image_dataset(config, verify=sharded_verifier(accelerator, config.resolution))
+        return TrainingSet(images, list(getattr(images, "paths", [])))
+    if vae is None or vae_key is None:
+        raise ValueError("A latent cache needs the VAE and its key.")
+    from .latent_cache import cached_latents  # imported here: it brings in diffusers, which a data set needs not
+
+    if config.train_data_dir and not config.dataset_name:
+        root = Path(config.train_data_dir)
+        # Every listed file: the cache's first pass checks them, a complete cache knows which were unreadable.
+        images = ImageFolderDataset(list_folder_images(root, config.max_train_samples, config.seed), root,
+                                    config.preprocessing, config.seed)
+        where = f"under {root}"
+    else:
+        images = build_image_dataset(config)
+        where = f"of {config.dataset_name}"
+    latents = cached_latents(images, vae, vae_key, cache, config.random_flip, accelerator, description or {})
+    # Named from today's listing (the key holds relative paths, so the folder may have moved since the first pass).
+    unreadable = [(images.item_name(index), reason) for index, _, reason in latents.unreadable]
+    report_checked_images(unreadable, len(latents), latents.num_smaller_than_resolution, config.resolution, where)
+    files = [images.paths[i] for i in latents.source_indices.tolist()] if isinstance(images, ImageFolderDataset) else []
+    return TrainingSet(latents, files)
 
 
 # --------------------------------------------------------------------------------------------

@@ -806,6 +806,19 @@ class TrainingLoop:
         if first_bad is not None:
             raise NonFiniteLossError(self._nonfinite_message(*first_bad))
 
+    def _loader_workers(self) -> int:
+        """--dataloader_num_workers, except for a latent cache read in whole batches (`gather`): copying its
+        batches between processes costs more than reading them (bench/bench_data.py: 72k latents/s in the
+        training process, 16-22k with 1-2 workers), so it is read in the training process."""
+        if self.config.dataloader_num_workers and hasattr(self.dataset, "gather"):
+            if not getattr(self, "_said_workers", False):
+                logger.info("Reading the latent cache in the training process (--dataloader_num_workers %d is for "
+                            "decoding images; cached latents are faster without workers).",
+                            self.config.dataloader_num_workers)
+                self._said_workers = True
+            return 0
+        return self.config.dataloader_num_workers
+
     def _loader(self) -> DataLoader:
         batches_per_epoch = self.sampler.batches_per_epoch()
         epoch, start = divmod(self.state.micro_batches, batches_per_epoch)
@@ -815,7 +828,7 @@ class TrainingLoop:
         return DataLoader(
             self.dataset,
             batch_sampler=self.sampler,
-            num_workers=self.config.dataloader_num_workers,
+            num_workers=self._loader_workers(),
             pin_memory=self.accelerator.device.type == "cuda",
         )
 
