@@ -32,7 +32,7 @@ from torchvision.transforms import functional as TF
 from tqdm.auto import tqdm
 
 from .errors import InputError
-from .images import list_image_files, load_rgb_image, to_rgb
+from .images import list_image_files, load_rgb_image, to_rgb, update_with_listing
 
 if TYPE_CHECKING:
     from .latent_cache import CacheConfig
@@ -156,14 +156,7 @@ class ImageFolderDataset(ImageDataset):
 
     def fingerprint(self) -> str:
         """The listing: relative paths, sizes and modification times (an edited, added or removed file changes it)."""
-        digest = hashlib.sha256()
-        prefix = str(self.root).rstrip(os.sep) + os.sep
-        for path in self.paths:
-            name = str(path)  # relative to the root; by string, as pathlib is slow over 70,000 files
-            relative = name[len(prefix):] if name.startswith(prefix) else str(path.relative_to(self.root))
-            stat = os.stat(name)
-            digest.update(f"{relative}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-        return digest.hexdigest()[:16]
+        return update_with_listing(hashlib.sha256(), self.paths, self.root).hexdigest()[:16]
 
 
 class HFImageDataset(ImageDataset):

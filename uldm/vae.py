@@ -13,6 +13,7 @@ import torch
 from pipeline_latent_uncond import SUPPORTED_VAE_CLASSES as VAE_CLASSES, vae_latent_channels
 
 from .errors import InputError
+from .images import update_with_listing
 
 logger = logging.getLogger(__name__)
 
@@ -125,9 +126,7 @@ def vae_fingerprint(vae, name_or_path: str, subfolder: str | None, revision: str
     digest = hashlib.sha256(f"{name_or_path}|{subfolder}|{revision}|{vae_kind(vae)}".encode())
     location = Path(name_or_path) / (subfolder or "")
     if location.is_dir():
-        for weights in sorted(location.glob("*.safetensors")) + sorted(location.glob("*.bin")):
-            stat = weights.stat()
-            digest.update(f"{weights.name}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+        update_with_listing(digest, sorted(location.glob("*.safetensors")) + sorted(location.glob("*.bin")), location)
     # A few weights in full catch in-place edits that keep size and time.
     for _, parameter in list(vae.named_parameters())[:4]:
         digest.update(parameter.detach().float().cpu().numpy().tobytes()[:4096])
