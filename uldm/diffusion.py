@@ -107,7 +107,7 @@ def check_loss_levers(scheduler_config, levers: LossConfig) -> None:
 
 
 def describe_levers(scheduler_config, levers: LossConfig | None) -> dict[str, str]:
-    """The levers in use, in words, for the model card (nothing for the defaults)."""
+    """The levers in use, in words, for the model card: the prediction type, and the others where they are on."""
     facts = {"prediction type": scheduler_config.get("prediction_type", "epsilon")}
     if has_zero_terminal_snr(scheduler_config):
         facts["noise schedule"] = (f"{scheduler_config.get('beta_schedule')}, rescaled to zero terminal SNR "
