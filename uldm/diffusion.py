@@ -11,6 +11,11 @@ The loss and noise levers (`LossConfig`, `check_loss_levers`):
 * the per-timestep loss weight: Min-SNR-gamma (Hang et al. 2023) or P2 (Choi et al. 2022, arXiv
   2204.00227). Both are defined for the epsilon loss of their papers and carried over to v and sample
   prediction so that the objective stays the same function of the model (see `loss_weights`).
+
+SpeeD (Wang et al. 2024, arXiv 2405.17403) is not offered: its weighting is P2 with k = 1, gamma = 1
+(offered), and its timestep sampling has no single definition to follow (the released code boosts
+timesteps where d sqrt(1 - alphas_cumprod) / dt exceeds 1e-4 five-fold and pairs each with a mirrored
+one, while the paper's configurations use tau / k / lambda parameters that code does not read).
 """
 
 from __future__ import annotations
