@@ -484,8 +484,9 @@ def fill_result(result, args, levers, chosen, configs, pixel, references, vae_so
         f"Training time is the sum of the logged step times with {torch.get_num_threads()} torch thread(s); the "
         "pixel budget is the latent baseline's mean training time times the multiple, converted to steps with the "
         f"pixel model's step time ({pixel_step_s or 0:.3f} s) measured in a short calibration run.",
-        f"Sample grids of the first seed: {work / 'grids'} (not committed).",
     ]
+    if args.work_dir is not None or not args.quick:  # otherwise the work folder was a temporary one
+        result["notes"].append(f"Sample grids of the first seed: {work / 'grids'} (not committed).")
 
 
 def verdicts(args, chosen, configs, pixel) -> list[str]:
