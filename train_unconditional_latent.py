@@ -201,7 +201,7 @@ def main(argv=None) -> None:
             clean = pixels_from_batch(batch, generator, args.random_flip)
         else:
             clean = latents_from_batch(batch, vae, scaling, generator, args.random_flip)
-        noisy, timesteps, target = noisy_latents_and_target(noise_scheduler, clean, generator, levers)
+        noisy, timesteps, target = noisy_latents_and_target(noise_scheduler, clean, generator, levers=levers)
         prediction = unet(noisy, timesteps).sample
         return weighted_loss(prediction, target, timesteps, noise_scheduler, levers)
 

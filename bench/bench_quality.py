@@ -153,11 +153,15 @@ def trainer_offers(option: str) -> bool:
     import train_unconditional_latent as script
 
     minimal = ["--vae_name_or_path", "none", "--output_dir", "unused", option, "0.1"]
+    from uldm.errors import InputError
+
     with contextlib.redirect_stderr(io.StringIO()):
         try:
             script.parse_args(minimal)
-        except SystemExit:
+        except SystemExit:  # argparse: unrecognized arguments
             return False
+        except InputError:  # known, but these minimal arguments are refused for another reason
+            return True
     return True
 
 

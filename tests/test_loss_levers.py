@@ -112,7 +112,7 @@ def test_noisy_latents_use_the_levers_timesteps():
     scheduler = build_noise_scheduler()
     latents = torch.zeros(4096, 1, 1, 1)
     levers = LossConfig(weighting_scheme="logit_normal", logit_mean=-3.0, logit_std=0.1)
-    _, timesteps, _ = noisy_latents_and_target(scheduler, latents, torch.Generator().manual_seed(0), levers)
+    _, timesteps, _ = noisy_latents_and_target(scheduler, latents, torch.Generator().manual_seed(0), levers=levers)
     expected = 1000 / (1 + math.exp(3))  # sigmoid(-3) * 1000 = 47.4
     assert abs(timesteps.double().mean().item() - expected) < 2
 

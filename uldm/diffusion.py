@@ -245,10 +245,10 @@ def weighted_loss(model_pred: torch.Tensor, target: torch.Tensor, timesteps: tor
                            levers.p2_k).mean()
 
 
-def noisy_latents_and_target(noise_scheduler, latents: torch.Tensor, generator: torch.Generator,
+def noisy_latents_and_target(noise_scheduler, latents: torch.Tensor, generator: torch.Generator, *,
                              levers: LossConfig | None = None):
-    """Draw noise and timesteps (with the levers' density) from `generator`; return (noisy latents,
-    timesteps, target)."""
+    """Draw noise and timesteps (with the levers' density; keyword-only, so that other options of the noise step
+    may come positionally) from `generator`; return (noisy latents, timesteps, target)."""
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     timesteps = sample_timesteps(noise_scheduler, latents.shape[0], generator, latents.device, levers)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
