@@ -5,9 +5,10 @@
     accelerate launch sample.py PIPELINE ...                                  # several GPUs
     ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 sample.py PIPELINE ...   # several CPU processes
 
-PIPELINE is a folder written by UnconditionalLatentPipeline.save_pretrained (or CompVis' LDM layout, or a
-DreamBooth LoRA output: its base model is loaded with the adapter)
-or a hub id; it is loaded without running code from the folder. Images are `{i:06d}.png`; image i
+PIPELINE is a folder written by UnconditionalLatentPipeline.save_pretrained (or CompVis' LDM layout),
+a DreamBooth LoRA output (its base model is loaded with the adapter), a diffusers DDPMPipeline (pixel
+space, e.g. from train_unconditional_latent.py --vae_name_or_path none), or a hub id of one of them; it
+is loaded without running code from the folder. Images are `{i:06d}.png`; image i
 is drawn with seed + i, so it is the same however many processes or whatever batch size produced
 it. A run that stops can be started again with the same arguments: it makes only the missing images.
 """
@@ -25,6 +26,7 @@ from PIL import Image
 from pipeline_latent_uncond import UnconditionalLatentPipeline
 from uldm.errors import InputError, exit_cleanly_on_input_errors
 from uldm.lora import load_pipeline_or_adapter
+from uldm.pixel_space import PixelSampler, is_pixel_pipeline
 from uldm.sampling import (
     SCHEDULER_NAMES,
     make_image_grid,
@@ -92,9 +94,13 @@ def write_args(args: argparse.Namespace, output_dir: Path) -> None:
     os.replace(temporary, output_dir / ARGS_FILE)
 
 
-def load_pipeline(args: argparse.Namespace, accelerator: Accelerator) -> UnconditionalLatentPipeline:
+def load_pipeline(args: argparse.Namespace, accelerator: Accelerator) -> UnconditionalLatentPipeline | PixelSampler:
+    """The folder's own kind of pipeline: a pixel-space DDPMPipeline or a latent one."""
     with accelerator.main_process_first():  # one download into the hub cache, then everyone reads it
-        pipeline = load_pipeline_or_adapter(args.pretrained_model_name_or_path)
+        if is_pixel_pipeline(args.pretrained_model_name_or_path):
+            pipeline = PixelSampler.from_pretrained(args.pretrained_model_name_or_path)
+        else:
+            pipeline = load_pipeline_or_adapter(args.pretrained_model_name_or_path)
     if args.scheduler is not None:
         pipeline.scheduler = make_scheduler(args.scheduler, pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)  # sample.py shows one bar over images instead

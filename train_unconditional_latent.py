@@ -8,6 +8,10 @@
 
 The output folder becomes a diffusers pipeline (unet/ with the EMA weights, vae/, scheduler/)
 that loads with `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`.
+
+With `--vae_name_or_path none` the same loop trains a plain pixel-space DDPM on 3 x R x R images
+(`--model_config_name_or_path tiny-pixel` for the 32 px demo data); the result is a diffusers
+`DDPMPipeline` (unet/, scheduler/).
 """
 
 from __future__ import annotations
@@ -17,13 +21,17 @@ import logging
 
 from uldm import args as cli
 from uldm.data import DataConfig, prepare_training_set
-from uldm.diffusion import build_noise_scheduler, noisy_latents_and_target, per_sample_loss
-from uldm.errors import exit_cleanly_on_input_errors
+from uldm.diffusion import build_noise_scheduler, describe_levers, noisy_latents_and_target, weighted_loss
+from uldm.errors import InputError, exit_cleanly_on_input_errors
 from uldm.hub import HubUploader
 from uldm.latent_cache import CacheConfig
 from uldm.latents import latents_from_batch, measure_latent_std, resolve_latent_scaling
 from uldm.model_card import write_model_card
 from uldm.models import build_unet, count_parameters, use_xformers_if_installed
+from uldm.pixel_space import (
+    PIXEL_PRESET, PixelSampler, check_unet_takes_pixels, is_pixel_space, pixel_pipeline_usage, pixels_from_batch,
+    save_pixel_pipeline,
+)
 from uldm.presets import list_presets
 from uldm.sampling import build_pipeline, make_scheduler, save_pipeline
 from uldm.training import Schedule, Validation, ValidationResult, build_training_loop, finish_run, start_run
@@ -38,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     cli.add_data_args(parser)
     group = parser.add_argument_group("first stage (VAE)")
     group.add_argument("--vae_name_or_path", type=str, required=True,
-                       help="Folder or hub id of an AutoencoderKL, VQModel or AutoencoderTiny (class read from its config).")
+                       help="Folder or hub id of an AutoencoderKL, VQModel or AutoencoderTiny (class read from its "
+                            "config); 'none': no first stage, a plain pixel-space DDPM (saved as a DDPMPipeline).")
     group.add_argument("--vae_subfolder", type=str, default=None, help='e.g. "vae" inside a Stable Diffusion repository.')
     group.add_argument("--revision", type=str, default=None)
     cli.add_variant_arg(group)
@@ -56,6 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--pretrained_model_name_or_path", type=str, default=None,
                        help="Start from these UNet weights (a saved pipeline or UNet folder) instead of a fresh model.")
     cli.add_noise_args(parser)
+    cli.add_loss_lever_args(parser)
     cli.add_optimization_args(parser)
     cli.add_ema_args(parser)
     cli.add_posthoc_ema_args(parser)
@@ -67,8 +77,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     cli.check_common_args(args)
     if not args.model_config_name_or_path and not args.pretrained_model_name_or_path:
-        args.model_config_name_or_path = "seed-ffhq256-sdvae"
+        args.model_config_name_or_path = PIXEL_PRESET if is_pixel_space(args.vae_name_or_path) else "seed-ffhq256-sdvae"
+    check_pixel_space_args(args)
     return args
+
+
+def check_pixel_space_args(args) -> None:
+    """Options about a first stage mean nothing without one: refused rather than silently ignored."""
+    if not is_pixel_space(args.vae_name_or_path):
+        return
+    if args.cache_latents:
+        raise InputError("--cache_latents stores a VAE's latents, and --vae_name_or_path none has no VAE: leave "
+                         "--cache_latents out (the images are read as usual; --dataloader_num_workers hides their "
+                         "decoding).")
+    if args.latent_scaling_factor != "auto" or args.vae_subfolder:
+        raise InputError("--vae_name_or_path none trains on pixels in [-1, 1], with no latents to scale or VAE to "
+                         "find: leave out --latent_scaling_factor and --vae_subfolder.")
 
 
 def data_and_cache_configs(args) -> tuple[DataConfig, CacheConfig | None]:
@@ -86,46 +110,65 @@ def data_and_cache_configs(args) -> tuple[DataConfig, CacheConfig | None]:
 def main(argv=None) -> None:
     args = parse_args(argv)
     config = cli.training_config(args)
+    levers = cli.loss_config(args)
+    pixel_space = is_pixel_space(args.vae_name_or_path)
     data_config, cache_config = data_and_cache_configs(args)
     validation_config = cli.config_from(ValidationConfig, args)
     accelerator = start_run(config)
     hub = HubUploader.from_config(cli.hub_config(args), accelerator.is_main_process)
 
-    vae = load_vae(args.vae_name_or_path, args.vae_subfolder, args.revision,
-                   torch_dtype=vae_dtype_for(accelerator.mixed_precision, config.compute.vae_precision, args.cache_latents),
-                   variant=args.variant)
-    vae.to(accelerator.device)
+    vae = scaling = vae_key = None
+    if not pixel_space:
+        vae = load_vae(args.vae_name_or_path, args.vae_subfolder, args.revision,
+                       torch_dtype=vae_dtype_for(accelerator.mixed_precision, config.compute.vae_precision,
+                                                 args.cache_latents),
+                       variant=args.variant)
+        vae.to(accelerator.device)
     unet = build_unet(args.model_config_name_or_path, args.pretrained_model_name_or_path, args.revision,
                       args.variant)
-    check_unet_matches_latents(unet, vae, args.resolution)
-    logger.info("VAE: %s; UNet: %.1fM parameters", describe_vae(vae), count_parameters(unet) / 1e6)
+    if pixel_space:
+        check_unet_takes_pixels(unet, args.resolution)
+    else:
+        check_unet_matches_latents(unet, vae, args.resolution)
+    first_stage = "no first stage (pixel space)" if pixel_space else describe_vae(vae)
+    logger.info("VAE: %s; UNet: %.1fM parameters", first_stage, count_parameters(unet) / 1e6)
 
-    vae_key = vae_fingerprint(vae, args.vae_name_or_path, args.vae_subfolder, args.revision)
+    if cache_config is not None:
+        vae_key = vae_fingerprint(vae, args.vae_name_or_path, args.vae_subfolder, args.revision)
     train_set, _ = prepare_training_set(data_config, accelerator, cache_config, vae, vae_key,
                                         description={"vae": args.vae_name_or_path, "resolution": args.resolution})
     logger.info("Training images: %d", len(train_set))
-    scaling = resolve_latent_scaling(
-        args.latent_scaling_factor, vae,
-        measure_std=lambda: measure_latent_std(train_set, vae, accelerator, args.scale_estimation_images,
-                                               args.encode_batch_size, args.seed),
-    )
-    logger.info("Latent scale %.6f, shift %.4f (%s)", scaling.scale, scaling.shift, scaling.source)
+    if not pixel_space:
+        scaling = resolve_latent_scaling(
+            args.latent_scaling_factor, vae,
+            measure_std=lambda: measure_latent_std(train_set, vae, accelerator, args.scale_estimation_images,
+                                                   args.encode_batch_size, args.seed),
+        )
+        logger.info("Latent scale %.6f, shift %.4f (%s)", scaling.scale, scaling.shift, scaling.source)
 
+    # Pixels are bounded to [-1, 1], so DDPM/DDIM sampling may clip its x0 estimate there (diffusers' default).
     noise_scheduler = build_noise_scheduler(args.ddpm_num_steps, args.ddpm_beta_schedule, args.beta_start,
-                                            args.beta_end, args.prediction_type)
+                                            args.beta_end, args.prediction_type, args.rescale_betas_zero_snr,
+                                            clip_sample=pixel_space)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if args.enable_xformers_memory_efficient_attention:
         use_xformers_if_installed(unet)
-    validation_noise = fixed_validation_noise(validation_config.num_validation_images, latent_shape(vae, args.resolution),
-                                              args.seed, accelerator.device)
+    sample_shape = (3, args.resolution, args.resolution) if pixel_space else latent_shape(vae, args.resolution)
+    validation_noise = fixed_validation_noise(validation_config.num_validation_images, sample_shape, args.seed,
+                                              accelerator.device)
+
+    def sampling_pipeline(model, scheduler):
+        if pixel_space:
+            return PixelSampler(model, scheduler)
+        return build_pipeline(model, vae, scaling, noise_scheduler.config, scheduler=scheduler)
 
     def validate(step: int) -> ValidationResult | None:
         if not accelerator.is_main_process or not validation_config.num_validation_images:
             return None
         _, samples = sample_from_noise(
-            loop, lambda model: build_pipeline(model, vae, scaling, noise_scheduler.config,
-                                               validation_config.validation_scheduler),
+            loop, lambda model: sampling_pipeline(
+                model, make_scheduler(validation_config.validation_scheduler, noise_scheduler.config)),
             validation_noise, validation_config.validation_inference_steps)
         return ValidationResult(images={"validation": samples})
 
@@ -133,18 +176,26 @@ def main(argv=None) -> None:
         if not accelerator.is_main_process:
             return
         # Saved pipelines sample with DPM-Solver++ (good images in ~25 steps) on the training noise schedule.
-        save_pipeline(model, vae, scaling, make_scheduler("dpmsolver++", noise_scheduler.config), args.output_dir)
+        scheduler = make_scheduler("dpmsolver++", noise_scheduler.config)
+        facts = {"steps": loop.global_step, "images seen": loop.state.samples_seen}
+        if pixel_space:
+            save_pixel_pipeline(model, scheduler, args.output_dir)
+            title, space = "Unconditional pixel-space diffusion model", "3-channel pixels"
+            usage = pixel_pipeline_usage(args.output_dir)
+        else:
+            save_pipeline(model, vae, scaling, scheduler, args.output_dir)
+            title, space, usage = "Unconditional latent diffusion model", f"the latents of {describe_vae(vae)}", None
+            facts.update({"latent scale": f"{scaling.scale:.6f} ({scaling.source})", "latent shift": scaling.shift})
         write_model_card(
             args.output_dir,
-            title="Unconditional latent diffusion model",
+            title=title,
             summary=f"A UNet2DModel ({count_parameters(model) / 1e6:.1f}M parameters) trained "
-                    f"with DDPM on the latents of {describe_vae(vae)}, with train_unconditional_latent.py.",
+                    f"with DDPM on {space}, with train_unconditional_latent.py.",
             arguments=config.arguments,
             images={"Samples (EMA weights)" if loop.ema else "Samples": loop.last_validation.grids.get("validation"),
                     "Loss": f"{args.output_dir}/loss_curve.png"},
-            facts={"steps": loop.global_step, "epochs": loop.epochs_completed, "images seen": loop.state.samples_seen,
-                   "latent scale": f"{scaling.scale:.6f} ({scaling.source})", "latent shift": scaling.shift},
-            base_model=args.pretrained_model_name_or_path, license=args.license,
+            facts={**facts, "epochs": loop.epochs_completed, **describe_levers(noise_scheduler.config, levers)},
+            usage=usage, base_model=args.pretrained_model_name_or_path, license=args.license,
             location=hub.location if hub.enabled else None,
         )
         logger.info("Saved the pipeline of epoch %d (step %d) to %s", loop.epochs_completed, loop.global_step,
@@ -157,13 +208,18 @@ def main(argv=None) -> None:
                                                                         every_epochs=args.save_images_epochs)),
                                save_result=save_result, save_schedule=Schedule(every_epochs=args.save_model_epochs))
     unet = loop.model
-    accelerator.log({"latent_scaling_factor": scaling.scale}, step=0)
+    if not pixel_space:
+        accelerator.log({"latent_scaling_factor": scaling.scale}, step=0)
 
     def compute_loss(batch, generator):
-        latents = latents_from_batch(batch, vae, scaling, generator, args.random_flip)
-        noisy, timesteps, target = noisy_latents_and_target(noise_scheduler, latents, generator, args.offset_noise)
+        if pixel_space:
+            clean = pixels_from_batch(batch, generator, args.random_flip)
+        else:
+            clean = latents_from_batch(batch, vae, scaling, generator, args.random_flip)
+        noisy, timesteps, target = noisy_latents_and_target(noise_scheduler, clean, generator, args.offset_noise,
+                                                            levers=levers)
         prediction = unet(noisy, timesteps).sample
-        return per_sample_loss(prediction, target, timesteps, noise_scheduler, args.snr_gamma).mean()
+        return weighted_loss(prediction, target, timesteps, noise_scheduler, levers)
 
     finished = loop.run(compute_loss)
     finish_run(loop)

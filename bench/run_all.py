@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Run every benchmark, one after the other, and rewrite docs/benchmarks.md.
 
-    python bench/run_all.py            # the full measurements (about 80 minutes on a 2-core CPU)
+    python bench/run_all.py            # the full measurements (about 110 minutes on a 2-core CPU)
     python bench/run_all.py --quick    # tiny sizes, a smoke test (results in a temporary folder)
     python bench/run_all.py --only sampling gpu
 
@@ -19,7 +19,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench import bench_cache_latents, bench_compile, bench_data, bench_gpu, bench_sampling, bench_train_step, report  # noqa: E402
+from bench import (  # noqa: E402
+    bench_cache_latents, bench_compile, bench_data, bench_gpu, bench_quality, bench_sampling, bench_train_step, report,
+)
 
 BENCHMARKS = {
     "cache_latents": bench_cache_latents,
@@ -28,6 +30,7 @@ BENCHMARKS = {
     "sampling": bench_sampling,
     "compile": bench_compile,
     "gpu": bench_gpu,
+    "quality": bench_quality,
 }
 
 

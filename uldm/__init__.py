@@ -12,7 +12,8 @@ Each idea has one home:
 * `data`, `images`: training images and their preprocessing (DataConfig); `latents`: the latent space
   (scale rule from pipeline_latent_uncond.py, encoding, posterior samples, flips, the std);
   `vae`: loading first stages; `latent_cache`: storing/reading cached latents (CacheConfig);
-  `diffusion`: noise schedule, targets and losses.
+  `diffusion`: noise schedule, timesteps, targets and losses, and their levers (LossConfig);
+  `pixel_space`: training and sampling with no first stage (a DDPMPipeline).
 * `sampling`: building/saving pipelines, schedulers by name, sample folders; `validation`: grids from
   fixed noise (ValidationConfig).
 * `dreambooth`, `autoencoder`, `posthoc_ema`, `face_align`, `demo_data`: one job each.

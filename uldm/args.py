@@ -157,6 +157,30 @@ def add_variant_arg(group) -> None:
                             "'e.g.' fp16 (loads diffusion_pytorch_model.<variant>.safetensors).")
 
 
+def _timestep_density(value: str) -> str:
+    """diffusers calls the uniform density "none"; the issue's --timestep_sampling calls it "uniform"."""
+    return "none" if value == "uniform" else value
+
+
+def add_loss_lever_args(parser: argparse.ArgumentParser) -> None:
+    """Loss and noise levers beyond Min-SNR (`uldm.diffusion.LossConfig`); diffusers' names where it has them."""
+    group = parser.add_argument_group("loss and noise levers")
+    group.add_argument("--rescale_betas_zero_snr", action="store_true",
+                       help="Zero terminal SNR (Lin et al. 2023): the last timestep is pure noise; needs "
+                            "--prediction_type v_prediction. Saved in the scheduler config with 'trailing' spacing, "
+                            "so sampling and DreamBooth use it.")
+    group.add_argument("--p2_gamma", type=float, default=None,
+                       help="P2 weighting (Choi et al. 2022): the epsilon loss times 1 / (p2_k + SNR)^p2_gamma "
+                            "(the same objective for v and sample prediction); the paper uses 1 or 0.5. Off by default.")
+    group.add_argument("--p2_k", type=float, default=1.0, help="P2's k (the paper's 1).")
+    group.add_argument("--weighting_scheme", "--timestep_sampling", type=_timestep_density, default="none",
+                       choices=["none", "logit_normal"],
+                       help="Timestep density, with the name and meaning of diffusers' SD3 scripts: 'none' "
+                            "(= 'uniform') or 'logit_normal' (t = T * sigmoid(N(logit_mean, logit_std^2))).")
+    group.add_argument("--logit_mean", type=float, default=0.0, help="Mean of the logit-normal density.")
+    group.add_argument("--logit_std", type=float, default=1.0, help="Std of the logit-normal density.")
+
+
 def add_logging_args(parser: argparse.ArgumentParser, validation_steps: int = 1000) -> None:
     group = parser.add_argument_group("logging and validation")
     group.add_argument("--report_to", "--logger", dest="report_to", metavar="NAME", type=str, default="tensorboard",
@@ -343,3 +367,12 @@ def training_config(args: argparse.Namespace):
         arguments=public_arguments(args),
     )
 
+
+def loss_config(args: argparse.Namespace):
+    """The run's loss levers, checked against its prediction type and noise schedule (before anything runs)."""
+    from .diffusion import LossConfig, check_loss_levers
+
+    levers = config_from(LossConfig, args)
+    check_loss_levers({"prediction_type": getattr(args, "prediction_type", "epsilon"),
+                       "rescale_betas_zero_snr": getattr(args, "rescale_betas_zero_snr", False)}, levers)
+    return levers

@@ -13,14 +13,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import socket
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -218,6 +219,51 @@ def build_inception_feature_extractor(
         feature_extractor_weights_path=str(weights),
         antialias=antialias,
     )
+
+
+class RandomConvFeatures(nn.Module):
+    """A fixed random convolutional network as a cheap, offline FID/KID feature extractor.
+
+    Its weights are drawn from a fixed seed (the same on every machine, whatever torch's global
+    random state), so it needs no file and no download. Random embeddings follow the fidelity and
+    diversity of generated images (Naeem et al. 2020, arXiv 2002.09797, used random VGG features),
+    which makes it good for watching a model improve; its numbers are comparable only with others
+    from the same extractor, never with published FIDs (those use the FID Inception).
+
+    Images (N x 3 x H x W uint8, any size) are resized to `size` px; the features (`num_features`)
+    are the last layer's activations pooled to 2x2 (where things are) plus every layer's mean (what
+    colours and textures occur)."""
+
+    widths = (32, 64, 64)
+
+    def __init__(self, seed: int = 0, size: int = 64):
+        super().__init__()
+        self.seed, self.size = seed, size
+        generator = torch.Generator().manual_seed(seed)
+        layers, channels = [], 3
+        for width in self.widths:
+            conv = nn.Conv2d(channels, width, 3, stride=2, padding=1)
+            with torch.no_grad():  # He initialisation: activations keep their scale through the layers
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * math.sqrt(2 / (9 * channels)))
+                conv.bias.copy_(torch.randn(conv.bias.shape, generator=generator) * 0.1)
+            layers.append(conv)
+            channels = width
+        self.layers = nn.ModuleList(layers)
+        self.num_features = 4 * self.widths[-1] + sum(self.widths)
+        self.requires_grad_(False)
+
+    def extra_repr(self) -> str:
+        return f"seed={self.seed}, size={self.size}"
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float() / 127.5 - 1
+        if x.shape[-2:] != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+        means = []
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+            means.append(x.mean(dim=(2, 3)))
+        return torch.cat([F.adaptive_avg_pool2d(x, 2).flatten(1), *means], dim=1)
 
 
 def feature_extractor_fingerprint(module: nn.Module) -> str:
