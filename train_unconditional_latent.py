@@ -19,6 +19,7 @@ from uldm import args as cli
 from uldm.data import DataConfig, build_image_dataset, sharded_verifier
 from uldm.diffusion import build_noise_scheduler, noisy_latents_and_target, per_sample_loss
 from uldm.errors import exit_cleanly_on_input_errors
+from uldm.fid_validation import FidConfig, build_fid_scorer, build_reference, load_feature_extractor
 from uldm.latent_cache import CacheConfig, cached_latents
 from uldm.latents import latents_from_batch, measure_latent_std, resolve_latent_scaling
 from uldm.model_card import write_model_card
@@ -58,8 +59,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     cli.add_ema_args(parser)
     cli.add_logging_args(parser)
     cli.add_checkpoint_args(parser)
+    cli.add_fid_args(parser)
     args = parser.parse_args(argv)
     cli.check_common_args(args)
+    cli.check_fid_args(args)
     if not args.model_config_name_or_path and not args.pretrained_model_name_or_path:
         args.model_config_name_or_path = "seed-ffhq256-sdvae"
     return args
@@ -82,6 +85,9 @@ def main(argv=None) -> None:
     config = cli.training_config(args)
     data_config, cache_config = data_and_cache_configs(args)
     validation_config = cli.config_from(ValidationConfig, args)
+    fid_config = cli.config_from(FidConfig, args)
+    # Before anything is written: a missing Inception weights file stops the run here.
+    fid_extractor = load_feature_extractor(fid_config) if fid_config.enabled else None
     accelerator = start_run(config)
 
     vae = load_vae(args.vae_name_or_path, args.vae_subfolder, args.revision,
@@ -111,15 +117,28 @@ def main(argv=None) -> None:
         unet.enable_gradient_checkpointing()
     validation_noise = fixed_validation_noise(validation_config.num_validation_images, latent_shape(vae, args.resolution),
                                               args.seed, accelerator.device)
+    fid_scorer = None
+    if fid_config.enabled:
+        fid_scorer = build_fid_scorer(fid_config, fid_extractor,
+                                      build_reference(fid_config, images, args.resolution, data_config.center_crop, args.seed),
+                                      accelerator, args.output_dir, validation_config.validation_inference_steps, args.seed)
+
+    def validation_pipeline(model):
+        return build_pipeline(model, vae, scaling, noise_scheduler.config, validation_config.validation_scheduler)
 
     def validate(step: int) -> ValidationResult | None:
-        if not accelerator.is_main_process or not validation_config.num_validation_images:
+        """A grid from fixed noise (main process) and, with --validation_fid_images, FID/KID (all processes)."""
+        metrics = fid_scorer.score_training_model(loop, validation_pipeline) if fid_scorer is not None else None
+        if not accelerator.is_main_process:
             return None
-        _, samples = sample_from_noise(
-            loop, lambda model: build_pipeline(model, vae, scaling, noise_scheduler.config,
-                                               validation_config.validation_scheduler),
-            validation_noise, validation_config.validation_inference_steps)
-        return ValidationResult(images={"validation": samples})
+        grids = {}
+        if validation_config.num_validation_images:
+            _, grids["validation"] = sample_from_noise(loop, validation_pipeline, validation_noise,
+                                                       validation_config.validation_inference_steps)
+        if metrics:
+            logger.info("Step %d: FID %.3f, KID %.5f (%d samples)", step, metrics["fid"], metrics["kid"],
+                        fid_config.validation_fid_images)
+        return ValidationResult(images=grids, metrics=metrics or {})
 
     def save_result(model) -> None:
         if not accelerator.is_main_process:
@@ -135,12 +154,14 @@ def main(argv=None) -> None:
             images={"Samples (EMA weights)" if loop.ema else "Samples": loop.last_validation.grids.get("validation"),
                     "Loss": f"{args.output_dir}/loss_curve.png"},
             facts={"steps": loop.global_step, "images seen": loop.state.samples_seen,
-                   "latent scale": f"{scaling.scale:.6f} ({scaling.source})", "latent shift": scaling.shift},
+                   "latent scale": f"{scaling.scale:.6f} ({scaling.source})", "latent shift": scaling.shift,
+                   **fid_facts(args, loop)},
         )
         logger.info("Saved the pipeline to %s", args.output_dir)
 
     loop = build_training_loop(accelerator, config, unet, train_set, "train_unconditional_latent",
-                               validation=Validation(validate, Schedule(every_steps=validation_config.validation_steps)),
+                               validation=Validation(validate, Schedule(every_steps=validation_config.validation_steps),
+                                                     keep_best="fid" if args.keep_best_checkpoint else None),
                                save_result=save_result)
     unet = loop.model
     accelerator.log({"latent_scaling_factor": scaling.scale}, step=0)
@@ -154,6 +175,20 @@ def main(argv=None) -> None:
     loop.run(compute_loss)
     finish_run(loop)
 
+
+def fid_facts(args, loop) -> dict:
+    """The model card's FID lines: the last validation's, and the best one's (its checkpoint kept)."""
+    if not args.validation_fid_images or "fid" not in loop.last_validation.metrics:
+        return {}
+    extractor = args.fid_feature_extractor + ("" if args.fid_feature_extractor == "inception" else
+                                              " (not comparable with published FIDs)")
+    values = loop.last_validation.metrics
+    facts = {f"FID / KID at step {loop.last_validation.step} ({args.validation_fid_images} samples, "
+             f"{args.validation_scheduler} {args.validation_inference_steps} steps, {extractor})":
+             f"{values['fid']:.3f} / {values['kid']:.5f}"}
+    if loop.best is not None:
+        facts["lowest FID"] = f"{loop.best[1]:.3f} at step {loop.best[0]} (checkpoint-{loop.best[0]} kept)"
+    return facts
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import socket
 import warnings
@@ -21,6 +22,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -220,6 +222,82 @@ def build_inception_feature_extractor(
     )
 
 
+class RandomConvFeatures(nn.Module):
+    """A fixed random convolutional network as a cheap, offline FID/KID feature extractor.
+
+    Its weights are drawn from a fixed seed (the same on every machine, whatever torch's global
+    random state), so it needs no file and no download. Random embeddings follow the fidelity and
+    diversity of generated images (Naeem et al. 2020, arXiv 2002.09797, used random VGG features),
+    which makes it good for watching a model improve; its numbers are comparable only with others
+    from the same extractor, never with published FIDs (those use the FID Inception).
+
+    Images (N x 3 x H x W uint8, any size) are resized to `size` px; the features (`num_features`)
+    are the last layer's activations pooled to 2x2 (where things are) plus every layer's mean (what
+    colours and textures occur)."""
+
+    widths = (32, 64, 64)
+
+    def __init__(self, seed: int = 0, size: int = 64):
+        super().__init__()
+        self.seed, self.size = seed, size
+        generator = torch.Generator().manual_seed(seed)
+        layers, channels = [], 3
+        for width in self.widths:
+            conv = nn.Conv2d(channels, width, 3, stride=2, padding=1)
+            with torch.no_grad():  # He initialisation: activations keep their scale through the layers
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * math.sqrt(2 / (9 * channels)))
+                conv.bias.copy_(torch.randn(conv.bias.shape, generator=generator) * 0.1)
+            layers.append(conv)
+            channels = width
+        self.layers = nn.ModuleList(layers)
+        self.num_features = 4 * self.widths[-1] + sum(self.widths)
+        self.requires_grad_(False)
+
+    def extra_repr(self) -> str:
+        return f"seed={self.seed}, size={self.size}"
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float() / 127.5 - 1
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+        features: list[torch.Tensor] = []
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+            features.append(x.mean(dim=(2, 3)))
+        features.insert(0, F.adaptive_avg_pool2d(x, 2).flatten(1))
+        return torch.cat(features, dim=1)
+
+
+# --fid_feature_extractor values besides a TorchScript file
+FEATURE_EXTRACTORS = ("inception", "random-conv")
+RANDOM_FEATURES_CAVEAT = (
+    "FID/KID use a fixed random convolutional network (--fid_feature_extractor random-conv): good for "
+    "following a run and comparing runs scored the same way, but not comparable with published FIDs, which "
+    "use the FID Inception (--fid_feature_extractor inception --inception_weights FILE)."
+)
+
+
+def build_feature_extractor(name_or_path: str = "inception", inception_weights: str | os.PathLike | None = None) -> nn.Module:
+    """The FID/KID feature extractor named on the command line: "inception" (the FID Inception, from
+    `inception_weights` or the torch.hub cache), "random-conv" (`RandomConvFeatures`, offline) or a
+    TorchScript file (`torch.jit.save` of a module mapping N x 3 x H x W uint8 images to N x D features)."""
+    if name_or_path == "inception":
+        return build_inception_feature_extractor(inception_weights)
+    if name_or_path == "random-conv":
+        return RandomConvFeatures()
+    path = Path(name_or_path).expanduser()
+    if not path.is_file():
+        raise InputError(
+            f"--fid_feature_extractor {name_or_path}: give one of {', '.join(FEATURE_EXTRACTORS)} or a TorchScript "
+            "file (torch.jit.save of a module that maps N x 3 x H x W uint8 images to N x D features)."
+        )
+    try:
+        return torch.jit.load(str(path), map_location="cpu")
+    except (RuntimeError, ValueError) as error:
+        raise InputError(f"--fid_feature_extractor {path} is not a TorchScript file that torch.jit.load reads: "
+                         f"{str(error).strip().splitlines()[0]}") from error
+
+
 def feature_extractor_fingerprint(module: nn.Module) -> str:
     """A hash of the extractor's class, settings and weights: part of the reference cache key."""
     digest = hashlib.sha256()
@@ -246,13 +324,14 @@ def extract_features(
     device: str | torch.device = "cpu",
     num_workers: int = 0,
     desc: str = "features",
+    progress: bool = True,
 ) -> torch.Tensor:
     """Features (N x D, float32, on the CPU) of a data set of 3xHxW uint8 tensors."""
     device = torch.device(device)
     feature_extractor = feature_extractor.to(device).eval()
     loader = DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda")
     chunks = []
-    for batch in tqdm(loader, desc=desc, unit="batch"):
+    for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress):
         features = feature_extractor(batch.to(device, non_blocking=True))
         chunks.append(features.reshape(batch.shape[0], -1).float().cpu())
     return torch.cat(chunks)
@@ -264,6 +343,46 @@ def reference_cache_key(reference: ReferenceImages, feature_extractor: nn.Module
     return key, description
 
 
+def reference_cache_path(reference: ReferenceImages, feature_extractor: nn.Module,
+                         cache_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """Where the reference's features are cached (keyed by the reference and the extractor), and the key's
+    description (stored with the features)."""
+    key, description = reference_cache_key(reference, feature_extractor)
+    return Path(cache_dir) / f"reference-{key}.safetensors", description
+
+
+def save_reference_features(path: str | os.PathLike, features: torch.Tensor, description: dict[str, Any]) -> None:
+    """Write next to the target and rename, so an interrupted run never leaves a half file."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".partial-{os.getpid()}")
+    save_file({"features": features.contiguous()}, partial, metadata={"description": json.dumps(description, sort_keys=True)})
+    os.replace(partial, path)
+
+
+def load_stored_features(path: str | os.PathLike, feature_extractor: nn.Module) -> torch.Tensor:
+    """Reference features stored by the cache (a reference-*.safetensors file, e.g. of an earlier run or of
+    evaluate.py --reference_stats_cache), refused unless they come from the same feature extractor."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            features = handle.get_tensor("features")
+    except Exception as error:  # safetensors raises its own error types
+        raise InputError(f"{path} is not a features file of the reference cache (reference-*.safetensors): "
+                         f"{error}") from error
+    stored = json.loads(metadata.get("description", "{}")).get("feature_extractor")
+    if stored != feature_extractor_fingerprint(feature_extractor):
+        raise InputError(f"The features in {path} were extracted by another feature extractor than this run's "
+                         "(--fid_feature_extractor / --inception_weights); FID against them would mean nothing. "
+                         "Give the reference images instead, or the features file of the same extractor.")
+    return features
+
+
 def reference_features(
     reference: ReferenceImages,
     feature_extractor: nn.Module,
@@ -271,20 +390,15 @@ def reference_features(
     **extract_kwargs: Any,
 ) -> tuple[torch.Tensor, bool]:
     """Features of the reference, read from `cache_dir` when present there. Returns (features, cache hit)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     if cache_dir is None:
         return extract_features(reference, feature_extractor, desc="reference features", **extract_kwargs), False
-    key, description = reference_cache_key(reference, feature_extractor)
-    cache_path = Path(cache_dir) / f"reference-{key}.safetensors"
+    cache_path, description = reference_cache_path(reference, feature_extractor, cache_dir)
     if cache_path.is_file():
         return load_file(cache_path)["features"], True
     features = extract_features(reference, feature_extractor, desc="reference features", **extract_kwargs)
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    # Write next to the target and rename, so an interrupted run never leaves a half file.
-    partial = cache_path.with_suffix(f".partial-{os.getpid()}")
-    save_file({"features": features.contiguous()}, partial, metadata={"description": json.dumps(description, sort_keys=True)})
-    os.replace(partial, cache_path)
+    save_reference_features(cache_path, features, description)
     return features, False
 
 

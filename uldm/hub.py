@@ -37,6 +37,8 @@ LOCAL_ONLY_PATTERNS = (
     "logs/*",              # TensorBoard (the default --logging_dir)
     "latent_cache/*",      # the encoded data set (the default --latent_cache_dir)
     "ema_snapshots/*",
+    "fid_reference/*",     # cached FID reference features (the default --reference_stats_cache)
+    "best_checkpoint.json",  # names a local checkpoint (--keep_best_checkpoint)
     ".*",                  # hidden files and folders: checkpoints being written (.tmp-checkpoint-*),
                            # other temporary writes, notebook and editor files
     "*/.*",
@@ -107,11 +109,12 @@ def public_arguments(args) -> dict:
 
 def upload_ignore_patterns(args) -> list[str]:
     """LOCAL_ONLY_PATTERNS plus the run's folders that live inside the output folder: TensorBoard logs
-    (--logging_dir), the latent cache (--latent_cache_dir) and DreamBooth's class images (--class_data_dir)."""
+    (--logging_dir), the latent cache (--latent_cache_dir), DreamBooth's class images (--class_data_dir) and
+    the FID reference features (--reference_stats_cache)."""
     output_dir = Path(os.path.abspath(args.output_dir))
     patterns = list(LOCAL_ONLY_PATTERNS)
-    folders = [getattr(args, "logging_dir", None),
-               getattr(args, "latent_cache_dir", None), getattr(args, "class_data_dir", None)]
+    folders = [getattr(args, "logging_dir", None), getattr(args, "latent_cache_dir", None),
+               getattr(args, "class_data_dir", None), getattr(args, "reference_stats_cache", None)]
     for folder in filter(None, folders):
         # diffusers joins --logging_dir to the output folder; an absolute path stays as it is.
         inside = Path(os.path.abspath(output_dir / folder))
