@@ -426,7 +426,9 @@ def fid_from_features(real: torch.Tensor, fake: torch.Tensor, device: str | torc
     if len(real) < 2 or len(fake) < 2:
         raise ValueError(f"FID needs at least 2 images on each side (reference: {len(real)}, samples: {len(fake)}).")
     device = _metric_device(device)
-    metric = FrechetInceptionDistance(feature=_PrecomputedFeatures(real.shape[1])).to(device)
+    # sync_on_compute=False: the features are complete here; in a multi-process run only the main process
+    # computes, and torchmetrics' default all-gather would wait for the others forever.
+    metric = FrechetInceptionDistance(feature=_PrecomputedFeatures(real.shape[1]), sync_on_compute=False).to(device)
     metric.update(real.to(device), real=True)
     metric.update(fake.to(device), real=False)
     return float(metric.compute())
@@ -451,7 +453,8 @@ def kid_from_features(
         raise ValueError(f"KID needs at least 2 images on each side (reference: {len(real)}, samples: {len(fake)}).")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
-        metric = KernelInceptionDistance(feature=_PrecomputedFeatures(real.shape[1]), subsets=subsets, subset_size=subset_size)
+        metric = KernelInceptionDistance(feature=_PrecomputedFeatures(real.shape[1]), subsets=subsets,
+                                         subset_size=subset_size, sync_on_compute=False)
     device = _metric_device(device)
     metric.update(real.to(device), real=True)
     metric.update(fake.to(device), real=False)
