@@ -83,7 +83,7 @@ def check_enough_items(count: int, num_processes: int, what: str) -> None:
                          "process scores a share of them.")
 
 
-class _OneProcess:
+class OneProcess:
     """What FidScorer needs of an Accelerator, for a script that runs in one process (synthesize_ema.py)."""
 
     num_processes, process_index, is_main_process = 1, 0, True
@@ -196,7 +196,7 @@ class FidScorer:
 
     def score(self, pipeline, accelerator=None) -> dict[str, float] | None:
         """{"fid", "kid"} on the main process, None on the others; every process must call it."""
-        accelerator = accelerator or _OneProcess(pipeline.device)
+        accelerator = accelerator or OneProcess(pipeline.device)
 
         def samples(indices) -> torch.Tensor:
             with accelerator.autocast():
@@ -264,3 +264,38 @@ def fid_history(rows: Sequence[dict]) -> str:
     lines = ["   step      FID       KID"]
     lines += [f"{row['step']:>7}  {row['fid']:7.2f}  {row.get('kid', float('nan')):8.4f}" for row in rows if "fid" in row]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Choosing among candidates (synthesize_ema.py --sweep)
+
+
+class PipelineFid:
+    """`score(pipeline) -> FID` for `posthoc_ema.write_synthesized_pipelines`: samples the pipeline's models with
+    the sampler named `scheduler_name` on `device`; every result (FID and KID) is kept in `results`."""
+
+    def __init__(self, scorer: FidScorer, scheduler_name: str, device: str | torch.device = "cpu"):
+        self.scorer, self.scheduler_name, self.device = scorer, scheduler_name, torch.device(device)
+        self.results: list[dict[str, float]] = []
+
+    def __call__(self, pipeline) -> float:
+        from .latents import LatentScaling
+        from .sampling import build_pipeline
+
+        pipeline.to(self.device)
+        scaling = LatentScaling(pipeline.latent_scale, pipeline.latent_shift, "the pipeline")
+        sampler = build_pipeline(pipeline.unet, pipeline.vae, scaling, pipeline.scheduler.config, self.scheduler_name)
+        result = self.scorer.score(sampler, OneProcess(self.device))
+        self.results.append(result)
+        return result["fid"]
+
+
+def sweep_table(rows: Sequence[dict[str, Any]], description: str) -> str:
+    """Markdown: one row per candidate (sigma_rel, FID, KID, profile fit error, kept folder), best first marked."""
+    best = min(rows, key=lambda row: row["fid"])
+    lines = [description, "", "| sigma_rel | FID | KID | profile fit error | kept |", "|---|---|---|---|---|"]
+    for row in rows:
+        mark = " **(best)**" if row is best else ""
+        lines.append(f"| {row['sigma_rel']:g}{mark} | {row['fid']:.3f} | {row['kid']:.5f} | {row['fit_error']:.1e} | "
+                     f"{row['folder'] or '-'} |")
+    return "\n".join(lines) + "\n"
