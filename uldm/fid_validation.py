@@ -259,10 +259,13 @@ def build_fid_scorer(config: FidConfig, extractor: nn.Module, reference, acceler
                      config.fid_batch_size, config.kid_subsets, config.kid_subset_size)
 
 
-def fid_history(rows: Sequence[dict]) -> str:
+def fid_history(output_dir: str | os.PathLike) -> str:
     """The FID/KID rows of a run's metrics.jsonl as a small table (the quick start prints it)."""
+    from .training import read_metrics
+
+    rows = read_metrics(output_dir, having="fid")
     lines = ["   step      FID       KID"]
-    lines += [f"{row['step']:>7}  {row['fid']:7.2f}  {row.get('kid', float('nan')):8.4f}" for row in rows if "fid" in row]
+    lines += [f"{row['step']:>7}  {row['fid']:7.2f}  {row.get('kid', float('nan')):8.4f}" for row in rows]
     return "\n".join(lines)
 
 
