@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 from torch.utils.data import Subset
+from tqdm.auto import tqdm
 
 from . import fid
 from .errors import InputError
@@ -104,14 +105,21 @@ class OneProcess:
 def features_in_order(images, count: int, extractor: nn.Module, accelerator, batch_size: int,
                       description: str) -> torch.Tensor:
     """Features of items 0..count-1 of `images` (a data set of 3 x H x W uint8 tensors, or a function giving
-    the tensors of a range of indices), each process extracting its share; all of them, in order, on every
-    process. Every process must call it."""
-    own = shard_indices(count, accelerator.num_processes, accelerator.process_index)
-    dataset = _Tensors(images(own)) if callable(images) else Subset(images, list(own))
-    with torch.autocast(accelerator.device.type, enabled=False):  # features in fp32, whatever the run's precision
-        local = fid.extract_features(dataset, extractor, batch_size=batch_size, device=accelerator.device,
-                                     desc=description, progress=accelerator.is_main_process)
-    gathered = gather_in_order(local.to(accelerator.device), count, accelerator.num_processes, accelerator.gather)
+    the N x 3 x H x W uint8 tensors of a list of indices, called one batch at a time so that only features are
+    kept), each process extracting its share; all of them, in order, on every process. Every process must call it."""
+    own = list(shard_indices(count, accelerator.num_processes, accelerator.process_index))
+    chunks = [own]
+    if callable(images):  # sampled one batch at a time
+        chunks = tqdm(list(batches(own, batch_size)), desc=description, unit="batch",
+                      disable=not accelerator.is_main_process)
+    parts = []
+    for chunk in chunks:
+        dataset = _Tensors(images(chunk)) if callable(images) else Subset(images, chunk)
+        with torch.autocast(accelerator.device.type, enabled=False):  # features in fp32, whatever the run's precision
+            parts.append(fid.extract_features(dataset, extractor, batch_size=batch_size, device=accelerator.device,
+                                              desc=description, progress=accelerator.is_main_process and not callable(images)))
+    gathered = gather_in_order(torch.cat(parts).to(accelerator.device), count, accelerator.num_processes,
+                               accelerator.gather)
     return gathered.cpu()
 
 
@@ -204,7 +212,7 @@ class FidScorer:
                                     self.batch_size)
 
         features = features_in_order(samples, self.num_images, self.extractor, accelerator, self.batch_size,
-                                     "FID sample features")
+                                     "FID samples")
         if not accelerator.is_main_process:
             return None
         kid, _, _ = fid.kid_from_features(self.reference, features, self.kid_subsets, self.kid_subset_size,
