@@ -366,6 +366,10 @@ def test_sweep_scores_each_ema_by_fid_and_keeps_the_lowest(saved_run, tmp_path, 
 
     expect_refusal(capsys, [run_dir, "--sweep", "--sigma_rel", 0.1, "--output_dir", tmp_path / "x"],
                    "--validation_fid_images")
+    # A sigma_rel the snapshots cannot make is refused before anything is scored or written (even in a later pass).
+    unfit = sweep[:2] + ["--sigma_rel", 0.05, 0.08, 0.12, 0.15, 0.01] + sweep[6:]
+    expect_refusal(capsys, unfit + ["--keep_all", "--output_dir", tmp_path / "unfit"], "cannot be reconstructed well")
+    assert not (tmp_path / "unfit").exists()
     (run_dir / "training_args.json").unlink()
     expect_refusal(capsys, sweep + ["--output_dir", tmp_path / "y"], "training_args.json")
 
