@@ -54,7 +54,8 @@ def plot_loss_curve(metrics_path: str | os.PathLike, output_path: str | os.PathL
     if all(row.get("loss", 1) > 0 for row in rows):
         axis.set_yscale("log")
     axis.grid(alpha=0.3)
-    axis.legend()
+    if axis.get_legend_handles_labels()[0]:  # e.g. a run that only validated (resumed at its last step)
+        axis.legend()
     for (title, left, right), panel_axes in zip(panels, axes[1:, 0]):
         _plot_validation_panel(panel_axes, rows, title, left, right)
     axes[-1, 0].set_xlabel("optimiser step")
@@ -87,4 +88,5 @@ def _plot_validation_panel(axis, rows: list[dict], title: str, left: tuple[str, 
             handles += twin.plot(steps, values, marker="s", markersize=3, linestyle="--", color="tab:gray", label=key)
         twin.set_ylabel(", ".join(right_keys))
     axis.set_ylabel(", ".join(key for key in left if _points(rows, key)[0]))
-    axis.legend(handles=handles, fontsize=8)
+    if handles:
+        axis.legend(handles=handles, fontsize=8)
