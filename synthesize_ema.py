@@ -9,14 +9,31 @@ relative EMA length, between 0 and 0.2887) the snapshots are combined by least s
 EMA (Karras et al. 2023, arXiv 2312.02696), and the pipeline is written with those UNet weights to
 <output_dir>/sigma_rel_<value>/, with posthoc_ema.json saying which snapshots went in and how
 closely their combination matches the asked-for profile.
+
+With --sweep, each EMA is scored with FID/KID on --validation_fid_images samples (the options of
+FID during training) against the training images, read and preprocessed as the run's
+training_args.json says (or --fid_reference); the table is printed and written to
+<output_dir>/fid_sweep.md, and only the best pipeline is written (--keep_all: every one):
+
+    python synthesize_ema.py outputs/ffhq256 --sweep --sigma_rel 0.03 0.05 0.08 0.12 0.16 0.2 \
+        --validation_fid_images 2000 --inception_weights weights-inception-2015-12-05-6726825d.pth \
+        --output_dir outputs/ffhq256-phema
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+from pathlib import Path
 
+import torch
+
+from uldm import args as cli
+from uldm.data import DataConfig, build_image_dataset
 from uldm.errors import InputError, exit_cleanly_on_input_errors
+from uldm.fid_validation import (REFERENCE_CACHE_DIR_NAME, FidConfig, PipelineFid, build_fid_scorer, build_reference,
+                                 load_feature_extractor, OneProcess, sweep_table)
 from uldm.posthoc_ema import MAX_SIGMA_REL, SNAPSHOT_DIR_NAME, check_sigma_rel, write_synthesized_pipelines
 
 logger = logging.getLogger("synthesize_ema")
@@ -34,7 +51,61 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="Make the EMA as it was at this snapshot step (default: the latest snapshot).")
     parser.add_argument("--max_fit_error", type=float, default=0.2,
                         help="Refuse a sigma_rel whose profile the snapshots match worse than this (relative L2).")
-    return parser.parse_args(argv)
+    sweep = parser.add_argument_group("the sweep: choose the EMA length by FID")
+    sweep.add_argument("--sweep", action="store_true",
+                       help="Score each --sigma_rel with FID/KID, print the table (also in <output_dir>/fid_sweep.md) "
+                            "and write only the best pipeline.")
+    sweep.add_argument("--keep_all", action="store_true", help="With --sweep: write every pipeline, not only the best.")
+    sweep.add_argument("--seed", type=int, default=0, help="Seed of the FID samples (image i from seed + i).")
+    sweep.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    cli.add_fid_args(parser, in_training=False)
+    args = parser.parse_args(argv)
+    if args.sweep and not args.validation_fid_images:
+        raise InputError("--sweep scores each EMA with FID: give --validation_fid_images N (a few hundred at least; "
+                         "more makes the differences between EMA lengths easier to trust).")
+    if args.keep_all and not args.sweep:
+        raise InputError("--keep_all belongs to --sweep (without it every pipeline is written anyway).")
+    cli.check_fid_args(args)
+    return args
+
+
+def saved_training_arguments(pipeline_dir: Path) -> dict:
+    path = pipeline_dir / "training_args.json"
+    if not path.is_file():
+        raise InputError(f"{pipeline_dir} has no training_args.json, which says what the training images were and how "
+                         "they were preprocessed; the FID reference cannot be read like them. Give the training run's "
+                         "output folder, or a stored features file with --fid_reference.")
+    return json.loads(path.read_text())
+
+
+def fid_reference(config: FidConfig, pipeline_dir: Path, seed: int):
+    """--fid_reference, else the training images; folders are read as the run read its data (its resolution;
+    cached latents imply centre crops, as in training)."""
+    if config.fid_reference is not None and Path(config.fid_reference).is_file():
+        return build_reference(config, None, 0, True, seed)  # stored features: no images to read
+    saved = saved_training_arguments(pipeline_dir)
+    center_crop = bool(saved.get("center_crop") or saved.get("cache_latents"))
+    images = None
+    if config.fid_reference is None:
+        data = cli.config_from(DataConfig, argparse.Namespace(**saved), center_crop=center_crop)
+        try:
+            images = build_image_dataset(data)
+        except (InputError, OSError) as error:
+            raise InputError(f"The training images of {pipeline_dir} cannot be read ({error}); give the FID "
+                             "reference with --fid_reference.") from error
+    return build_reference(config, images, saved["resolution"], center_crop, seed)
+
+
+def fid_of_each_candidate(args) -> PipelineFid:
+    """The score function of the sweep, with the reference features ready (cached with the training run's)."""
+    pipeline_dir = Path(args.pretrained_model_name_or_path)
+    config = cli.config_from(FidConfig, args, reference_stats_cache=args.reference_stats_cache
+                             or str(pipeline_dir / REFERENCE_CACHE_DIR_NAME))
+    extractor = load_feature_extractor(config)
+    reference = fid_reference(config, pipeline_dir, args.seed)
+    scorer = build_fid_scorer(config, extractor, reference, OneProcess(args.device), pipeline_dir,
+                              args.validation_inference_steps, args.seed)
+    return PipelineFid(scorer, args.validation_scheduler, args.device)
 
 
 @exit_cleanly_on_input_errors
@@ -45,13 +116,26 @@ def main(argv=None) -> None:
         check_sigma_rel(sigma_rel)
     if args.max_fit_error <= 0:
         raise InputError(f"--max_fit_error must be positive, got {args.max_fit_error}.")
+    score = fid_of_each_candidate(args) if args.sweep else None
     results = write_synthesized_pipelines(
         args.pretrained_model_name_or_path, args.sigma_rel, args.output_dir,
         snapshot_dir=args.snapshot_dir, at_step=args.at_step, max_fit_error=args.max_fit_error,
+        score=score, keep_only_best=args.sweep and not args.keep_all,
     )
-    for result in results:
-        print(f"sigma_rel {result.sigma_rel:g} at step {result.step}: profile fit error {result.fit_error:.2e} "
-              f"-> {result.folder}")
+    if score is None:
+        for result in results:
+            print(f"sigma_rel {result.sigma_rel:g} at step {result.step}: profile fit error {result.fit_error:.2e} "
+                  f"-> {result.folder}")
+        return
+    rows = [{"sigma_rel": r.sigma_rel, "fid": s["fid"], "kid": s["kid"], "fit_error": r.fit_error,
+             "folder": r.folder.name if r.folder else None} for r, s in zip(results, score.results)]
+    extractor = args.fid_feature_extractor + ("" if args.fid_feature_extractor == "inception"
+                                              else ", not comparable with published FIDs")
+    table = sweep_table(rows, f"Post-hoc EMA of {args.pretrained_model_name_or_path} at step {results[0].step}: FID/KID "
+                              f"of {args.validation_fid_images} samples ({args.validation_scheduler}, "
+                              f"{args.validation_inference_steps} steps; features: {extractor}).")
+    (Path(args.output_dir) / "fid_sweep.md").write_text(table)
+    print(table)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ from uldm.model_card import write_model_card
 from uldm.models import count_parameters, use_xformers_if_installed
 from uldm.sampling import SCHEDULER_NAMES, build_pipeline, save_pipeline
 from uldm.saving import save_folder_atomically
+from uldm.subject_similarity import InstanceEmbeddings, load_image_encoder, mean_pairwise_similarity, summary_line
 from uldm.training import (
     Schedule, Validation, ValidationResult, build_training_loop, finish_run, read_metrics, start_run,
 )
@@ -114,6 +115,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.set_defaults(train_batch_size=4, num_epochs=None)
     cli.add_ema_args(parser)  # with --use_lora the EMA (and its checkpoints) keeps a copy of the whole UNet
     cli.add_logging_args(parser, validation_steps=100)
+    cli.add_subject_metric_args(parser)
     cli.add_checkpoint_args(parser, checkpointing_steps=200)
     cli.add_compute_args(parser)
     cli.add_hub_args(parser)
@@ -229,10 +231,11 @@ def main(argv=None) -> None:
     validation_noise = fixed_validation_noise(validation_config.num_validation_images,
                                               latent_shape(vae, args.resolution), args.seed, accelerator.device)
     # Only the main process validates and writes the model card, the only users of the photos.
-    photos = references = None
+    photos = references = subject_scores = None
     if accelerator.is_main_process:
         photos = instance_photos(instance_files, args.instance_data_dir, args.resolution)
         references = SubjectReferences.from_pixels(pipeline, photos)
+        subject_scores = subject_embeddings(args, instance_files, accelerator.device)
 
     def validate(step: int) -> ValidationResult | None:
         """Samples from the same noise every time (step 0: the base model), plus how close they are
@@ -247,6 +250,11 @@ def main(argv=None) -> None:
         logger.info("Step %d: distance to the instance images %.4f (latents %.4f), spread of the samples %.4f "
                     "(latents %.4f)", step, values["instance_distance"], values["instance_latent_distance"],
                     values["sample_spread"], values["sample_latent_spread"])
+        if subject_scores is not None:
+            scores = subject_scores.score(images)
+            values.update({key: value for key, value in scores.items()
+                           if value is not None and key.split("_", 1)[0] in ("dino", "clip", "div")})
+            logger.info("Step %d: %s", step, summary_line(scores))
         return ValidationResult(images={"validation": images}, metrics=values)
 
     def save_result(model) -> None:
@@ -263,7 +271,7 @@ def main(argv=None) -> None:
         else:
             save_pipeline(model, vae, scaling, pipeline.scheduler, args.output_dir)
         write_dreambooth_model_card(args, config.arguments, loop, photos, len(instance_paths), class_set,
-                                    location=hub.location if hub.enabled else None)
+                                    subject_scores, location=hub.location if hub.enabled else None)
         logger.info("Saved the result of epoch %d (step %d) to %s", loop.epochs_completed, loop.global_step,
                     args.output_dir)
         if not loop.finished:
@@ -318,7 +326,38 @@ pipe.save_pretrained("merged")                            # ... for a plain pipe
 """
 
 
+def subject_embeddings(args, instance_files: list[Path], device) -> InstanceEmbeddings | None:
+    """--validation_dino_model / --validation_clip_model: the instance photos embedded once, for scoring every
+    validation's samples (uldm.subject_similarity; the photos centre-cropped as evaluate.py does)."""
+    models = {metric: name for metric, name in (("dino", args.validation_dino_model),
+                                                 ("clip_i", args.validation_clip_model)) if name}
+    if not models:
+        return None
+    encoders = {metric: load_image_encoder(name, device) for metric, name in models.items()}
+    return InstanceEmbeddings.from_photos(instance_files, encoders, device)
+
+
+def subject_facts(rows: list[dict], scores: InstanceEmbeddings | None) -> dict:
+    """The model card's DINO / CLIP-I lines: first and last validation, and the photos among themselves."""
+    if scores is None or not rows:
+        return {}
+    first, last = rows[0], rows[-1]
+    facts = {}
+    for metric, label in (("dino", "DINO"), ("clip_i", "CLIP-I")):
+        if metric not in first or metric not in last:
+            continue
+        text = f"{first[metric]:.3f} -> {last[metric]:.3f}"
+        ceiling = mean_pairwise_similarity(scores.embeddings[metric])
+        if ceiling is not None:
+            text += f" (the photos among themselves: {ceiling:.3f})"
+        if f"div_{metric}" in first and f"div_{metric}" in last:
+            text += f"; diversity of the samples {first[f'div_{metric}']:.3f} -> {last[f'div_{metric}']:.3f}"
+        facts[f"{label} similarity of the samples to the instance photos (step {first['step']} -> {last['step']})"] = text
+    return facts
+
+
 def write_dreambooth_model_card(args, arguments: dict, loop, photos, num_instance: int, class_set,
+                                subject_scores: InstanceEmbeddings | None = None,
                                 location: str | None = None) -> None:
     output_dir = Path(args.output_dir)
     instance_grid = output_dir / "samples" / "instance_images.png"
@@ -342,6 +381,7 @@ def write_dreambooth_model_card(args, arguments: dict, loop, photos, num_instanc
             f"{change('instance_latent_distance')}")
         facts["spread of the samples (mean distance between two)"] = (
             f"{change('sample_spread')}; latents {change('sample_latent_spread')}")
+    facts.update(subject_facts(rows, subject_scores))
     write_model_card(
         output_dir,
         title="DreamBooth fine-tune of an unconditional latent diffusion model",

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from uldm import args as cli
-from uldm.data import DataConfig, prepare_training_set
+from uldm.data import DataConfig, ImageFolderDataset, build_image_dataset, prepare_training_set
 from uldm.diffusion import build_noise_scheduler, describe_levers, noisy_latents_and_target, weighted_loss
 from uldm.errors import InputError, exit_cleanly_on_input_errors
+from uldm.fid_validation import FidConfig, build_fid_scorer, build_reference, load_feature_extractor
 from uldm.hub import HubUploader
 from uldm.latent_cache import CacheConfig
 from uldm.latents import latents_from_batch, measure_latent_std, resolve_latent_scaling
@@ -74,8 +76,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     cli.add_compute_args(parser)
     cli.add_hub_args(parser)
     cli.add_text_only_args(parser)
+    cli.add_fid_args(parser)
     args = parser.parse_args(argv)
     cli.check_common_args(args)
+    cli.check_fid_args(args)
     if not args.model_config_name_or_path and not args.pretrained_model_name_or_path:
         args.model_config_name_or_path = PIXEL_PRESET if is_pixel_space(args.vae_name_or_path) else "seed-ffhq256-sdvae"
     check_pixel_space_args(args)
@@ -114,6 +118,9 @@ def main(argv=None) -> None:
     pixel_space = is_pixel_space(args.vae_name_or_path)
     data_config, cache_config = data_and_cache_configs(args)
     validation_config = cli.config_from(ValidationConfig, args)
+    fid_config = cli.config_from(FidConfig, args)
+    # Before anything is written: a missing Inception weights file stops the run here.
+    fid_extractor = load_feature_extractor(fid_config) if fid_config.enabled else None
     accelerator = start_run(config)
     hub = HubUploader.from_config(cli.hub_config(args), accelerator.is_main_process)
 
@@ -135,7 +142,7 @@ def main(argv=None) -> None:
 
     if cache_config is not None:
         vae_key = vae_fingerprint(vae, args.vae_name_or_path, args.vae_subfolder, args.revision)
-    train_set, _ = prepare_training_set(data_config, accelerator, cache_config, vae, vae_key,
+    train_set, files = prepare_training_set(data_config, accelerator, cache_config, vae, vae_key,
                                         description={"vae": args.vae_name_or_path, "resolution": args.resolution})
     logger.info("Training images: %d", len(train_set))
     if not pixel_space:
@@ -157,20 +164,34 @@ def main(argv=None) -> None:
     sample_shape = (3, args.resolution, args.resolution) if pixel_space else latent_shape(vae, args.resolution)
     validation_noise = fixed_validation_noise(validation_config.num_validation_images, sample_shape, args.seed,
                                               accelerator.device)
+    fid_scorer = None
+    if fid_config.enabled:
+        reference = build_reference(fid_config, training_images(data_config, train_set, files), args.resolution,
+                                    data_config.center_crop, args.seed)
+        fid_scorer = build_fid_scorer(fid_config, fid_extractor, reference, accelerator, args.output_dir,
+                                      validation_config.validation_inference_steps, args.seed)
 
     def sampling_pipeline(model, scheduler):
         if pixel_space:
             return PixelSampler(model, scheduler)
         return build_pipeline(model, vae, scaling, noise_scheduler.config, scheduler=scheduler)
 
+    def validation_pipeline(model):
+        return sampling_pipeline(model, make_scheduler(validation_config.validation_scheduler, noise_scheduler.config))
+
     def validate(step: int) -> ValidationResult | None:
-        if not accelerator.is_main_process or not validation_config.num_validation_images:
+        """A grid from fixed noise (main process) and, with --validation_fid_images, FID/KID (all processes)."""
+        metrics = fid_scorer.score_training_model(loop, validation_pipeline) if fid_scorer is not None else None
+        if not accelerator.is_main_process:
             return None
-        _, samples = sample_from_noise(
-            loop, lambda model: sampling_pipeline(
-                model, make_scheduler(validation_config.validation_scheduler, noise_scheduler.config)),
-            validation_noise, validation_config.validation_inference_steps)
-        return ValidationResult(images={"validation": samples})
+        grids = {}
+        if validation_config.num_validation_images:
+            _, grids["validation"] = sample_from_noise(loop, validation_pipeline, validation_noise,
+                                                       validation_config.validation_inference_steps)
+        if metrics:
+            logger.info("Step %d: FID %.3f, KID %.5f (%d samples)", step, metrics["fid"], metrics["kid"],
+                        fid_config.validation_fid_images)
+        return ValidationResult(images=grids, metrics=metrics or {})
 
     def save_result(model) -> None:
         if not accelerator.is_main_process:
@@ -194,7 +215,8 @@ def main(argv=None) -> None:
             arguments=config.arguments,
             images={"Samples (EMA weights)" if loop.ema else "Samples": loop.last_validation.grids.get("validation"),
                     "Loss": f"{args.output_dir}/loss_curve.png"},
-            facts={**facts, "epochs": loop.epochs_completed, **describe_levers(noise_scheduler.config, levers)},
+            facts={**facts, "epochs": loop.epochs_completed, **describe_levers(noise_scheduler.config, levers),
+                   **fid_facts(args, loop)},
             usage=usage, base_model=args.pretrained_model_name_or_path, license=args.license,
             location=hub.location if hub.enabled else None,
         )
@@ -205,7 +227,8 @@ def main(argv=None) -> None:
 
     loop = build_training_loop(accelerator, config, unet, train_set, "train_unconditional_latent",
                                validation=Validation(validate, Schedule(every_steps=validation_config.validation_steps,
-                                                                        every_epochs=args.save_images_epochs)),
+                                                                        every_epochs=args.save_images_epochs),
+                                                     keep_best="fid" if args.keep_best_checkpoint else None),
                                save_result=save_result, save_schedule=Schedule(every_epochs=args.save_model_epochs))
     unet = loop.model
     if not pixel_space:
@@ -226,6 +249,30 @@ def main(argv=None) -> None:
     if finished:
         hub.upload_and_wait()
 
+
+def training_images(data_config: DataConfig, train_set, files):
+    """The training images as a data set (the FID reference): `train_set` itself, or, when it holds cached latents,
+    the readable files it was encoded from (nothing is opened until the reference features are extracted)."""
+    if not hasattr(train_set, "gather"):
+        return train_set
+    if files:
+        return ImageFolderDataset(files, Path(data_config.train_data_dir), data_config.preprocessing, data_config.seed)
+    return build_image_dataset(data_config)
+
+
+def fid_facts(args, loop) -> dict:
+    """The model card's FID lines: the last validation's, and the best one's (its checkpoint kept)."""
+    if not args.validation_fid_images or "fid" not in loop.last_validation.metrics:
+        return {}
+    extractor = args.fid_feature_extractor + ("" if args.fid_feature_extractor == "inception" else
+                                              " (not comparable with published FIDs)")
+    values = loop.last_validation.metrics
+    facts = {f"FID / KID at step {loop.last_validation.step} ({args.validation_fid_images} samples, "
+             f"{args.validation_scheduler} {args.validation_inference_steps} steps, {extractor})":
+             f"{values['fid']:.3f} / {values['kid']:.5f}"}
+    if loop.best is not None:
+        facts["lowest FID"] = f"{loop.best[1]:.3f} at step {loop.best[0]} (checkpoint-{loop.best[0]} kept)"
+    return facts
 
 
 if __name__ == "__main__":

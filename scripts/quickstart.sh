@@ -8,6 +8,8 @@
 # Pictures land in outputs/quickstart/ (OUTPUT_DIR=... to change). PYTHON picks the interpreter
 # (default: .venv/bin/python if present, else python3); LAUNCH the launcher of the training scripts
 # (default: "$PYTHON", one process; e.g. LAUNCH="accelerate launch --multi_gpu" for several GPUs).
+# FID during training uses the FID Inception when INCEPTION_WEIGHTS=FILE is set (or the file is in torch's hub
+# cache), else a fixed random convolutional network: offline and cheap, but not comparable with published FIDs.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -29,13 +31,26 @@ export HF_HUB_OFFLINE=1  # nothing here downloads anything
 if [[ "$QUICK" == 1 ]]; then
   NUM_IMAGES=64;   VAE_STEPS=6;   VAE_BATCH=8;  LDM_STEPS=6;    LDM_BATCH=16
   NUM_SAMPLES=16;  SAMPLE_STEPS=4; CLASS_IMAGES=8; DB_STEPS=4;  VALIDATION_STEPS=0
+  FID_IMAGES=16
 else
   NUM_IMAGES=1024; VAE_STEPS=2400; VAE_BATCH=8; LDM_STEPS=2500; LDM_BATCH=32
   NUM_SAMPLES=64;  SAMPLE_STEPS=25; CLASS_IMAGES=64; DB_STEPS=300; VALIDATION_STEPS=500
+  FID_IMAGES=256
 fi
 DATA="$OUT/data"
 COMMON=(--resolution 32 --checkpointing_steps 0 --report_to tensorboard --seed 0)
 started=$SECONDS
+INCEPTION_WEIGHTS="${INCEPTION_WEIGHTS:-}"
+for cached in "${TORCH_HOME:-$HOME/.cache/torch}"/hub/checkpoints/{weights-inception,pt_inception}-2015-12-05-6726825d.pth; do
+  if [[ -z "$INCEPTION_WEIGHTS" && -f "$cached" ]]; then INCEPTION_WEIGHTS="$cached"; fi
+done
+if [[ -n "$INCEPTION_WEIGHTS" ]]; then
+  FID=(--validation_fid_images "$FID_IMAGES" --fid_feature_extractor inception --inception_weights "$INCEPTION_WEIGHTS")
+  FID_NOTE="FID Inception ($INCEPTION_WEIGHTS)"
+else
+  FID=(--validation_fid_images "$FID_IMAGES" --fid_feature_extractor random-conv)
+  FID_NOTE="a fixed random conv net (no Inception weights here): compare these FIDs with each other, not with papers"
+fi
 
 step() { printf '\n==> [%s] %s (%ds so far)\n' "$1" "$2" "$((SECONDS - started))"; }
 fresh() { rm -rf "$@"; }  # each step starts clean, so a rerun never mixes in old results
@@ -75,8 +90,10 @@ fresh "$OUT/ldm"
   --random_flip --train_batch_size "$LDM_BATCH" --max_train_steps "$LDM_STEPS" --learning_rate 1e-3 \
   --lr_scheduler cosine --lr_warmup_steps "$(( LDM_STEPS / 20 ))" --use_ema --ema_max_decay 0.999 \
   --validation_steps "$VALIDATION_STEPS" --num_validation_images 16 --validation_inference_steps "$SAMPLE_STEPS" \
-  --output_dir "$OUT/ldm"
+  "${FID[@]}" --output_dir "$OUT/ldm"
 cp "$OUT/ldm/loss_curve.png" "$OUT/loss_ldm.png"
+echo "FID/KID of $FID_IMAGES samples against the $NUM_IMAGES training faces during training; features: $FID_NOTE"
+"$PYTHON" -c 'import sys; from uldm.fid_validation import fid_history; print(fid_history(sys.argv[1]))' "$OUT/ldm"
 
 step 4/6 "Sampling the base model"
 sample_grid "$OUT/ldm" 3_base_samples
@@ -103,6 +120,6 @@ for picture in "$OUT"/*.png; do echo "  $picture"; done
 cat <<EOF
   1_data: training faces   2_reconstructions: held-out faces (left) beside the VAE's reconstructions (right)
   3_base_samples: the latent diffusion model   4_subject: the DreamBooth subject
-  5_dreambooth_samples: the fine-tuned model (same seeds as 3)   loss_*: training curves
+  5_dreambooth_samples: the fine-tuned model (same seeds as 3)   loss_*: training curves (loss_ldm: with FID/KID)
 Models: $OUT/vae (AutoencoderKL), $OUT/ldm and $OUT/dreambooth (pipelines); TensorBoard: tensorboard --logdir $OUT
 EOF

@@ -65,6 +65,31 @@ def build_tiny_vq_vae(seed: int = 0):
     )
 
 
+def build_pooling_autoencoder(scaling_factor: float = 3.0, shift_factor: float = 0.35):
+    """An AutoencoderTiny (f4, 4 latent channels) set by hand, not trained: the latents are the image averaged
+    over 4x4 pixels (RGB in [0, 1], the 4th channel 0), and decoding repeats each latent pixel 4x4 times.
+    Unlike a random VAE, its decoded images are the model's latents seen directly, so a model that learns
+    the data makes samples that look like the (blocky) training images."""
+    from diffusers import AutoencoderTiny
+
+    vae = AutoencoderTiny(encoder_block_out_channels=(4, 4, 4), decoder_block_out_channels=(4, 4, 4),
+                          num_encoder_blocks=(0, 0, 0), num_decoder_blocks=(0, 0, 0), latent_channels=4,
+                          upsampling_scaling_factor=2, scaling_factor=scaling_factor, shift_factor=shift_factor)
+    with torch.no_grad():
+        for conv in [m for m in vae.modules() if isinstance(m, torch.nn.Conv2d)]:
+            conv.weight.zero_()
+            if conv.bias is not None:
+                conv.bias.zero_()
+            channels = min(conv.in_channels, conv.out_channels, 3)
+            if conv.stride == (2, 2):  # the 2x2 block under each output pixel, averaged
+                for c in range(channels):
+                    conv.weight[c, c, 1:, 1:] = 0.25
+            else:
+                for c in range(channels):
+                    conv.weight[c, c, 1, 1] = 1.0
+    return vae
+
+
 def make_blob_images(folder: Path, count: int, size: int = 32, seed: int = 0) -> list[Path]:
     """Simple, learnable images: a coloured disc at a random place on a plain background."""
     folder.mkdir(parents=True, exist_ok=True)

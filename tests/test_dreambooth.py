@@ -130,6 +130,45 @@ def test_fine_tuning_moves_samples_towards_the_subject_and_saves_a_loadable_pipe
     assert json.loads((out / "training_args.json").read_text())["resolution"] == RESOLUTION
 
 
+def test_validation_scores_dino_and_clip_i_of_the_samples_and_the_card_shows_them(base_dir, instance_dir, tmp_path):
+    from test_subject_similarity import save_tiny_clip, save_tiny_vit
+
+    from pipeline_latent_uncond import UnconditionalLatentPipeline
+    from uldm.dreambooth import pipeline_scaling
+    from uldm.images import list_image_files
+    from uldm.sampling import build_pipeline
+    from uldm.subject_similarity import InstanceEmbeddings
+    from uldm.validation import fixed_validation_noise
+    from uldm.vae import latent_shape
+
+    dino, clip = save_tiny_vit(tmp_path / "dino"), save_tiny_clip(tmp_path / "clip")
+    out = tmp_path / "out"
+    run_script(SCRIPT, db_args(base_dir, instance_dir, out, validation_steps=2, validation_dino_model=dino,
+                               validation_clip_model=clip))
+    rows = read_metrics(out, having="dino")
+    assert [row["step"] for row in rows] == [0, 2, 4]
+    for row in rows:
+        assert {"dino", "div_dino", "clip_i", "div_clip_i", "instance_distance"} <= set(row)
+        assert -1 <= row["dino"] <= 1 and 0 <= row["div_dino"] <= 2
+
+    # Step 0 scores the base model's samples from the validation noise against the photos.
+    base = UnconditionalLatentPipeline.from_pretrained(base_dir)
+    noise = fixed_validation_noise(4, latent_shape(base.vae, RESOLUTION), seed=0, device="cpu")
+    sampler = build_pipeline(base.unet, base.vae, pipeline_scaling(base), base.scheduler.config, "dpmsolver++")
+    with torch.no_grad():
+        latents = sampler(batch_size=4, latents=noise, num_inference_steps=3, output_type="latent").images
+        images = sampler.decode_latents(latents).permute(0, 2, 3, 1).float().numpy()
+    expected = InstanceEmbeddings.from_photos(list_image_files(instance_dir), {"dino": str(dino), "clip_i": str(clip)})
+    scores = expected.score(images)
+    for key in ("dino", "div_dino", "clip_i", "div_clip_i"):
+        assert rows[0][key] == pytest.approx(scores[key], abs=1e-5), key
+    assert rows[-1]["dino"] != rows[0]["dino"], "the fine-tuned model's samples score differently"
+
+    card = (out / "README.md").read_text()
+    assert "DINO similarity of the samples to the instance photos (step 0 -> 4)" in card
+    assert "CLIP-I similarity" in card and "the photos among themselves" in card
+
+
 def test_prior_preservation_generates_only_the_missing_class_images_and_logs_both_losses(
         base_dir, instance_dir, tmp_path):
     class_dir = tmp_path / "class"

@@ -29,6 +29,7 @@ def test_two_processes_shard_the_data_keep_equal_weights_and_write_one_set_of_ou
         "--use_ema", "--checkpointing_steps", "3", "--validation_steps", "3", "--num_validation_images", "2",
         "--validation_inference_steps", "2", "--report_to", "tensorboard", "--output_dir", str(out),
         "--learning_rate", "1e-3", "--lr_warmup_steps", "1",
+        "--validation_fid_images", "7", "--fid_feature_extractor", "random-conv", "--fid_batch_size", "2",
     ]
     result = subprocess.run(command, env=subprocess_env(ULDM_TRACE_BATCHES=trace), capture_output=True,
                             text=True, timeout=600, cwd=tmp_path)
@@ -59,12 +60,14 @@ def test_two_processes_shard_the_data_keep_equal_weights_and_write_one_set_of_ou
     for step in (3, 6):
         checkpoint = out / f"checkpoint-{step}"
         assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
-    steps = [row["step"] for row in read_metrics(out)]
+    steps = [row["step"] for row in read_metrics(out, having="loss")]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["validation_0000003.png", "validation_0000006.png"]
     writers = {path.name.split(".")[-2] for path in (out / "logs").rglob("events.out.tfevents.*")}
     assert len(writers) == 1, f"TensorBoard files from several processes: {writers}"
     assert (out / "model_index.json").is_file()
+    check_fid_is_the_one_process_fid(out, train_images)
+
     grouped = defaultdict(list)
     for line in result.stderr.splitlines():
         if "Saved the pipeline" in line:
@@ -205,3 +208,29 @@ def test_a_signal_to_one_process_stops_all_of_them_at_the_same_step(train_images
         steps_done = [entry["step"] for entry in read_trace(trace, rank) if "weights_checksum" in entry]
         assert steps_done[-1] == step, f"rank {rank} stopped after step {steps_done[-1]}, the checkpoint is {step}"
     assert [row["step"] for row in read_metrics(out, having="loss")] == list(range(1, step + 1))
+
+
+def check_fid_is_the_one_process_fid(out: Path, train_images: Path) -> None:
+    """The two processes shared the reference images and the samples (7 of each: uneven shares); gathered in
+    order, they give the features and the FID that one process computes alone."""
+    import pytest
+    import torch
+
+    from pipeline_latent_uncond import UnconditionalLatentPipeline
+    from uldm import fid
+    from uldm.data import ImageFolderDataset, Preprocessing
+    from uldm.fid_validation import FidScorer
+    from uldm.images import list_image_files
+
+    rows = read_metrics(out, having="fid")
+    assert [row["step"] for row in rows] == [3, 6]
+    (cached,) = (out / "fid_reference").glob("reference-*.safetensors")
+    shared = fid.load_stored_features(cached, fid.RandomConvFeatures())
+    reference = fid.ReferenceImages(ImageFolderDataset(list_image_files(train_images), train_images,
+                                                       Preprocessing(32, center_crop=True)))
+    alone = fid.extract_features(reference, fid.RandomConvFeatures(), batch_size=5)
+    torch.testing.assert_close(shared, alone, rtol=1e-5, atol=1e-6)
+    pipeline = UnconditionalLatentPipeline.from_pretrained(out)  # the EMA weights of step 6, as validated
+    pipeline.set_progress_bar_config(disable=True)
+    scorer = FidScorer(fid.RandomConvFeatures(), alone, num_images=7, num_inference_steps=2, batch_size=3)
+    assert scorer.score(pipeline)["fid"] == pytest.approx(rows[-1]["fid"], rel=1e-4)

@@ -320,6 +320,60 @@ def test_score_seam_keeps_only_the_best(saved_run, tmp_path):
     assert json.loads((tmp_path / "posthoc_ema.json").read_text())["best_sigma_rel"] == 0.08
 
 
+def test_sweep_scores_each_ema_by_fid_and_keeps_the_lowest(saved_run, tmp_path, capsys):
+    import shutil
+
+    from conftest import make_blob_images
+    from pipeline_latent_uncond import UnconditionalLatentPipeline
+    from uldm import fid
+    from uldm.fid_validation import FidScorer, PipelineFid
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(saved_run[0], run_dir)
+    make_blob_images(tmp_path / "data", 16)
+    (run_dir / "training_args.json").write_text(json.dumps({"train_data_dir": str(tmp_path / "data"),
+                                                            "resolution": 32, "center_crop": True}))
+    sweep = [run_dir, "--sweep", "--sigma_rel", 0.05, 0.08, 0.12, "--validation_fid_images", 12,
+             "--fid_feature_extractor", "random-conv", "--validation_inference_steps", 2, "--device", "cpu"]
+    out = tmp_path / "best"
+    run_synthesize(sweep + ["--output_dir", out])
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "posthoc_ema.json").read_text())
+    scores = {r["sigma_rel"]: r["score"] for r in summary["results"]}
+    assert len(set(scores.values())) == 3, "each EMA scores differently"
+    best = min(scores, key=scores.get)
+    assert summary["best_sigma_rel"] == best
+    assert sorted(p.name for p in out.iterdir()) == ["fid_sweep.md", "posthoc_ema.json", f"sigma_rel_{best:g}"]
+    table = (out / "fid_sweep.md").read_text()
+    assert table in printed and f"| {best:g} **(best)** | {scores[best]:.3f}" in table
+    for sigma_rel, value in scores.items():
+        assert f"{value:.3f}" in table
+
+    # The pipeline kept is the best one: scored again, it gives its FID; the reference came from the cache.
+    (cached,) = (run_dir / "fid_reference").glob("reference-*.safetensors")
+    reference = fid.load_stored_features(cached, fid.RandomConvFeatures())
+    assert len(reference) == 16
+    kept = UnconditionalLatentPipeline.from_pretrained(out / f"sigma_rel_{best:g}")
+    kept.set_progress_bar_config(disable=True)
+    scorer = FidScorer(fid.RandomConvFeatures(), reference, num_images=12, num_inference_steps=2)
+    assert PipelineFid(scorer, "dpmsolver++")(kept) == pytest.approx(scores[best], rel=1e-4)
+
+    run_synthesize(sweep + ["--output_dir", tmp_path / "all", "--keep_all"])
+    assert sorted(p.name for p in (tmp_path / "all").glob("sigma_rel_*")) == [
+        "sigma_rel_0.05", "sigma_rel_0.08", "sigma_rel_0.12"]
+    again = json.loads((tmp_path / "all" / "posthoc_ema.json").read_text())
+    assert {r["sigma_rel"]: r["score"] for r in again["results"]} == pytest.approx(scores)
+
+    expect_refusal(capsys, [run_dir, "--sweep", "--sigma_rel", 0.1, "--output_dir", tmp_path / "x"],
+                   "--validation_fid_images")
+    # A sigma_rel the snapshots cannot make is refused before anything is scored or written (even in a later pass).
+    unfit = sweep[:2] + ["--sigma_rel", 0.05, 0.08, 0.12, 0.15, 0.01] + sweep[6:]
+    expect_refusal(capsys, unfit + ["--keep_all", "--output_dir", tmp_path / "unfit"], "cannot be reconstructed well")
+    assert not (tmp_path / "unfit").exists()
+    (run_dir / "training_args.json").unlink()
+    expect_refusal(capsys, sweep + ["--output_dir", tmp_path / "y"], "training_args.json")
+
+
 def expect_refusal(capsys, argv, message):
     with pytest.raises(SystemExit) as stop:
         run_synthesize(argv)

@@ -121,6 +121,17 @@ def check_quickstart_outputs(out: Path) -> None:
     assert reconstructions.shape[0] % 32 == 0 and reconstructions.shape[1] % 64 == 0, "pairs of 32 px images"
     assert pixels(out / "3_base_samples.png").shape == (4 * 32, 4 * 32, 3)
     check_latent_scale_is_the_vaes(out)
+    check_fid_was_measured(out)
+
+
+def check_fid_was_measured(out: Path) -> None:
+    """FID/KID of the latent model at its (final) validation, drawn under its loss curve."""
+    from uldm.training import read_metrics
+
+    rows = read_metrics(out / "ldm", having="fid")
+    assert rows and rows[-1]["fid"] > 0 and "kid" in rows[-1]
+    with Image.open(out / "ldm" / "loss_curve.png") as figure:
+        assert figure.height > 0.8 * figure.width, "the loss curve (7:4 alone) has its FID panel"
 
 
 def test_quickstart_script_runs_from_a_clean_copy(tmp_path):
@@ -131,6 +142,8 @@ def test_quickstart_script_runs_from_a_clean_copy(tmp_path):
     out = repo / "outputs" / "quickstart"
     check_quickstart_outputs(out)
     assert "Look at outputs/quickstart/" in result.stdout
+    assert "FID/KID of 16 samples" in result.stdout and "random conv" in result.stdout
+    assert re.search(r"^\s+6\s+\d+\.\d\d\s+-?\d\.\d{4}$", result.stdout, re.M), "the FID table"
     if not HAS_DREAMBOOTH:
         assert "Skipping DreamBooth" in result.stdout
 
@@ -162,6 +175,10 @@ def check_quickstart_outputs_notebook(notebook, out: Path) -> None:
     if HAS_DREAMBOOTH:
         assert (out / "samples_dreambooth" / "grid.png").is_file()
     check_latent_scale_is_the_vaes(out)
+    check_fid_was_measured(out)
+    printed = "".join(output.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
+                      for output in cell.get("outputs", []))
+    assert "FID/KID of 16 samples" in printed
 
 
 def test_notebook_and_script_use_the_same_settings():
@@ -182,4 +199,4 @@ def test_notebook_and_script_use_the_same_settings():
 
     assert shell_settings(quick_block) == python_settings(quick_nb)
     assert shell_settings(full_block) == python_settings(full_nb)
-    assert len(shell_settings(full_block)) == 10
+    assert len(shell_settings(full_block)) == 11

@@ -17,7 +17,8 @@ Each idea has one home:
 * `sampling`: building/saving pipelines, schedulers by name, sample folders; `validation`: grids from
   fixed noise (ValidationConfig).
 * `dreambooth`, `autoencoder`, `posthoc_ema`, `face_align`, `demo_data`: one job each.
-* `fid`, `identity`, `subject_similarity`, `distances`: measuring samples.
+* `fid`, `identity`, `subject_similarity`, `distances`: measuring samples; `fid_validation`: FID/KID of a
+  model (in training, and of each EMA in synthesize_ema.py --sweep).
 * `model_card`, `hub`: sharing results. `errors`: the error scripts print (exit 2). `testing`: test support.
 """
 

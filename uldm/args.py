@@ -218,6 +218,69 @@ def scheduler_name(name: str) -> str:
     raise argparse.ArgumentTypeError(f"unknown sampler {name!r}: choose one of {', '.join([*SCHEDULERS, *by_class])}")
 
 
+def add_fid_args(parser: argparse.ArgumentParser, in_training: bool = True) -> None:
+    """FID/KID of samples: at each validation of a training run (`in_training`, with --keep_best_checkpoint), or of
+    each candidate of a sweep (then with the sampler's options too: a training script has them in its logging group)."""
+    from .fid import FEATURE_EXTRACTORS
+
+    group = parser.add_argument_group("FID/KID of samples")
+    group.add_argument("--validation_fid_images", type=int, default=0,
+                       help="Score this many samples (from fixed seeds, drawn with --validation_scheduler and "
+                            "--validation_inference_steps) with FID and KID" + (" at each validation" if in_training else "")
+                            + "; 0: off. A few hundred follow a run; published FIDs use 50000.")
+    group.add_argument("--fid_feature_extractor", type=str, default="inception",
+                       help=f"{' or '.join(FEATURE_EXTRACTORS)} (a fixed random conv net: offline and cheap, but not "
+                            "comparable with published FIDs), or a TorchScript file mapping N x 3 x H x W uint8 images "
+                            "to N x D features.")
+    group.add_argument("--inception_weights", type=str, default=None,
+                       help="Local FID Inception weights (weights-inception-2015-12-05-6726825d.pth), as for evaluate.py.")
+    group.add_argument("--fid_reference", type=str, default=None,
+                       help="A folder of reference images (read like the training images) or a stored features file "
+                            "(reference-*.safetensors of the cache). Default: the training images, preprocessed as in "
+                            "training.")
+    group.add_argument("--reference_stats_cache", type=str, default=None,
+                       help="Folder caching the reference features. Default: <output_dir>/fid_reference"
+                            + ("." if in_training else " of the training run (PIPELINE/fid_reference)."))
+    group.add_argument("--fid_batch_size", type=int, default=64, help="Batch size of FID sampling and feature extraction.")
+    group.add_argument("--kid_subset_size", type=int, default=1000, help="KID subset size (capped by the number of samples).")
+    if in_training:
+        group.add_argument("--keep_best_checkpoint", action="store_true",
+                           help="Keep the checkpoint of the step with the lowest FID safe from --checkpoints_total_limit "
+                                "(recorded in <output_dir>/best_checkpoint.json); a validation step with a new best FID "
+                                "and no checkpoint gets one.")
+    else:
+        group.add_argument("--validation_scheduler", type=str, default="dpmsolver++",
+                           help="Sampler of the FID samples: ddim, dpmsolver++, unipc, euler or ddpm.")
+        group.add_argument("--validation_inference_steps", type=int, default=25)
+
+
+def check_fid_args(args) -> None:
+    if getattr(args, "validation_fid_images", 0) < 0:
+        raise InputError("--validation_fid_images must be 0 (off) or more.")
+    if 0 < getattr(args, "validation_fid_images", 0) < 2:
+        raise InputError("--validation_fid_images must be at least 2 (FID needs a covariance); a few hundred follow a run.")
+    if getattr(args, "fid_reference", None):
+        from .fid_validation import check_reference_option
+
+        check_reference_option(args.fid_reference)
+    if getattr(args, "keep_best_checkpoint", False):
+        if not args.validation_fid_images:
+            raise InputError("--keep_best_checkpoint keeps the checkpoint with the lowest FID: give --validation_fid_images N.")
+        if not args.checkpointing_steps:
+            raise InputError("--keep_best_checkpoint needs checkpoints: give --checkpointing_steps N (ideally a divisor "
+                             "of --validation_steps, so that no extra checkpoint is saved for a new best FID).")
+
+
+def add_subject_metric_args(parser: argparse.ArgumentParser) -> None:
+    """DreamBooth's subject fidelity at each validation (uldm.subject_similarity; names as in evaluate.py)."""
+    group = parser.add_argument_group("subject fidelity at each validation (DreamBooth paper's DINO / CLIP-I / diversity)")
+    group.add_argument("--validation_dino_model", type=str, default=None,
+                       help="DINO ViT folder or hub id (e.g. facebook/dino-vits16): log DINO similarity of the "
+                            "validation samples to the instance photos, and their DINO diversity.")
+    group.add_argument("--validation_clip_model", type=str, default=None,
+                       help="CLIP folder or hub id (e.g. openai/clip-vit-large-patch14): the same with CLIP-I.")
+
+
 def add_checkpoint_args(parser: argparse.ArgumentParser, checkpointing_steps: int = 500) -> None:
     group = parser.add_argument_group("checkpoints")
     group.add_argument("--checkpointing_steps", type=int, default=checkpointing_steps,
@@ -344,7 +407,8 @@ def hub_config(args: argparse.Namespace):
     from .hub import HubConfig
 
     folders = [os.path.join(args.output_dir, args.logging_dir) if getattr(args, "logging_dir", None) else None,
-               getattr(args, "latent_cache_dir", None), getattr(args, "class_data_dir", None)]
+               getattr(args, "latent_cache_dir", None), getattr(args, "class_data_dir", None),
+               getattr(args, "reference_stats_cache", None)]
     return config_from(HubConfig, args, local_folders=tuple(os.path.abspath(f) for f in folders if f))
 
 

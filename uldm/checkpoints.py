@@ -27,6 +27,7 @@ import shutil
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterable
 
 from .errors import InputError
 from .saving import folder_size, human_size, processes_stop_together, warn_if_low_on_space
@@ -184,8 +185,13 @@ def publish_checkpoint(temp_dir: Path, output_dir: str | os.PathLike, step: int)
     return final
 
 
-def prune_checkpoints(output_dir: str | os.PathLike, total_limit: int | None) -> list[Path]:
-    """Delete the oldest complete checkpoints beyond `total_limit` and leftovers of cut-short saves."""
+def prune_checkpoints(output_dir: str | os.PathLike, total_limit: int | None,
+                      protected: Iterable[int] | None = None) -> list[Path]:
+    """Delete the oldest complete checkpoints beyond `total_limit` and leftovers of cut-short saves.
+
+    Checkpoints of the `protected` steps (default: those `protected_steps` reads from the output folder,
+    e.g. the best one of --keep_best_checkpoint) are kept and not counted: `total_limit` recent ones stay
+    besides them."""
     removed = []
     output_dir = Path(output_dir)
     for leftover in output_dir.glob(f"{TEMP_PREFIX}*"):
@@ -193,7 +199,9 @@ def prune_checkpoints(output_dir: str | os.PathLike, total_limit: int | None) ->
         shutil.rmtree(leftover, ignore_errors=True)
     if total_limit is None or total_limit <= 0:
         return removed
-    checkpoints = list_checkpoints(output_dir, warn_incomplete=False)
+    protected = set(protected_steps(output_dir) if protected is None else protected)
+    checkpoints = [path for path in list_checkpoints(output_dir, warn_incomplete=False)
+                   if checkpoint_step(path) not in protected]
     for path in checkpoints[: max(0, len(checkpoints) - total_limit)]:
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
@@ -458,3 +466,35 @@ def final_save_remedy(output_dir: str | os.PathLike) -> str:
                 f"{latest.name} and writes the model again (training only the steps after it, if any).")
     return ("Free some space there and run again (without --checkpointing_steps there is no checkpoint "
             "to write the model from).")
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints kept whatever the limit (--keep_best_checkpoint)
+
+PROTECTED_FILE = "best_checkpoint.json"
+
+
+def protect_checkpoint(output_dir: str | os.PathLike, step: int, **why) -> Path:
+    """Record checkpoint-<step> as the one pruning keeps (replacing the previous record), with why (e.g.
+    fid=12.3); main process only. Deleting the file lets pruning remove it again."""
+    path = Path(output_dir) / PROTECTED_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"checkpoint": f"checkpoint-{step}", "step": step, **why}, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def unprotect_checkpoints(output_dir: str | os.PathLike) -> None:
+    (Path(output_dir) / PROTECTED_FILE).unlink(missing_ok=True)
+
+
+def protected_steps(output_dir: str | os.PathLike) -> set[int]:
+    """The steps whose checkpoints pruning keeps (from best_checkpoint.json; none if it is absent or unreadable)."""
+    path = Path(output_dir) / PROTECTED_FILE
+    if not path.is_file():
+        return set()
+    try:
+        return {int(json.loads(path.read_text())["step"])}
+    except (ValueError, KeyError, TypeError) as error:
+        logger.warning("Ignoring %s (%s): no checkpoint is protected from pruning.", path, error)
+        return set()

@@ -257,13 +257,44 @@ class RandomConvFeatures(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float() / 127.5 - 1
-        if x.shape[-2:] != (self.size, self.size):
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
-        means = []
+        features: list[torch.Tensor] = []
         for layer in self.layers:
             x = torch.relu(layer(x))
-            means.append(x.mean(dim=(2, 3)))
-        return torch.cat([F.adaptive_avg_pool2d(x, 2).flatten(1), *means], dim=1)
+            features.append(x.mean(dim=(2, 3)))
+        features.insert(0, F.adaptive_avg_pool2d(x, 2).flatten(1))
+        return torch.cat(features, dim=1)
+
+
+# --fid_feature_extractor values besides a TorchScript file
+FEATURE_EXTRACTORS = ("inception", "random-conv")
+RANDOM_FEATURES_CAVEAT = (
+    "FID/KID use a fixed random convolutional network (--fid_feature_extractor random-conv): good for "
+    "following a run and comparing runs scored the same way, but not comparable with published FIDs, which "
+    "use the FID Inception (--fid_feature_extractor inception --inception_weights FILE)."
+)
+
+
+def build_feature_extractor(name_or_path: str = "inception", inception_weights: str | os.PathLike | None = None) -> nn.Module:
+    """The FID/KID feature extractor named on the command line: "inception" (the FID Inception, from
+    `inception_weights` or the torch.hub cache), "random-conv" (`RandomConvFeatures`, offline) or a
+    TorchScript file (`torch.jit.save` of a module mapping N x 3 x H x W uint8 images to N x D features)."""
+    if name_or_path == "inception":
+        return build_inception_feature_extractor(inception_weights)
+    if name_or_path == "random-conv":
+        return RandomConvFeatures()
+    path = Path(name_or_path).expanduser()
+    if not path.is_file():
+        raise InputError(
+            f"--fid_feature_extractor {name_or_path}: give one of {', '.join(FEATURE_EXTRACTORS)} or a TorchScript "
+            "file (torch.jit.save of a module that maps N x 3 x H x W uint8 images to N x D features)."
+        )
+    try:
+        return torch.jit.load(str(path), map_location="cpu")
+    except (RuntimeError, ValueError) as error:
+        raise InputError(f"--fid_feature_extractor {path} is not a TorchScript file that torch.jit.load reads: "
+                         f"{str(error).strip().splitlines()[0]}") from error
 
 
 def feature_extractor_fingerprint(module: nn.Module) -> str:
@@ -292,13 +323,14 @@ def extract_features(
     device: str | torch.device = "cpu",
     num_workers: int = 0,
     desc: str = "features",
+    progress: bool = True,
 ) -> torch.Tensor:
     """Features (N x D, float32, on the CPU) of a data set of 3xHxW uint8 tensors."""
     device = torch.device(device)
     feature_extractor = feature_extractor.to(device).eval()
     loader = DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda")
     chunks = []
-    for batch in tqdm(loader, desc=desc, unit="batch"):
+    for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress):
         features = feature_extractor(batch.to(device, non_blocking=True))
         chunks.append(features.reshape(batch.shape[0], -1).float().cpu())
     return torch.cat(chunks)
@@ -310,6 +342,46 @@ def reference_cache_key(reference: ReferenceImages, feature_extractor: nn.Module
     return key, description
 
 
+def reference_cache_path(reference: ReferenceImages, feature_extractor: nn.Module,
+                         cache_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """Where the reference's features are cached (keyed by the reference and the extractor), and the key's
+    description (stored with the features)."""
+    key, description = reference_cache_key(reference, feature_extractor)
+    return Path(cache_dir) / f"reference-{key}.safetensors", description
+
+
+def save_reference_features(path: str | os.PathLike, features: torch.Tensor, description: dict[str, Any]) -> None:
+    """Write next to the target and rename, so an interrupted run never leaves a half file."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".partial-{os.getpid()}")
+    save_file({"features": features.contiguous()}, partial, metadata={"description": json.dumps(description, sort_keys=True)})
+    os.replace(partial, path)
+
+
+def load_stored_features(path: str | os.PathLike, feature_extractor: nn.Module) -> torch.Tensor:
+    """Reference features stored by the cache (a reference-*.safetensors file, e.g. of an earlier run or of
+    evaluate.py --reference_stats_cache), refused unless they come from the same feature extractor."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            features = handle.get_tensor("features")
+    except Exception as error:  # safetensors raises its own error types
+        raise InputError(f"{path} is not a features file of the reference cache (reference-*.safetensors): "
+                         f"{error}") from error
+    stored = json.loads(metadata.get("description", "{}")).get("feature_extractor")
+    if stored != feature_extractor_fingerprint(feature_extractor):
+        raise InputError(f"The features in {path} were extracted by another feature extractor than this run's "
+                         "(--fid_feature_extractor / --inception_weights); FID against them would mean nothing. "
+                         "Give the reference images instead, or the features file of the same extractor.")
+    return features
+
+
 def reference_features(
     reference: ReferenceImages,
     feature_extractor: nn.Module,
@@ -317,20 +389,15 @@ def reference_features(
     **extract_kwargs: Any,
 ) -> tuple[torch.Tensor, bool]:
     """Features of the reference, read from `cache_dir` when present there. Returns (features, cache hit)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     if cache_dir is None:
         return extract_features(reference, feature_extractor, desc="reference features", **extract_kwargs), False
-    key, description = reference_cache_key(reference, feature_extractor)
-    cache_path = Path(cache_dir) / f"reference-{key}.safetensors"
+    cache_path, description = reference_cache_path(reference, feature_extractor, cache_dir)
     if cache_path.is_file():
         return load_file(cache_path)["features"], True
     features = extract_features(reference, feature_extractor, desc="reference features", **extract_kwargs)
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    # Write next to the target and rename, so an interrupted run never leaves a half file.
-    partial = cache_path.with_suffix(f".partial-{os.getpid()}")
-    save_file({"features": features.contiguous()}, partial, metadata={"description": json.dumps(description, sort_keys=True)})
-    os.replace(partial, cache_path)
+    save_reference_features(cache_path, features, description)
     return features, False
 
 
@@ -358,7 +425,9 @@ def fid_from_features(real: torch.Tensor, fake: torch.Tensor, device: str | torc
     if len(real) < 2 or len(fake) < 2:
         raise ValueError(f"FID needs at least 2 images on each side (reference: {len(real)}, samples: {len(fake)}).")
     device = _metric_device(device)
-    metric = FrechetInceptionDistance(feature=_PrecomputedFeatures(real.shape[1])).to(device)
+    # sync_on_compute=False: the features are complete here; in a multi-process run only the main process
+    # computes, and torchmetrics' default all-gather would wait for the others forever.
+    metric = FrechetInceptionDistance(feature=_PrecomputedFeatures(real.shape[1]), sync_on_compute=False).to(device)
     metric.update(real.to(device), real=True)
     metric.update(fake.to(device), real=False)
     return float(metric.compute())
@@ -383,7 +452,8 @@ def kid_from_features(
         raise ValueError(f"KID needs at least 2 images on each side (reference: {len(real)}, samples: {len(fake)}).")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
-        metric = KernelInceptionDistance(feature=_PrecomputedFeatures(real.shape[1]), subsets=subsets, subset_size=subset_size)
+        metric = KernelInceptionDistance(feature=_PrecomputedFeatures(real.shape[1]), subsets=subsets,
+                                         subset_size=subset_size, sync_on_compute=False)
     device = _metric_device(device)
     metric.update(real.to(device), real=True)
     metric.update(fake.to(device), real=False)

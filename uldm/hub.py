@@ -38,6 +38,8 @@ LOCAL_ONLY_PATTERNS = (
     "latent_cache/*",      # the encoded data set (the default --latent_cache_dir)
     "ema_snapshots/*",
     "previous_run_*",      # an earlier run's files, moved aside by --overwrite_output_dir
+    "fid_reference/*",     # cached FID reference features (the default --reference_stats_cache)
+    "best_checkpoint.json",  # names a local checkpoint (--keep_best_checkpoint)
     ".*",                  # hidden files and folders: checkpoints being written (.tmp-checkpoint-*),
                            # other temporary writes, notebook and editor files
     "*/.*",

@@ -16,10 +16,18 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
     return np.convolve(values, kernel, mode="valid")
 
 
+# Validation metrics drawn under the losses, one panel per scale: (title, keys on the left axis, keys on the right).
+VALIDATION_PANELS = (
+    ("FID / KID (lower is better)", ("fid",), ("kid",)),
+    ("subject: similarity to the photos, diversity", ("dino", "clip_i", "div_dino", "div_clip_i"), ()),
+)
+
+
 def plot_loss_curve(metrics_path: str | os.PathLike, output_path: str | os.PathLike,
                     keys: tuple[str, ...] = ("loss",)) -> Path | None:
     """Plot the logged losses (raw and smoothed) against the step, as a PNG. Extra keys ending in
-    `_loss` (e.g. DreamBooth's instance_loss and prior_loss) are drawn too."""
+    `_loss` (e.g. DreamBooth's instance_loss and prior_loss) are drawn too; validation metrics (FID/KID,
+    DINO/CLIP-I) go in panels below, on the same steps."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -28,8 +36,11 @@ def plot_loss_curve(metrics_path: str | os.PathLike, output_path: str | os.PathL
     rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
     if not rows:
         return None
+    panels = [panel for panel in VALIDATION_PANELS if any(key in row for row in rows for key in panel[1] + panel[2])]
+    figure, axes = plt.subplots(1 + len(panels), 1, figsize=(7, 4 + 2.5 * len(panels)), dpi=100, sharex=True,
+                                squeeze=False, gridspec_kw={"height_ratios": [1.6] + [1] * len(panels)})
+    axis = axes[0, 0]
     names = list(keys) + sorted({k for row in rows for k in row if k.endswith("_loss") and k not in keys})
-    figure, axis = plt.subplots(figsize=(7, 4), dpi=100)
     for name in names:
         points = [(row["step"], row[name]) for row in rows if name in row]
         if not points:
@@ -39,14 +50,43 @@ def plot_loss_curve(metrics_path: str | os.PathLike, output_path: str | os.PathL
         line = axis.plot(steps, values, alpha=0.25, linewidth=0.8)[0]
         smoothed = _smooth(values, window)
         axis.plot(steps[len(steps) - len(smoothed):], smoothed, color=line.get_color(), label=name)
-    axis.set_xlabel("optimiser step")
     axis.set_ylabel("loss")
     if all(row.get("loss", 1) > 0 for row in rows):
         axis.set_yscale("log")
     axis.grid(alpha=0.3)
-    axis.legend()
+    if axis.get_legend_handles_labels()[0]:  # e.g. a run that only validated (resumed at its last step)
+        axis.legend()
+    for (title, left, right), panel_axes in zip(panels, axes[1:, 0]):
+        _plot_validation_panel(panel_axes, rows, title, left, right)
+    axes[-1, 0].set_xlabel("optimiser step")
     figure.tight_layout()
     output_path = Path(output_path)
     figure.savefig(output_path)
     plt.close(figure)
     return output_path
+
+
+def _points(rows: list[dict], key: str) -> tuple[list, list]:
+    points = [(row["step"], row[key]) for row in rows if isinstance(row.get(key), (int, float))]
+    return ([p[0] for p in points], [p[1] for p in points]) if points else ([], [])
+
+
+def _plot_validation_panel(axis, rows: list[dict], title: str, left: tuple[str, ...], right: tuple[str, ...]) -> None:
+    """Each key as a line with markers (one point per validation); `right` keys on a second y-axis."""
+    handles = []
+    for key in left:
+        steps, values = _points(rows, key)
+        if steps:
+            handles += axis.plot(steps, values, marker="o", markersize=3, label=key)
+    axis.set_title(title, fontsize=9)
+    axis.grid(alpha=0.3)
+    right_keys = [key for key in right if _points(rows, key)[0]]
+    if right_keys:
+        twin = axis.twinx()
+        for key in right_keys:
+            steps, values = _points(rows, key)
+            handles += twin.plot(steps, values, marker="s", markersize=3, linestyle="--", color="tab:gray", label=key)
+        twin.set_ylabel(", ".join(right_keys))
+    axis.set_ylabel(", ".join(key for key in left if _points(rows, key)[0]))
+    if handles:
+        axis.legend(handles=handles, fontsize=8)

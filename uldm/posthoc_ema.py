@@ -469,19 +469,12 @@ def _short_list(values: Sequence) -> str:
         ", ".join(map(str, values[:3])) + ", ..., " + ", ".join(map(str, values[-3:]))
 
 
-def synthesize_state_dicts(snapshots: Sequence[Snapshot], sigma_rels: Sequence[float], at_step: int | None = None,
-                           max_fit_error: float | None = None, dtype: torch.dtype = torch.float32,
-                           ) -> list[SynthesizedEMA]:
-    """The EMA of each sigma_rel at `at_step` (default: the latest snapshot step), from the snapshots.
-
-    Reads each snapshot file once for all targets and accumulates in float64 (memory: one float64
-    copy of the weights per target). Refuses (InputError) a sigma_rel outside (0, sqrt(1/12)), a
-    fit error above `max_fit_error`, and snapshots whose tensors do not agree in names and shapes."""
-    from safetensors.torch import load_file
-
-    gammas = [sigma_rel_to_gamma(s) for s in sigma_rels]
-    used, at_step = snapshots_for_step(snapshots, at_step)
-    fits = [solve_coefficients([s.step for s in used], [s.gamma for s in used], at_step, g) for g in gammas]
+def profile_fits(used: Sequence[Snapshot], sigma_rels: Sequence[float], at_step: int,
+                 max_fit_error: float | None = None) -> list[Coefficients]:
+    """The least-squares combination of the `used` snapshots for each sigma_rel at `at_step` (no weights read);
+    InputError for a fit error above `max_fit_error`."""
+    fits = [solve_coefficients([s.step for s in used], [s.gamma for s in used], at_step, sigma_rel_to_gamma(sigma_rel))
+            for sigma_rel in sigma_rels]
     if max_fit_error is not None:
         for sigma_rel, fit in zip(sigma_rels, fits):
             if fit.fit_error > max_fit_error:
@@ -492,6 +485,21 @@ def synthesize_state_dicts(snapshots: Sequence[Snapshot], sigma_rels: Sequence[f
                     "are there; a short EMA needs snapshots close to the last step (smaller --ema_snapshot_steps) or a "
                     "tracked profile near it. Choose a sigma_rel nearer the tracked ones, or raise the limit."
                 )
+    return fits
+
+
+def synthesize_state_dicts(snapshots: Sequence[Snapshot], sigma_rels: Sequence[float], at_step: int | None = None,
+                           max_fit_error: float | None = None, dtype: torch.dtype = torch.float32,
+                           ) -> list[SynthesizedEMA]:
+    """The EMA of each sigma_rel at `at_step` (default: the latest snapshot step), from the snapshots.
+
+    Reads each snapshot file once for all targets and accumulates in float64 (memory: one float64
+    copy of the weights per target). Refuses (InputError) a sigma_rel outside (0, sqrt(1/12)), a
+    fit error above `max_fit_error`, and snapshots whose tensors do not agree in names and shapes."""
+    from safetensors.torch import load_file
+
+    used, at_step = snapshots_for_step(snapshots, at_step)
+    fits = profile_fits(used, sigma_rels, at_step, max_fit_error)
     sums: list[dict[str, torch.Tensor]] = [{} for _ in sigma_rels]
     reference_shapes: dict[str, tuple] | None = None
     reference_path = None
@@ -610,6 +618,8 @@ def write_synthesized_pipelines(
             f"No post-hoc EMA snapshots in {snapshot_dir}. Train with --use_posthoc_ema (snapshots every "
             f"--ema_snapshot_steps steps go to <output_dir>/{SNAPSHOT_DIR_NAME}/), or point --snapshot_dir at them."
         )
+    used, target_step = snapshots_for_step(snapshots, at_step)
+    profile_fits(used, sigma_rels, target_step, max_fit_error)  # every target checked before any is made or scored
     pipeline = load_pipeline(pipeline_dir, UnconditionalLatentPipeline)
     # Before any weights are read: do the snapshots (the latest one stands for all) fit this UNet?
     check_shapes_fit(snapshot_shapes(snapshots[-1].path), pipeline.unet, f"The snapshots in {snapshot_dir}")

@@ -558,6 +558,9 @@ class Validation:
     run: Callable[[int], ValidationResult | None]
     schedule: Schedule = Schedule()
     at_start: bool = False
+    # A metric of the results, lower is better (e.g. "fid"): the checkpoint of its best step is kept safe from
+    # --checkpoints_total_limit (saved at that step if none was due there).
+    keep_best: str | None = None
 
 
 @dataclass
@@ -604,6 +607,7 @@ class TrainingLoop:
         self.save_schedule = save_schedule
         self.posthoc_ema = posthoc_ema
         self.last_validation = ValidationRecord()
+        self.best: tuple[int, float] | None = None  # (step, value) of Validation.keep_best's best so far
         self.output_dir = Path(config.output_dir)
         self.state = TrainingState(
             train_batch_size=config.train_batch_size,
@@ -663,6 +667,7 @@ class TrainingLoop:
         step training goes on from (lines logged after it are dropped: they are logged again)."""
         self._restore(self.config.resume_from_checkpoint)
         self.metrics = MetricsWriter(self.accelerator, self.output_dir, resume_step=self.global_step)
+        self._find_best_checkpoint()
 
     def _restore(self, resume_from_checkpoint: str | None) -> None:
         path = ckpt.restore_checkpoint(self.accelerator, resume_from_checkpoint, self.output_dir)
@@ -761,6 +766,51 @@ class TrainingLoop:
         with self._unsharded(), self.ema_weights() as model, processes_stop_together(
                 self.accelerator, "the trained model", self.output_dir, remedy=ckpt.final_save_remedy(self.output_dir)):
             self.save_result_with(model)
+
+    # ---- the best checkpoint (Validation.keep_best) ------------------------------------------
+
+    def _find_best_checkpoint(self) -> None:
+        """On (re)start: the best validation so far, among the steps up to where training goes on whose
+        checkpoint exists; its record is rewritten to match (main process)."""
+        key = self.validation.keep_best if self.validation is not None else None
+        if key is None or not self.accelerator.is_main_process:
+            return
+        rows = read_metrics(self.output_dir, having=key) if self.metrics.path.exists() else []
+        rows = [row for row in rows if 0 < row["step"] <= self.global_step and isinstance(row[key], (int, float))
+                and math.isfinite(row[key])
+                and (self.output_dir / f"checkpoint-{row['step']}").is_dir()]
+        if rows:
+            row = min(rows, key=lambda row: row[key])
+            self.best = (row["step"], row[key])
+            ckpt.protect_checkpoint(self.output_dir, row["step"], **{key: row[key]})
+        else:
+            ckpt.unprotect_checkpoints(self.output_dir)
+
+    def _keep_if_best(self, step: int) -> None:
+        """After a validation: a new best value of `keep_best` protects this step's checkpoint from pruning
+        (saving one first if none was due at this step). Every process takes part (the save is collective)."""
+        key = self.validation.keep_best
+        if key is None or step == 0:
+            return
+        decision = [False, False]
+        if self.accelerator.is_main_process:
+            value = self.last_validation.metrics.get(key) if self.last_validation.step == step else None
+            new_best = value is not None and math.isfinite(value) and (self.best is None or value < self.best[1])
+            decision = [new_best, (self.output_dir / f"checkpoint-{step}").is_dir()]
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            decision = broadcast_object_list(decision)
+        new_best, has_checkpoint = decision
+        if not new_best:
+            return
+        if not has_checkpoint:
+            self.save_checkpoint()
+        if self.accelerator.is_main_process:
+            self.best = (step, value)
+            ckpt.protect_checkpoint(self.output_dir, step, **{key: value})
+            ckpt.prune_checkpoints(self.output_dir, self.config.checkpoints_total_limit)  # the previous best may go now
+            logger.info("Best %s so far (%.4g) at step %d: checkpoint-%d is kept from pruning.", key, value, step, step)
 
     # ---- validation -------------------------------------------------------------------------
 
@@ -907,6 +957,7 @@ class TrainingLoop:
                         self.metrics.plot()
                     if validation_due:
                         self.validate(self.global_step)
+                        self._keep_if_best(self.global_step)
                     if save_due:
                         self.save_result()
                     if stop_requested:
@@ -926,6 +977,7 @@ class TrainingLoop:
             self.stop.uninstall()
         if self.validation is not None:
             self.validate(self.global_step)
+            self._keep_if_best(self.global_step)
         self.metrics.plot()
         self.save_result()
         return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -59,17 +60,25 @@ def log_image_grid(accelerator, images: np.ndarray, step: int, output_dir: str |
     return path
 
 
-@torch.no_grad()
-def sample_from_noise(loop, make_pipeline, noise: torch.Tensor, num_inference_steps: int) -> tuple[torch.Tensor, np.ndarray]:
-    """Samples of the model in training (EMA weights, eval mode, autocast) from fixed `noise`:
-    (final latents, images NHWC in [0, 1]). `make_pipeline(unet)` builds the sampling pipeline."""
+@contextlib.contextmanager
+def sampling_model(loop):
+    """The model of a TrainingLoop as validation samples it: EMA weights swapped in, eval mode, autocast; the
+    live weights and train mode come back after the block."""
     with loop.ema_weights() as model, loop.accelerator.autocast():
         model.eval()
         try:
-            pipeline = make_pipeline(model)
-            latents = pipeline(batch_size=len(noise), latents=noise, num_inference_steps=num_inference_steps,
-                               output_type="latent").images
-            images = pipeline.decode_latents(latents).permute(0, 2, 3, 1).float().cpu().numpy()
+            yield model
         finally:
             model.train()
+
+
+@torch.no_grad()
+def sample_from_noise(loop, make_pipeline, noise: torch.Tensor, num_inference_steps: int) -> tuple[torch.Tensor, np.ndarray]:
+    """Samples of the model in training (`sampling_model`) from fixed `noise`: (final latents, images NHWC in
+    [0, 1]). `make_pipeline(unet)` builds the sampling pipeline."""
+    with sampling_model(loop) as model:
+        pipeline = make_pipeline(model)
+        latents = pipeline(batch_size=len(noise), latents=noise, num_inference_steps=num_inference_steps,
+                           output_type="latent").images
+        images = pipeline.decode_latents(latents).permute(0, 2, 3, 1).float().cpu().numpy()
     return latents, images
