@@ -21,7 +21,7 @@ from torch.utils.data._utils.collate import default_collate
 from conftest import build_tiny_kl_vae, latent_training_args, make_blob_images, run_script
 from uldm import latent_cache
 from uldm.data import DataConfig, EpochBatchSampler, ImageDataset, prepare_training_set
-from uldm.latent_cache import CacheConfig, LatentCacheDataset, build_or_load_latent_cache
+from uldm.latent_cache import CacheConfig, build_or_load_latent_cache
 from uldm.training import read_metrics
 
 SCRIPT = "train_unconditional_latent"
