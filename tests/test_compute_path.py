@@ -27,7 +27,7 @@ def test_a_nan_between_read_backs_stops_before_the_next_checkpoint_and_names_its
     import train_unconditional_latent
 
     calls = {"micro_batches": 0, "read_backs": 0}
-    original_loss, original_read_back = train_unconditional_latent.per_sample_loss, uldm.training.StepRecords.read_back
+    original_loss, original_read_back = train_unconditional_latent.weighted_loss, uldm.training.StepRecords.read_back
 
     def loss_with_a_nan_in_step_3(*args, **kwargs):
         calls["micro_batches"] += 1
@@ -38,7 +38,7 @@ def test_a_nan_between_read_backs_stops_before_the_next_checkpoint_and_names_its
         calls["read_backs"] += 1
         return original_read_back(self, accelerator)
 
-    monkeypatch.setattr(train_unconditional_latent, "per_sample_loss", loss_with_a_nan_in_step_3)
+    monkeypatch.setattr(train_unconditional_latent, "weighted_loss", loss_with_a_nan_in_step_3)
     monkeypatch.setattr(uldm.training.StepRecords, "read_back", counted_read_back)
     out = tmp_path / "out"
     argv = latent_training_args(train_images, tiny_vae_dir, out, max_train_steps=6, gradient_accumulation_steps=2,
