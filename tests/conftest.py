@@ -187,6 +187,22 @@ def subprocess_env(**extra) -> dict:
     return env
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now (so torchrun runs of parallel test sessions never meet)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun_command(script: str | Path, *arguments, processes: int = 2, launcher: tuple = ()) -> list[str]:
+    """`torchrun --nproc_per_node N --master_port <free> [launcher options] script ...`; with ACCELERATE_USE_CPU=1
+    (subprocess_env) the processes join as accelerate's MULTI_CPU (gloo)."""
+    return [venv_bin("torchrun"), "--nproc_per_node", str(processes), "--master_port", str(free_port()),
+            *launcher, str(script), *map(str, arguments)]
+
+
 def venv_bin(name: str) -> str:
     """A console script of the interpreter running the tests (accelerate, torchrun)."""
     return str(Path(sys.executable).parent / name)

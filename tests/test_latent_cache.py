@@ -92,6 +92,25 @@ def photos(tmp_path) -> Path:
 # The key: the listing, nothing decoded
 
 
+def build_cache_in_two_processes(images, vae, cache_root: Path, **options) -> dict:
+    """The cache of `images` built by two "processes" (threads with a real barrier between them, as accelerate's
+    wait_for_everyone); {rank: the LatentCacheDataset it returned}."""
+    barrier, results = threading.Barrier(2), {}
+
+    def process(rank: int) -> None:
+        results[rank] = build_or_load_latent_cache(
+            images, vae, cache_root=cache_root, key="key", with_flips=True, batch_size=4, num_workers=0,
+            process_index=rank, num_processes=2, wait_for_everyone=barrier.wait, **options)
+
+    threads = [threading.Thread(target=process, args=(rank,)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert set(results) == {0, 1}, "both processes returned the cache"
+    return results
+
+
 def test_a_resume_with_a_complete_cache_opens_no_image(train_images, tiny_vae_dir, tmp_path, monkeypatch):
     out, cache = tmp_path / "run", tmp_path / "cache"
     common = dict(cache_latents=True, random_flip=True, latent_cache_dir=cache, checkpointing_steps=2)
@@ -168,18 +187,7 @@ def test_processes_encode_their_share_and_agree_on_the_items(photos, tmp_path, e
     from uldm.data import ImageFolderDataset, Preprocessing, list_folder_images
 
     images = ImageFolderDataset(list_folder_images(photos), photos, Preprocessing(32, center_crop=True))
-    vae, barrier, results = build_tiny_kl_vae(), threading.Barrier(2), {}
-
-    def process(rank: int) -> None:
-        results[rank] = build_or_load_latent_cache(images, vae, tmp_path / "cache", "key", True, 4, 0, rank, 2,
-                                                   barrier.wait, items_per_part=2)
-
-    threads = [threading.Thread(target=process, args=(rank,)) for rank in (0, 1)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert set(results) == {0, 1}, "both processes returned the cache"
+    results = build_cache_in_two_processes(images, build_tiny_kl_vae(), tmp_path / "cache", items_per_part=2)
     assert sorted(encoded_items) == list(range(10)), "every image was decoded once, by one process"
     for cache in results.values():
         assert cache.source_indices.tolist() == [0, 1, 2, 3, 4, 7, 8, 9]
@@ -193,18 +201,7 @@ def test_a_process_without_images_to_encode_leaves_a_usable_cache(tmp_path):
 
     paths = make_blob_images(tmp_path / "images", 1)
     images = ImageFolderDataset(paths, tmp_path / "images", Preprocessing(32, center_crop=True))
-    vae, barrier, results = build_tiny_kl_vae(), threading.Barrier(2), {}
-
-    def process(rank: int) -> None:
-        results[rank] = build_or_load_latent_cache(images, vae, tmp_path / "cache", "key", True, 4, 0, rank, 2,
-                                                   barrier.wait)
-
-    threads = [threading.Thread(target=process, args=(rank,)) for rank in (0, 1)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert set(results) == {0, 1}, "both processes returned the cache"
+    results = build_cache_in_two_processes(images, build_tiny_kl_vae(), tmp_path / "cache")
     for cache in results.values():
         assert len(cache) == 1 and cache[0]["mean"].shape == (4, 8, 8) and "mean_flipped" in cache[0]
 

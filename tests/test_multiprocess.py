@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, subprocess_env, venv_bin
+from conftest import REPO_ROOT, latent_training_args, subprocess_env, torchrun_command
 from uldm.training import read_metrics
+
+LATENT_TRAINER = REPO_ROOT / "train_unconditional_latent.py"
 
 
 def read_trace(prefix: Path, rank: int) -> list[dict]:
@@ -20,17 +22,11 @@ def read_trace(prefix: Path, rank: int) -> list[dict]:
 def test_two_processes_shard_the_data_keep_equal_weights_and_write_one_set_of_outputs(
         train_images, tiny_vae_dir, tmp_path):
     out, trace = tmp_path / "out", tmp_path / "trace"
-    command = [
-        venv_bin("torchrun"), "--nproc_per_node", "2", "--master_port", "29517",
-        str(REPO_ROOT / "train_unconditional_latent.py"),
-        "--train_data_dir", str(train_images), "--vae_name_or_path", str(tiny_vae_dir),
-        "--model_config_name_or_path", "tiny", "--resolution", "32", "--train_batch_size", "3",
-        "--max_train_steps", "6", "--gradient_accumulation_steps", "2", "--cache_latents", "--random_flip",
-        "--use_ema", "--checkpointing_steps", "3", "--validation_steps", "3", "--num_validation_images", "2",
-        "--validation_inference_steps", "2", "--report_to", "tensorboard", "--output_dir", str(out),
-        "--learning_rate", "1e-3", "--lr_warmup_steps", "1",
-        "--validation_fid_images", "7", "--fid_feature_extractor", "random-conv", "--fid_batch_size", "2",
-    ]
+    command = torchrun_command(LATENT_TRAINER, *latent_training_args(
+        train_images, tiny_vae_dir, out, train_batch_size=3, max_train_steps=6, gradient_accumulation_steps=2,
+        cache_latents=True, random_flip=True, use_ema=True, checkpointing_steps=3, validation_steps=3,
+        num_validation_images=2, validation_inference_steps=2, report_to="tensorboard", lr_warmup_steps=1,
+        validation_fid_images=7, fid_feature_extractor="random-conv", fid_batch_size=2))
     result = subprocess.run(command, env=subprocess_env(ULDM_TRACE_BATCHES=trace), capture_output=True,
                             text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -75,18 +71,12 @@ def test_two_processes_shard_the_data_keep_equal_weights_and_write_one_set_of_ou
     assert len(grouped["pipeline"]) == 1
 
 
-def _torchrun_latent_run(port: int, output_dir: Path, train_images, tiny_vae_dir, *options, env=None):
+def _torchrun_latent_run(output_dir: Path, train_images, tiny_vae_dir, *options, env=None):
     """4 steps of the latent trainer in 2 CPU processes (accumulation 2, EMA, checkpoints and validation at 2 and 4)."""
-    command = [
-        venv_bin("torchrun"), "--nproc_per_node", "2", "--master_port", str(port),
-        str(REPO_ROOT / "train_unconditional_latent.py"),
-        "--train_data_dir", str(train_images), "--vae_name_or_path", str(tiny_vae_dir),
-        "--model_config_name_or_path", "tiny", "--resolution", "32", "--train_batch_size", "3",
-        "--max_train_steps", "4", "--gradient_accumulation_steps", "2", "--cache_latents", "--use_ema",
-        "--checkpointing_steps", "2", "--validation_steps", "2",
-        "--num_validation_images", "2", "--validation_inference_steps", "2", "--report_to", "none",
-        "--learning_rate", "1e-3", "--lr_warmup_steps", "1", "--output_dir", str(output_dir), *options,
-    ]
+    command = torchrun_command(LATENT_TRAINER, *latent_training_args(
+        train_images, tiny_vae_dir, output_dir, train_batch_size=3, max_train_steps=4, gradient_accumulation_steps=2,
+        cache_latents=True, use_ema=True, checkpointing_steps=2, validation_steps=2, num_validation_images=2,
+        validation_inference_steps=2, lr_warmup_steps=1), *options)
     return subprocess.run(command, env=subprocess_env(**(env or {})), capture_output=True, text=True, timeout=600,
                           cwd=output_dir.parent)
 
@@ -104,15 +94,15 @@ def test_fsdp2_trains_as_ddp_resumes_exactly_and_saves_a_loadable_pipeline(train
 
     fsdp, resumed, ddp = tmp_path / "fsdp", tmp_path / "resumed", tmp_path / "ddp"
     force = {"ULDM_TEST_FORCE_FSDP": "2"}
-    result = _torchrun_latent_run(29541, fsdp, train_images, tiny_vae_dir, env=force)
+    result = _torchrun_latent_run(fsdp, train_images, tiny_vae_dir, env=force)
     assert result.returncode == 0, result.stderr[-4000:]
     assert (fsdp / "checkpoint-2" / "pytorch_model_fsdp_0").is_dir(), "the checkpoint is not FSDP's (sharded)"
     resumed.mkdir()
     shutil.copytree(fsdp / "checkpoint-2", resumed / "checkpoint-2")
-    result = _torchrun_latent_run(29542, resumed, train_images, tiny_vae_dir, "--resume_from_checkpoint", "latest",
+    result = _torchrun_latent_run(resumed, train_images, tiny_vae_dir, "--resume_from_checkpoint", "latest",
                                   env=force)
     assert result.returncode == 0, result.stderr[-4000:]
-    result = _torchrun_latent_run(29543, ddp, train_images, tiny_vae_dir)
+    result = _torchrun_latent_run(ddp, train_images, tiny_vae_dir)
     assert result.returncode == 0, result.stderr[-4000:]
 
     losses = {run: [row["loss"] for row in read_metrics(run, having="loss")] for run in (fsdp, resumed, ddp)}
@@ -146,10 +136,7 @@ def test_torchrun_without_accelerate_use_cpu_on_a_machine_without_gpus_is_refuse
         pytest.skip("with GPUs torchrun's processes are joined: nothing to refuse")
     out = tmp_path / "out"
     env = subprocess_env()
-    command = [venv_bin("torchrun"), "--nproc_per_node", "2", "--master_port", "29544",
-               str(REPO_ROOT / "train_unconditional_latent.py"), "--train_data_dir", str(train_images),
-               "--vae_name_or_path", str(tiny_vae_dir), "--model_config_name_or_path", "tiny", "--resolution", "32",
-               "--max_train_steps", "1", "--report_to", "none", "--output_dir", str(out)]
+    command = torchrun_command(LATENT_TRAINER, *latent_training_args(train_images, tiny_vae_dir, out, max_train_steps=1))
     result = subprocess.run(command, env={k: v for k, v in env.items() if k != "ACCELERATE_USE_CPU"},
                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode != 0
@@ -178,14 +165,9 @@ def test_a_signal_to_one_process_stops_all_of_them_at_the_same_step(train_images
     import time
 
     out, trace = tmp_path / "out", tmp_path / "trace"
-    command = [
-        venv_bin("torchrun"), "--nproc_per_node", "2", "--master_port", "29545",
-        str(REPO_ROOT / "train_unconditional_latent.py"),
-        "--train_data_dir", str(train_images), "--vae_name_or_path", str(tiny_vae_dir),
-        "--model_config_name_or_path", "tiny", "--resolution", "32", "--train_batch_size", "3",
-        "--max_train_steps", "200", "--cache_latents", "--checkpointing_steps", "1000", "--validation_steps", "0",
-        "--report_to", "none", "--output_dir", str(out),
-    ]
+    command = torchrun_command(LATENT_TRAINER, *latent_training_args(
+        train_images, tiny_vae_dir, out, train_batch_size=3, max_train_steps=200, cache_latents=True,
+        checkpointing_steps=1000))
     process = subprocess.Popen(command, env=subprocess_env(ULDM_TRACE_BATCHES=trace), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:

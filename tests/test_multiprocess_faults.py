@@ -4,11 +4,10 @@ then both resume together, past a damaged checkpoint."""
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 
-from conftest import REPO_ROOT, subprocess_env, venv_bin
+from conftest import REPO_ROOT, subprocess_env, torchrun_command
 from uldm import checkpoints as ckpt
 from uldm.training import read_metrics
 
@@ -33,28 +32,18 @@ runpy.run_path(script, run_name="__main__")
 """
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def torchrun(*arguments: str) -> list[str]:
-    return [venv_bin("torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), *arguments]
-
-
 def test_when_one_rank_cannot_write_its_part_every_rank_stops_with_the_message(train_images, tiny_vae_dir, tmp_path):
     out, wrapper = tmp_path / "out", tmp_path / "failing_rank_1.py"
     wrapper.write_text(FAILING_RANK_1)
     training = [
-        str(REPO_ROOT / "train_unconditional_latent.py"),
         "--train_data_dir", str(train_images), "--vae_name_or_path", str(tiny_vae_dir),
         "--model_config_name_or_path", "tiny", "--resolution", "32", "--train_batch_size", "2",
         "--max_train_steps", "4", "--checkpointing_steps", "2", "--validation_steps", "0",
         "--num_validation_images", "0", "--report_to", "none", "--output_dir", str(out),
     ]
     # The launcher stops the other workers as soon as it sees one fail: give both time to report.
-    command = torchrun("--monitor_interval", "3", str(wrapper), *training)
+    command = torchrun_command(wrapper, REPO_ROOT / "train_unconditional_latent.py", *training,
+                               launcher=("--monitor_interval", "3"))
     started = time.monotonic()
     # Without the agreement the main process would wait in a barrier for the gloo timeout (30 minutes).
     result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=240, cwd=tmp_path)
@@ -77,8 +66,8 @@ def test_when_one_rank_cannot_write_its_part_every_rank_stops_with_the_message(t
     shutil.copytree(out / "checkpoint-2", out / "checkpoint-3")
     weights = out / "checkpoint-3" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    result = subprocess.run(torchrun(*training, "--resume_from_checkpoint", "latest"), env=subprocess_env(),
-                            capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    resume = torchrun_command(REPO_ROOT / "train_unconditional_latent.py", *training, "--resume_from_checkpoint", "latest")
+    result = subprocess.run(resume, env=subprocess_env(), capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stderr.count("it is damaged: model.safetensors is truncated") == 1, "warned once, by rank 0"
     assert [row["step"] for row in read_metrics(out)] == [1, 2, 3, 4]

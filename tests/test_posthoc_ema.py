@@ -409,10 +409,9 @@ def test_script_refuses_bad_input_with_a_message(saved_run, tmp_path, capsys):
 def test_two_processes_average_identically_and_only_the_main_one_writes(tmp_path):
     import subprocess
 
-    from conftest import REPO_ROOT, subprocess_env, venv_bin
+    from conftest import REPO_ROOT, subprocess_env, torchrun_command
 
-    command = [venv_bin("torchrun"), "--nproc_per_node", "2", "--master_port", "29531",
-               str(REPO_ROOT / "tests" / "posthoc_ema_worker.py"), str(tmp_path)]
+    command = torchrun_command(REPO_ROOT / "tests" / "posthoc_ema_worker.py", tmp_path)
     result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     states = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
