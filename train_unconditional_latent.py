@@ -28,7 +28,7 @@ from uldm.fid_validation import FidConfig, build_fid_scorer, build_reference, lo
 from uldm.hub import HubUploader
 from uldm.latent_cache import CacheConfig
 from uldm.latents import latents_from_batch, measure_latent_std, resolve_latent_scaling
-from uldm.model_card import write_model_card
+from uldm.model_card import BASE_TAGS, write_model_card
 from uldm.models import build_unet, count_parameters, use_xformers_if_installed
 from uldm.pixel_space import (
     PIXEL_PRESET, PixelSampler, check_unet_takes_pixels, is_pixel_space, pixel_pipeline_usage, pixels_from_batch,
@@ -218,7 +218,7 @@ def main(argv=None) -> None:
             facts={**facts, "epochs": loop.epochs_completed, **describe_levers(noise_scheduler.config, levers),
                    **fid_facts(args, loop)},
             usage=usage, base_model=args.pretrained_model_name_or_path, license=args.license,
-            location=hub.location if hub.enabled else None,
+            location=hub.location if hub.enabled else None, base_tags=() if pixel_space else BASE_TAGS,
         )
         logger.info("Saved the pipeline of epoch %d (step %d) to %s", loop.epochs_completed, loop.global_step,
                     args.output_dir)

@@ -33,7 +33,8 @@ REPORT_HEADER = """# Benchmarks
 
 Measured with the scripts in `bench/` (`python bench/run_all.py` runs them all and rewrites this
 file from `bench/results/*.json`; each `bench/bench_*.py` also runs alone, `--help` lists its
-options). All models have random weights: speed and memory do not depend on the weights' values.
+options). The speed and memory benchmarks time models with random weights (speed and memory do
+not depend on the weights' values); the quality benchmark trains its models and scores their samples.
 The load average is that of the whole machine when the measurement started and ended; on a shared
 machine other processes slow the figures down, so read them with the load in mind.
 """

@@ -2,7 +2,7 @@
 # The whole toolkit end to end, offline, in one command:
 #   demo data -> VAE -> latent diffusion model -> samples -> DreamBooth on the subject -> samples.
 #
-#   bash scripts/quickstart.sh            # about 12 minutes on 2 CPU cores; uses a GPU if there is one
+#   bash scripts/quickstart.sh            # about 5 minutes on 2 CPU cores; uses a GPU if there is one
 #   QUICK=1 bash scripts/quickstart.sh    # (or --quick) a few steps of each, to check that everything runs
 #
 # Pictures land in outputs/quickstart/ (OUTPUT_DIR=... to change). PYTHON picks the interpreter

@@ -45,7 +45,8 @@ def test_pixel_training_learns_and_saves_a_ddpm_pipeline(pixel_model):
     # The validation grid holds the samples themselves (nothing decoded): 4 images of 32 px in a 2x2 grid.
     grid = Image.open(pixel_model / "samples" / "validation_0000030.png")
     assert grid.size == (64, 64)
-    assert "pixel-space" in (pixel_model / "README.md").read_text()
+    card = (pixel_model / "README.md").read_text()
+    assert "pixel-space" in card and "latent-diffusion" not in card.split("---")[1]
 
 
 def test_the_pixel_sampler_gives_what_ddpm_pipeline_gives(pixel_model):

@@ -42,18 +42,19 @@ def write_model_card(output_dir: str | os.PathLike, title: str, summary: str, ar
                      images: dict[str, str | os.PathLike | None] | None = None, facts: dict | None = None,
                      usage: str | None = None, *, tags: Sequence[str] = (), base_model: str | None = None,
                      license: str | None = None, pipeline_tag: str | None = DEFAULT_PIPELINE_TAG,
-                     location: str | None = None) -> Path:
+                     location: str | None = None, base_tags: Sequence[str] = BASE_TAGS) -> Path:
     """Write README.md into `output_dir`; images (caption -> PNG) are copied next to it; `arguments` (the run's,
     without secrets: `uldm.hub.public_arguments`) are shown at the end.
 
     `usage` (Markdown) replaces the standard "load this folder as a pipeline" section, for outputs
     that are not a full pipeline (e.g. a LoRA adapter); `location` is what that standard section loads
     (default: the folder's name; the Hub repository id when the folder is pushed).
-    Metadata: `tags` are added to "latent-diffusion" and the pipeline tag; `base_model` is the model this
+    Metadata: `tags` are added to `base_tags` ("latent-diffusion"; none for a pixel-space model) and the
+    pipeline tag; `base_model` is the model this
     one was fine-tuned from (kept out of the metadata when it is a local folder, which the Hub would
     refuse; the body still names it); `license` a Hub license id (e.g. "apache-2.0", "cc-by-nc-sa-4.0")."""
     output_dir = Path(output_dir)
-    card = ModelCard(f"---\n{card_metadata(tags, base_model, license, pipeline_tag).to_yaml()}\n---\n\n"
+    card = ModelCard(f"---\n{card_metadata(tags, base_model, license, pipeline_tag, base_tags).to_yaml()}\n---\n\n"
                      + card_body(output_dir, title, summary, arguments, images, facts, usage, location))
     path = output_dir / "README.md"
     card.save(path)
@@ -61,8 +62,8 @@ def write_model_card(output_dir: str | os.PathLike, title: str, summary: str, ar
 
 
 def card_metadata(tags: Sequence[str] = (), base_model: str | None = None, license: str | None = None,
-                  pipeline_tag: str | None = DEFAULT_PIPELINE_TAG) -> ModelCardData:
-    all_tags = list(dict.fromkeys([*BASE_TAGS, *([pipeline_tag] if pipeline_tag else []), *tags]))
+                  pipeline_tag: str | None = DEFAULT_PIPELINE_TAG, base_tags: Sequence[str] = BASE_TAGS) -> ModelCardData:
+    all_tags = list(dict.fromkeys([*base_tags, *([pipeline_tag] if pipeline_tag else []), *tags]))
     return ModelCardData(library_name="diffusers", pipeline_tag=pipeline_tag, tags=all_tags,
                          base_model=hub_model_id_or_none(base_model), license=license)
 
