@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -402,8 +403,11 @@ def parsed(script: str, *argv):
 
 
 def test_diffusers_names_reach_the_configs_with_their_meaning(monkeypatch):
+    import types
+
     from uldm.args import hub_config, training_config
 
+    monkeypatch.setitem(sys.modules, "bitsandbytes", types.ModuleType("bitsandbytes"))  # --use_8bit_adam checks it
     args = parsed(DREAMBOOTH, "--num_train_epochs", 3, "--lr_num_cycles", 4, "--lr_power", 2.5, "--use_8bit_adam",
                   "--logging_dir", "tb", "--overwrite_output_dir", "--validation_scheduler", "DDPMScheduler")
     config = training_config(args)
@@ -440,6 +444,19 @@ def test_8bit_adam_without_bitsandbytes_says_what_to_do(few_images, tiny_vae_dir
     error = expect_input_error(run_script, LATENT, latent_training_args(few_images, tiny_vae_dir, tmp_path / "o",
                                                                         use_8bit_adam=True))
     assert "--use_8bit_adam needs bitsandbytes" in error and "pip install bitsandbytes" in error
+
+
+def test_8bit_adam_without_bitsandbytes_is_refused_before_dreambooth_generates_class_images(
+        variant_base, tmp_path, expect_input_error):
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed here")
+    instance, class_dir, out = tmp_path / "me", tmp_path / "class", tmp_path / "dreambooth-me"
+    make_blob_images(instance, 2, seed=3)
+    command = [*diffusers_dreambooth_command(variant_base, instance, class_dir, out), "--use_8bit_adam"]
+    assert "--use_8bit_adam needs bitsandbytes" in expect_input_error(run_script, DREAMBOOTH, command)
+    assert not class_dir.exists() and not out.exists(), "nothing generated or written before the refusal"
 
 
 def test_offset_noise_adds_a_constant_per_sample_and_channel_and_keeps_the_timesteps():

@@ -98,6 +98,47 @@ def test_writes_exactly_the_requested_images_with_npz_grid_and_arguments(one_pro
     assert args["scheduler"] == "ddpm" and args["mixed_precision"] == "no"
 
 
+def test_a_full_disk_while_packing_the_npz_says_so_and_leaves_no_partial_file(one_process_run, tmp_path,
+                                                                             monkeypatch):
+    import errno
+    import shutil
+    import zipfile
+
+    from uldm.errors import SaveError
+
+    folder = tmp_path / "samples"
+    shutil.copytree(one_process_run, folder)
+    npz = folder / "samples.npz"
+    before = npz.read_bytes()
+
+    class FullDiskZipFile(zipfile.ZipFile):
+        """Takes the header and two images, then the disk is full."""
+
+        def open(self, name, mode="r", **options):
+            member = super().open(name, mode, **options)
+            if mode == "w":
+                real_write, writes = member.write, []
+
+                def write(data):
+                    if len(writes) == 3:
+                        raise OSError(errno.ENOSPC, "No space left on device")
+                    writes.append(len(data))
+                    return real_write(data)
+
+                member.write = write
+            return member
+
+    monkeypatch.setattr(zipfile, "ZipFile", FullDiskZipFile)
+    with pytest.raises(SaveError) as error:
+        save_samples_npz(folder, NUM_IMAGES, npz)
+    message = str(error.value)
+    assert "Could not write the samples' samples.npz" in message and "the disk is full" in message
+    assert "The sample images are kept" in message and "are free on that disk" in message
+    assert npz.read_bytes() == before, "the earlier npz is untouched"
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")], "no temporary file is left"
+    assert len(list(folder.glob("*.png"))) == NUM_IMAGES + 1  # the samples and the grid
+
+
 def test_two_processes_make_the_same_images_as_one(one_process_run, saved_pipeline, tmp_path):
     output_dir = tmp_path / "two-processes"
     run_sampler_with_torchrun(saved_pipeline, output_dir, "--save_npz")

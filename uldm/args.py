@@ -388,6 +388,10 @@ def check_common_args(args) -> None:
         raise InputError("--max_train_steps must be at least 1.")
     if getattr(args, "logging_steps", None) is not None and args.logging_steps < 1:
         raise InputError("--logging_steps must be at least 1 (or left out: 1 on the CPU, 10 on GPUs).")
+    if getattr(args, "use_8bit_adam", False):  # before DreamBooth spends time generating class images
+        from .training import import_bitsandbytes
+
+        import_bitsandbytes()
 
 
 # --------------------------------------------------------------------------------------------

@@ -33,7 +33,11 @@ from tqdm.auto import tqdm
 
 from .checkpoints import final_save_remedy
 from .images import _temporary_path, save_image_atomically  # the latter also imported from here by sample.py
-from .saving import processes_stop_together, save_pretrained_atomically
+from .errors import SaveError
+from .saving import (
+    describe_cause, free_space, is_write_failure, processes_stop_together, save_failure_message,
+    save_pretrained_atomically,
+)
 
 # name -> (class, config overrides). The config of the saved scheduler supplies the noise schedule.
 SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
@@ -230,13 +234,24 @@ def save_samples_npz(output_dir: str | os.PathLike, num_images: int, path: str |
     header = {"descr": np.lib.format.dtype_to_descr(first.dtype), "fortran_order": False,
               "shape": (num_images, *first.shape)}
     temporary = _temporary_path(path)
-    with zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-        with archive.open("arr_0.npy", "w", force_zip64=True) as member:
-            np.lib.format.write_array_header_1_0(member, header)
-            for index in range(num_images):
-                pixels = first if index == 0 else _load_sample(output_dir, index)
-                if pixels.shape != first.shape:
-                    raise ValueError(f"{sample_file_name(index)} is {pixels.shape}, {sample_file_name(0)} is "
-                                     f"{first.shape}: the folder mixes images of different sizes.")
-                member.write(np.ascontiguousarray(pixels).tobytes())
+    try:
+        with zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            with archive.open("arr_0.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array_header_1_0(member, header)
+                for index in range(num_images):
+                    pixels = first if index == 0 else _load_sample(output_dir, index)
+                    if pixels.shape != first.shape:
+                        raise ValueError(f"{sample_file_name(index)} is {pixels.shape}, {sample_file_name(0)} is "
+                                         f"{first.shape}: the folder mixes images of different sizes.")
+                    member.write(np.ascontiguousarray(pixels).tobytes())
+    except BaseException as error:
+        cause = describe_cause(error, free_space(path.parent), None) if is_write_failure(error) else None
+        temporary.unlink(missing_ok=True)  # a full disk must not keep the part written
+        if cause is None:
+            raise
+        raise SaveError(save_failure_message(
+            f"the samples' {path.name}", path.parent, cause, needed=num_images * first.nbytes,
+            basis=f"{num_images} images of {first.shape[1]}x{first.shape[0]} px, uncompressed",
+            kept="The sample images are kept.",
+            remedy="Free some space there and run the same command again: it only packs the images again.")) from None
     os.replace(temporary, path)

@@ -284,16 +284,21 @@ def adamw_implementation(device: torch.device | str) -> dict:
     return {"fused": True} if torch.device(device).type in fused_devices else {"foreach": True}
 
 
+def import_bitsandbytes():
+    """bitsandbytes for --use_8bit_adam; checked again before anything is written (`uldm.args.check_common_args`)."""
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise InputError("--use_8bit_adam needs bitsandbytes (a CUDA GPU): `pip install bitsandbytes`, or "
+                         "leave the flag out (AdamW in 32 bits).") from None
+    return bitsandbytes
+
+
 def build_optimizer(params, config: OptimizerConfig, learning_rate: float, device: torch.device | str = "cpu"):
     """AdamW (fused or foreach for parameters on `device`, where training runs), or bitsandbytes' 8-bit AdamW."""
     optimizer_class, implementation = torch.optim.AdamW, None
     if config.use_8bit_adam:
-        try:
-            import bitsandbytes
-        except ImportError:
-            raise InputError("--use_8bit_adam needs bitsandbytes (a CUDA GPU): `pip install bitsandbytes`, or "
-                             "leave the flag out (AdamW in 32 bits).") from None
-        optimizer_class = bitsandbytes.optim.AdamW8bit
+        optimizer_class = import_bitsandbytes().optim.AdamW8bit
     else:
         implementation = adamw_implementation(device)
     return optimizer_class(
