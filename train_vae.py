@@ -173,7 +173,8 @@ def main(argv=None) -> None:
             save_pretrained_atomically(trained, args.output_dir, "the trained VAE",
                                        remedy=final_save_remedy(args.output_dir))
             loop.metrics.log({"latent_std": std, "scaling_factor": scale}, step=loop.global_step)
-            shutil.copyfile(loop.last_validation.grids["reconstruction"], f"{args.output_dir}/reconstructions.png")
+            if "reconstruction" in loop.last_validation.grids:  # absent when a full disk kept it from being written
+                shutil.copyfile(loop.last_validation.grids["reconstruction"], f"{args.output_dir}/reconstructions.png")
             write_vae_card(args, config.arguments, trained, loop, loop.last_validation.metrics, std, scale, source,
                            location=hub.location if hub.enabled else None)
             logger.info("Saved the VAE of epoch %d (step %d) to %s (held-out PSNR %.2f dB)", loop.epochs_completed,

@@ -4,6 +4,7 @@ exactly, fine-tunes, and refuses bad input with a clear message."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -211,3 +212,29 @@ def test_the_scale_is_measured_on_centre_crops_even_when_training_uses_random_cr
     for position, index in enumerate(train_set.indices):
         assert torch.equal(centred[position]["pixel_values"], reference[index]["pixel_values"])
     assert not all(torch.equal(train_set[i]["pixel_values"], centred[i]["pixel_values"]) for i in range(4))
+
+
+def test_a_full_disk_at_a_validation_grid_warns_and_the_run_still_saves_its_model(faces, tmp_path, monkeypatch,
+                                                                                 caplog):
+    import errno
+    import os
+
+    from PIL import Image
+
+    real_save = Image.Image.save
+
+    def no_space_for_grids(image, path, *args, **kwargs):
+        if "samples" in Path(path).parts:
+            Path(path).write_bytes(b"\x89PNG")  # a few bytes get out before the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_save(image, path, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", no_space_for_grids)
+    out = tmp_path / "vae"
+    with caplog.at_level(logging.WARNING):
+        run_script(SCRIPT, vae_args(faces, out, max_train_steps=4, validation_steps=2))
+    warnings = [r.getMessage() for r in caplog.records if "Could not write the reconstruction grid" in r.getMessage()]
+    assert warnings and "the disk is full" in warnings[0] and "Training goes on without it" in warnings[0]
+    assert (out / "diffusion_pytorch_model.safetensors").is_file() and (out / "README.md").is_file()
+    assert not list((out / "samples").iterdir()), "no partial grid or temporary file is left"
+    assert sorted(held_out(out)) == [0, 2, 4], "the held-out metrics are still logged"

@@ -826,6 +826,7 @@ class TrainingLoop:
         if result is not None and self.accelerator.is_main_process:
             grids = {tag: log_image_grid(self.accelerator, images, step, self.output_dir, tag=tag)
                      for tag, images in result.images.items()}
+            grids = {tag: path for tag, path in grids.items() if path is not None}  # None: not written (full disk)
             if result.metrics:
                 self.metrics.log(dict(result.metrics), step=step)
             self.last_validation = ValidationRecord(step, grids, dict(result.metrics))

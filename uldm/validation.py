@@ -13,7 +13,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .images import save_image_atomically
 from .sampling import make_image_grid
+from .saving import is_write_failure, save_failure_message
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +45,25 @@ def image_grid(images: np.ndarray | list[Image.Image], columns: int | None = Non
 
 
 def log_image_grid(accelerator, images: np.ndarray, step: int, output_dir: str | os.PathLike,
-                   tag: str = "validation") -> Path:
-    """Write `samples/<tag>_<step>.png` and send the images to TensorBoard / wandb (main process)."""
+                   tag: str = "validation") -> Path | None:
+    """Write `samples/<tag>_<step>.png` and send the images to TensorBoard / wandb (main process).
+
+    A grid is not needed to resume, so a full disk here warns and training goes on (None is returned);
+    the next checkpoint stops the run with the full message if the disk stays full."""
     folder = Path(output_dir) / "samples"
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{tag}_{step:07d}.png"
-    image_grid(images).save(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_image_atomically(image_grid(images), path)
+    except Exception as error:
+        if not is_write_failure(error):
+            raise
+        logger.warning(save_failure_message(
+            f"the {tag} grid of step {step}", folder, error,
+            kept="Training goes on without it (a grid is not needed to resume); the next checkpoint stops the "
+                 "run, keeping the previous one, if the disk stays full.",
+            remedy="Free some space there: the next grids are written once there is room."))
+        path = None
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_images(tag, np.clip(images, 0, 1), step, dataformats="NHWC")
@@ -56,7 +71,8 @@ def log_image_grid(accelerator, images: np.ndarray, step: int, output_dir: str |
             import wandb
 
             tracker.log({tag: [wandb.Image(image) for image in images]}, step=step)
-    logger.info("Wrote %s", path)
+    if path is not None:
+        logger.info("Wrote %s", path)
     return path
 
 
