@@ -22,6 +22,12 @@ LATENT, DREAMBOOTH, VAE = "train_unconditional_latent", "train_dreambooth_uncond
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 
 
+
+def card_usage(out: Path) -> str:
+    """The text of the model card written into `out`: its usage snippet names the Hub repository the run pushed
+    to (a FakeHub here, nothing is downloaded or loaded from it)."""
+    return (out / "README.md").read_text()
+
 @pytest.fixture(scope="module")
 def few_images(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("data") / "images"
@@ -222,7 +228,7 @@ def test_a_diffusers_dreambooth_command_without_prompts_runs_with_its_flags(vari
     assert tuned(batch_size=1, num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
     card = ModelCard.load(out / "README.md")
     assert "dreambooth" in card.data.tags and card.data.base_model is None, "a local base is named in the text only"
-    assert 'from_pretrained("me/dreambooth-subject"' in (out / "README.md").read_text()
+    assert 'from_pretrained("me/dreambooth-subject"' in card_usage(out)
     [upload] = hub.uploads
     assert upload["repo_id"] == "me/dreambooth-subject" and upload["message"] == "End of training"
     assert UNET_WEIGHTS in upload["files"] and "README.md" in upload["files"]
@@ -253,7 +259,7 @@ def test_push_to_hub_uploads_the_result_after_each_model_save_and_at_the_end(few
     assert (out / "checkpoint-4").is_dir() and (out / "latent_cache").is_dir() and (out / "logs").is_dir()
     card = ModelCard.load(out / "README.md")
     assert card.data.license == "cc-by-nc-4.0"
-    assert 'DiffusionPipeline.from_pretrained("me/faces", trust_remote_code=True)' in (out / "README.md").read_text()
+    assert 'DiffusionPipeline.from_pretrained("me/faces", trust_remote_code=True)' in card_usage(out)
     assert json.loads((out / "training_args.json").read_text())["hub_token"] is None
 
 
@@ -291,7 +297,7 @@ def test_train_vae_pushes_an_autoencoder_card_and_saves_every_epoch(few_images, 
     card = ModelCard.load(out / "README.md")
     assert card.data.pipeline_tag is None and card.data.tags == ["latent-diffusion", "autoencoder"]
     assert card.data.license == "mit"
-    assert 'AutoencoderKL.from_pretrained("me/vae")' in (out / "README.md").read_text()
+    assert 'AutoencoderKL.from_pretrained("me/vae")' in card_usage(out)
 
 
 # ------------------------------------------------------------------------------------------------
