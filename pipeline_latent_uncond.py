@@ -138,6 +138,28 @@ PEFT_ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's own layout, written
 PEFT_ADAPTER_CONFIG = "adapter_config.json"
 
 
+def scheduler_step_kwargs(scheduler, generator, eta: float) -> dict[str, Any]:
+    """eta and the generator, for the schedulers whose step() takes them."""
+    accepted = set(inspect.signature(scheduler.step).parameters)
+    return {name: value for name, value in (("eta", eta), ("generator", generator)) if name in accepted}
+
+
+def denoise(unet, scheduler, noise: torch.Tensor, step_kwargs: dict, on_step: Callable | None = None) -> torch.Tensor:
+    """Run `scheduler.timesteps` (set before) from `noise` (already times init_noise_sigma); returns the final
+    sample. `on_step(step_index, t, sample)` runs after each step and may return a replacement sample."""
+    sample = noise
+    for step_index, t in enumerate(scheduler.timesteps):
+        model_input = scheduler.scale_model_input(sample, t)
+        # Euler-type schedulers cast their result to the model output's dtype: under autocast that
+        # would round the latents to half precision at every step.
+        model_output = unet(model_input, t).sample.to(sample.dtype)
+        sample = scheduler.step(model_output, t, sample, **step_kwargs).prev_sample
+        if on_step is not None:
+            replaced = on_step(step_index, t, sample)
+            sample = sample if replaced is None else replaced
+    return sample
+
+
 def _require_peft(method: str) -> None:
     if importlib.util.find_spec("peft") is None:
         raise ValueError(f"PEFT backend is required for `{method}()`: pip install peft.")
@@ -616,13 +638,7 @@ class UnconditionalLatentPipeline(DiffusionPipeline, UNet2DLoraLoaderMixin):
 
     def prepare_extra_step_kwargs(self, generator, eta: float) -> dict[str, Any]:
         """Pass eta and the generator only to schedulers whose step() takes them."""
-        accepted = set(inspect.signature(self.scheduler.step).parameters)
-        extra = {}
-        if "eta" in accepted:
-            extra["eta"] = eta
-        if "generator" in accepted:
-            extra["generator"] = generator
-        return extra
+        return scheduler_step_kwargs(self.scheduler, generator, eta)
 
     @property
     def num_timesteps(self) -> int:
@@ -672,17 +688,16 @@ class UnconditionalLatentPipeline(DiffusionPipeline, UNet2DLoraLoaderMixin):
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
 
         with self.progress_bar(total=len(timesteps)) as progress_bar:
-            for step_index, t in enumerate(timesteps):
-                model_input = self.scheduler.scale_model_input(latents, t)
-                # Euler-type schedulers cast their result to the model output's dtype: under autocast that
-                # would round the latents to half precision at every step.
-                model_output = self.unet(model_input, t).sample.to(latents.dtype)
-                latents = self.scheduler.step(model_output, t, latents, **extra_step_kwargs).prev_sample
+
+            def on_step(step_index, t, latents):
                 if callback_on_step_end is not None:
                     tensors = {name: latents for name in callback_on_step_end_tensor_inputs}
                     returned = callback_on_step_end(self, step_index, t, tensors) or {}
                     latents = returned.pop("latents", latents)
                 progress_bar.update()
+                return latents
+
+            latents = denoise(self.unet, self.scheduler, latents, extra_step_kwargs, on_step)
 
         if output_type == "latent":
             images = latents

@@ -63,6 +63,32 @@ def test_the_pixel_sampler_gives_what_ddpm_pipeline_gives(pixel_model):
     np.testing.assert_allclose(ours.images, expected, atol=1e-5)
 
 
+def test_the_pixel_sampler_starts_euler_from_the_first_steps_sigma(pixel_model):
+    """init_noise_sigma of Euler-type schedulers depends on the timesteps: read before set_timesteps it is the
+    1000-step table's, far above the first sampling step's (the order the latent pipeline keeps too)."""
+    from diffusers import EulerDiscreteScheduler
+
+    from uldm.pixel_space import PixelSampler
+
+    sampler = PixelSampler.from_pretrained(pixel_model)
+    sampler.scheduler = EulerDiscreteScheduler.from_config(sampler.scheduler.config, timestep_spacing="leading")
+    first_inputs = []
+    real_forward = sampler.unet.forward
+
+    def record(sample, t, *args, **kwargs):
+        first_inputs.append(sample.clone())
+        return real_forward(sample, t, *args, **kwargs)
+
+    sampler.unet.forward = record
+    noise = torch.ones(1, *sampler.image_shape(1)[1:])
+    sampler(batch_size=1, num_inference_steps=3, latents=noise, output_type="np")
+    reference = EulerDiscreteScheduler.from_config(sampler.scheduler.config)
+    reference.set_timesteps(3)
+    expected = reference.scale_model_input(noise * reference.init_noise_sigma, reference.timesteps[0])
+    assert reference.init_noise_sigma < EulerDiscreteScheduler.from_config(sampler.scheduler.config).init_noise_sigma
+    torch.testing.assert_close(first_inputs[0], expected)
+
+
 @pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save")
 def test_sample_and_evaluate_work_with_a_pixel_model(pixel_model, train_images, tmp_path):
     import evaluate

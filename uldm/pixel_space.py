@@ -10,12 +10,13 @@ with the call of `UnconditionalLatentPipeline` (so validation and sample.py trea
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 from pathlib import Path
 
 import torch
+
+from pipeline_latent_uncond import denoise, scheduler_step_kwargs
 
 from .errors import InputError
 
@@ -135,10 +136,6 @@ class PixelSampler:
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         return (batch_size, self.unet.config.in_channels, height, width)
 
-    def _step_options(self, generator, eta: float) -> dict:
-        accepted = set(inspect.signature(self.scheduler.step).parameters)
-        return {name: value for name, value in (("eta", eta), ("generator", generator)) if name in accepted}
-
     @staticmethod
     def decode_latents(pixels: torch.Tensor) -> torch.Tensor:
         """Pixels in [-1, 1] -> float32 images (N, 3, H, W) in [0, 1]."""
@@ -154,12 +151,16 @@ class PixelSampler:
         device, dtype = self.unet.device, self.unet.dtype
         if latents is None:
             latents = randn_tensor(self.image_shape(batch_size), generator=generator, device=device, dtype=dtype)
-        sample = latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
+        # The pipeline's order: timesteps first, as init_noise_sigma of Euler-type schedulers depends on them.
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        options = self._step_options(generator, eta)
-        for t in tqdm(self.scheduler.timesteps, **self._progress_bar):
-            prediction = self.unet(self.scheduler.scale_model_input(sample, t), t).sample
-            sample = self.scheduler.step(prediction, t, sample, **options).prev_sample
+        noise = latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
+        with tqdm(total=len(self.scheduler.timesteps), **self._progress_bar) as progress:
+
+            def count_step(step_index, t, sample) -> None:
+                progress.update()
+
+            sample = denoise(self.unet, self.scheduler, noise, scheduler_step_kwargs(self.scheduler, generator, eta),
+                             on_step=count_step)
         if output_type == "latent":
             return ImagePipelineOutput(images=sample)
         images = self.decode_latents(sample)
