@@ -148,10 +148,11 @@ def main(argv: list[str] | None = None, feature_extractor: nn.Module | None = No
         )
         results["fid_kid"]["resolution"] = samples.resolution
 
+    instance_paths = list_image_files(args.instance_data_dir) if args.instance_data_dir else []
     if args.instance_data_dir and args.face_identity:
         results["identity"] = identity.compute_identity(
             samples.paths,
-            list_image_files(args.instance_data_dir),
+            instance_paths,
             upsample_times=args.face_upsample,
             num_jitters=args.face_jitters,
             landmarks=args.face_landmarks,
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None, feature_extractor: nn.Module | None = No
         )
     if subject_models:
         results["subject"] = subject_similarity.subject_fidelity(
-            samples.paths, list_image_files(args.instance_data_dir), subject_encoders, batch_size=args.batch_size
+            samples.paths, instance_paths, subject_encoders, batch_size=args.batch_size
         )
         results["subject"]["models"] = subject_models
 

@@ -32,7 +32,7 @@ import torch
 from uldm import args as cli
 from uldm.data import DataConfig, build_image_dataset
 from uldm.errors import InputError, exit_cleanly_on_input_errors
-from uldm.fid_validation import (REFERENCE_CACHE_DIR_NAME, FidConfig, PipelineFid, build_fid_scorer, build_reference,
+from uldm.fid_validation import (FidConfig, PipelineFid, build_fid_scorer, build_reference,
                                  load_feature_extractor, OneProcess, sweep_table)
 from uldm.posthoc_ema import MAX_SIGMA_REL, SNAPSHOT_DIR_NAME, check_sigma_rel, write_synthesized_pipelines
 
@@ -84,10 +84,11 @@ def fid_reference(config: FidConfig, pipeline_dir: Path, seed: int):
     if config.fid_reference is not None and Path(config.fid_reference).is_file():
         return build_reference(config, None, 0, True, seed)  # stored features: no images to read
     saved = saved_training_arguments(pipeline_dir)
-    center_crop = bool(saved.get("center_crop") or saved.get("cache_latents"))
+    run_args = argparse.Namespace(**saved)
+    center_crop = cli.center_crop_of(run_args)
     images = None
     if config.fid_reference is None:
-        data = cli.config_from(DataConfig, argparse.Namespace(**saved), center_crop=center_crop)
+        data = cli.config_from(DataConfig, run_args, center_crop=center_crop)
         try:
             images = build_image_dataset(data)
         except (InputError, OSError) as error:
@@ -99,8 +100,7 @@ def fid_reference(config: FidConfig, pipeline_dir: Path, seed: int):
 def fid_of_each_candidate(args) -> PipelineFid:
     """The score function of the sweep, with the reference features ready (cached with the training run's)."""
     pipeline_dir = Path(args.pretrained_model_name_or_path)
-    config = cli.config_from(FidConfig, args, reference_stats_cache=args.reference_stats_cache
-                             or str(pipeline_dir / REFERENCE_CACHE_DIR_NAME))
+    config = cli.config_from(FidConfig, args)  # the cache defaults to <pipeline>/fid_reference (build_fid_scorer)
     extractor = load_feature_extractor(config)
     reference = fid_reference(config, pipeline_dir, args.seed)
     scorer = build_fid_scorer(config, extractor, reference, OneProcess(args.device), pipeline_dir,

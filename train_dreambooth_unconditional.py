@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -151,13 +152,8 @@ def build_training_set(args, vae, accelerator) -> tuple[DreamBoothDataset, list[
     """Instance (and class) examples as images, or as cached latents with --cache_latents (which stores one crop
     per image, so it implies --center_crop); and the readable instance photos (checked once here, reused for the
     references and the model card)."""
-    if args.cache_latents and not args.center_crop:
-        logger.warning("--cache_latents stores one crop per image: using centre crops (as --center_crop).")
-    preprocessing = Preprocessing(args.resolution, args.center_crop or args.cache_latents)
-    cache_config = None
-    if args.cache_latents:
-        cache_config = CacheConfig(args.latent_cache_dir or f"{args.output_dir}/latent_cache", args.encode_batch_size,
-                                   args.dataloader_num_workers)
+    preprocessing = Preprocessing(args.resolution, cli.center_crop_of(args, warn=True))
+    cache_config = cli.cache_config(args)
     base = args.pretrained_model_name_or_path
     vae_key = vae_fingerprint(vae, base, "vqvae" if (Path(base) / "vqvae").is_dir() else "vae", args.revision)
     instance_set, instance_files = build_image_set(args.instance_data_dir, args, preprocessing, vae, vae_key,
@@ -267,7 +263,7 @@ def main(argv=None) -> None:
             save_folder_atomically(
                 lambda folder: save_lora_result(model, folder,
                                                 base_model=os.path.abspath(name) if os.path.isdir(name) else name),
-                args.output_dir, "the LoRA adapter", remedy=final_save_remedy(args.output_dir))
+                args.output_dir, "the LoRA adapter", remedy=partial(final_save_remedy, args.output_dir))
         else:
             save_pipeline(model, vae, scaling, pipeline.scheduler, args.output_dir)
         write_dreambooth_model_card(args, config.arguments, loop, photos, len(instance_paths), class_set,

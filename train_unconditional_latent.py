@@ -26,7 +26,6 @@ from uldm.diffusion import build_noise_scheduler, describe_levers, noisy_latents
 from uldm.errors import InputError, exit_cleanly_on_input_errors
 from uldm.fid_validation import FidConfig, build_fid_scorer, build_reference, load_feature_extractor
 from uldm.hub import HubUploader
-from uldm.latent_cache import CacheConfig
 from uldm.latents import latents_from_batch, measure_latent_std, resolve_latent_scaling
 from uldm.model_card import BASE_TAGS, write_model_card
 from uldm.models import build_unet, count_parameters, use_xformers_if_installed
@@ -99,24 +98,14 @@ def check_pixel_space_args(args) -> None:
                          "find: leave out --latent_scaling_factor and --vae_subfolder.")
 
 
-def data_and_cache_configs(args) -> tuple[DataConfig, CacheConfig | None]:
-    """--cache_latents stores one crop per image, so it implies --center_crop (said once, in the log)."""
-    if args.cache_latents and not args.center_crop:
-        logger.warning("--cache_latents stores one crop per image: using centre crops (as --center_crop).")
-    data = cli.config_from(DataConfig, args, center_crop=args.center_crop or args.cache_latents)
-    if not args.cache_latents:
-        return data, None
-    return data, CacheConfig(args.latent_cache_dir or f"{args.output_dir}/latent_cache", args.encode_batch_size,
-                             args.dataloader_num_workers)
-
-
 @exit_cleanly_on_input_errors
 def main(argv=None) -> None:
     args = parse_args(argv)
     config = cli.training_config(args)
     levers = cli.loss_config(args)
     pixel_space = is_pixel_space(args.vae_name_or_path)
-    data_config, cache_config = data_and_cache_configs(args)
+    data_config = cli.config_from(DataConfig, args, center_crop=cli.center_crop_of(args, warn=True))
+    cache_config = cli.cache_config(args)
     validation_config = cli.config_from(ValidationConfig, args)
     fid_config = cli.config_from(FidConfig, args)
     # Before anything is written: a missing Inception weights file stops the run here.

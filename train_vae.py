@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
+from functools import partial
 from pathlib import Path
 
 
@@ -171,7 +172,7 @@ def main(argv=None) -> None:
         logger.info("Latent std %.5f; scaling_factor %.6f (%s)", std, scale, source)
         if accelerator.is_main_process:
             save_pretrained_atomically(trained, args.output_dir, "the trained VAE",
-                                       remedy=final_save_remedy(args.output_dir))
+                                       remedy=partial(final_save_remedy, args.output_dir))
             loop.metrics.log({"latent_std": std, "scaling_factor": scale}, step=loop.global_step)
             if "reconstruction" in loop.last_validation.grids:  # absent when a full disk kept it from being written
                 shutil.copyfile(loop.last_validation.grids["reconstruction"], f"{args.output_dir}/reconstructions.png")

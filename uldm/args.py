@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 from typing import TypeVar
 
 from .checkpoints import PREVIOUS_RUN_PREFIX
 from .errors import InputError
+
+logger = logging.getLogger(__name__)
 
 Config = TypeVar("Config")
 
@@ -403,6 +406,27 @@ def config_from(config_class: type[Config], args: argparse.Namespace, **override
     script has no argument for keep their defaults."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class) if hasattr(args, f.name)}
     return config_class(**{**values, **overrides})
+
+
+def center_crop_of(args: argparse.Namespace, warn: bool = False) -> bool:
+    """Whether the run crops at the centre: --center_crop, or --cache_latents, which stores one crop per image.
+    `args` may be the saved arguments of an older run (without these flags)."""
+    cache_latents = getattr(args, "cache_latents", False)
+    center_crop = getattr(args, "center_crop", False)
+    if warn and cache_latents and not center_crop:
+        logger.warning("--cache_latents stores one crop per image: using centre crops (as --center_crop).")
+    return bool(center_crop or cache_latents)
+
+
+def cache_config(args: argparse.Namespace):
+    """The latent cache of a run with --cache_latents (in <output_dir>/latent_cache unless --latent_cache_dir);
+    None without it."""
+    from .latent_cache import CacheConfig
+
+    if not args.cache_latents:
+        return None
+    return CacheConfig(args.latent_cache_dir or f"{args.output_dir}/latent_cache", args.encode_batch_size,
+                       args.dataloader_num_workers)
 
 
 def hub_config(args: argparse.Namespace):

@@ -30,7 +30,10 @@ from pathlib import Path
 from typing import Iterable
 
 from .errors import InputError
-from .saving import folder_size, human_size, processes_stop_together, warn_if_low_on_space
+from .saving import (
+    decided_by_main_process, folder_size, human_size, processes_stop_together, warn_if_low_on_space,
+    write_json_atomically,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +57,8 @@ class TrainingState:
 
     def save(self, folder: str | os.PathLike, files: dict | None = None) -> None:
         """Write training_state.json, with the manifest `files` of the checkpoint's other files if given."""
-        path = Path(folder) / STATE_FILE
-        tmp = path.with_suffix(".json.tmp")
         data = asdict(self) if files is None else {**asdict(self), FILES_KEY: files}
-        tmp.write_text(json.dumps(data, indent=2))
-        os.replace(tmp, path)
+        write_json_atomically(Path(folder) / STATE_FILE, data)
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "TrainingState":
@@ -355,16 +355,6 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, state: TrainingS
     return output_dir / what
 
 
-def _decided_by_main_process(accelerator, decide):
-    """`decide()` on the main process only; every process gets its result."""
-    if accelerator.num_processes == 1:
-        return decide()
-    from accelerate.utils import broadcast_object_list
-
-    result = [decide() if accelerator.is_main_process else None]
-    return broadcast_object_list(result, from_process=0)[0]
-
-
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
@@ -424,7 +414,7 @@ def restore_checkpoint(accelerator, resume_from_checkpoint: str | None, output_d
     multi = accelerator.num_processes > 1
     skipped = []
     for path in candidates:
-        problems = _decided_by_main_process(accelerator, lambda: checkpoint_problems(path))
+        problems = decided_by_main_process(accelerator, lambda: checkpoint_problems(path))
         if not problems:
             failures = _load_on_every_process(accelerator, path)
             if not failures:
@@ -478,9 +468,7 @@ def protect_checkpoint(output_dir: str | os.PathLike, step: int, **why) -> Path:
     """Record checkpoint-<step> as the one pruning keeps (replacing the previous record), with why (e.g.
     fid=12.3); main process only. Deleting the file lets pruning remove it again."""
     path = Path(output_dir) / PROTECTED_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"checkpoint": f"checkpoint-{step}", "step": step, **why}, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json_atomically(path, {"checkpoint": f"checkpoint-{step}", "step": step, **why}, end="\n")
     return path
 
 

@@ -191,16 +191,23 @@ def weights_for_prediction_type(x0_weights: torch.Tensor, snr: torch.Tensor, pre
 def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, snr_gamma: float) -> torch.Tensor:
     """Per-sample weights of Min-SNR-gamma (Hang et al. 2023): min(SNR, gamma) on the x0 loss, i.e.
     min(SNR, gamma) / SNR on the epsilon loss and min(SNR, gamma) / (SNR + 1) on the v loss."""
-    snr = signal_to_noise(noise_scheduler, timesteps)
-    return weights_for_prediction_type(torch.clamp(snr, max=snr_gamma), snr, noise_scheduler.config.prediction_type)
+    return _min_snr_weights(signal_to_noise(noise_scheduler, timesteps), snr_gamma,
+                            noise_scheduler.config.prediction_type)
 
 
 def p2_weights(noise_scheduler, timesteps: torch.Tensor, p2_gamma: float, p2_k: float = 1.0) -> torch.Tensor:
     """Per-sample weights of P2 (Choi et al. 2022): 1 / (k + SNR)^gamma on the epsilon loss (the paper's), i.e.
     SNR / (k + SNR)^gamma on the x0 loss and SNR / ((SNR + 1) (k + SNR)^gamma) on the v loss."""
-    snr = signal_to_noise(noise_scheduler, timesteps)
-    x0_weights = snr / (p2_k + snr) ** p2_gamma
-    return weights_for_prediction_type(x0_weights, snr, noise_scheduler.config.prediction_type)
+    return _p2_weights(signal_to_noise(noise_scheduler, timesteps), p2_gamma, p2_k,
+                       noise_scheduler.config.prediction_type)
+
+
+def _min_snr_weights(snr: torch.Tensor, snr_gamma: float, prediction_type: str) -> torch.Tensor:
+    return weights_for_prediction_type(torch.clamp(snr, max=snr_gamma), snr, prediction_type)
+
+
+def _p2_weights(snr: torch.Tensor, p2_gamma: float, p2_k: float, prediction_type: str) -> torch.Tensor:
+    return weights_for_prediction_type(snr / (p2_k + snr) ** p2_gamma, snr, prediction_type)
 
 
 def loss_weights(noise_scheduler, timesteps: torch.Tensor, snr_gamma: float | None = None,
@@ -212,14 +219,16 @@ def loss_weights(noise_scheduler, timesteps: torch.Tensor, snr_gamma: float | No
     timestep is where sampling starts, so it keeps the unweighted loss (weight 1): v and sample prediction
     then learn the mean image, as Lin et al. need. (Epsilon prediction with zero SNR is refused.)
     """
-    if snr_gamma:
-        weights = min_snr_weights(noise_scheduler, timesteps, snr_gamma)
-    elif p2_gamma is not None:
-        weights = p2_weights(noise_scheduler, timesteps, p2_gamma, p2_k)
-    else:
+    if not snr_gamma and p2_gamma is None:
         return None
-    if noise_scheduler.config.prediction_type != "epsilon":
-        weights = torch.where(signal_to_noise(noise_scheduler, timesteps) == 0, torch.ones_like(weights), weights)
+    snr = signal_to_noise(noise_scheduler, timesteps)  # once per step: it copies the alpha tables to the device
+    prediction_type = noise_scheduler.config.prediction_type
+    if snr_gamma:
+        weights = _min_snr_weights(snr, snr_gamma, prediction_type)
+    else:
+        weights = _p2_weights(snr, p2_gamma, p2_k, prediction_type)
+    if prediction_type != "epsilon":
+        weights = torch.where(snr == 0, torch.ones_like(weights), weights)
     return weights
 
 

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from .data import HFImageDataset, ImageDataset, ImageFolderDataset, Preprocessing, load_hf_dataset, stable_random
 from .errors import InputError
 from .images import list_image_files, load_rgb_image
+from .saving import save_safetensors_atomically
 
 # Bump when the reference preprocessing changes, so that old feature caches are not reused.
 PREPROCESSING_VERSION = 2
@@ -351,14 +352,10 @@ def reference_cache_path(reference: ReferenceImages, feature_extractor: nn.Modul
 
 
 def save_reference_features(path: str | os.PathLike, features: torch.Tensor, description: dict[str, Any]) -> None:
-    """Write next to the target and rename, so an interrupted run never leaves a half file."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".partial-{os.getpid()}")
-    save_file({"features": features.contiguous()}, partial, metadata={"description": json.dumps(description, sort_keys=True)})
-    os.replace(partial, path)
+    """Written atomically, so an interrupted run never leaves a half file."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_safetensors_atomically({"features": features.contiguous()}, path,
+                                {"description": json.dumps(description, sort_keys=True)})
 
 
 def load_stored_features(path: str | os.PathLike, feature_extractor: nn.Module) -> torch.Tensor:

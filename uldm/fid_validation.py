@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from . import fid
 from .errors import InputError
 from .sampling import batches, generators_for_indices
+from .saving import decided_by_main_process
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ def reference_features(reference: fid.ReferenceImages | str | os.PathLike, extra
     cache_path = description = None
     if cache_dir is not None:
         cache_path, description = fid.reference_cache_path(reference, extractor, cache_dir)
-    cached = _decided_by_main(accelerator, cache_path is not None and cache_path.is_file())
+    cached = decided_by_main_process(accelerator, lambda: cache_path is not None and cache_path.is_file())
     if cached:
         return _load_cached(cache_path) if accelerator.is_main_process else None
     check_enough_items(len(reference), accelerator.num_processes, "The FID reference's images")
@@ -162,15 +163,6 @@ def _load_cached(path: Path) -> torch.Tensor:
     from safetensors.torch import load_file
 
     return load_file(path)["features"]
-
-
-def _decided_by_main(accelerator, value: bool) -> bool:
-    """The main process' answer, on every process (they must take the same branch)."""
-    if accelerator.num_processes == 1:
-        return value
-    from accelerate.utils import broadcast_object_list
-
-    return bool(broadcast_object_list([value])[0])
 
 
 # --------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from torch.utils.data._utils.collate import collate, default_collate_fn_map
 from tqdm.auto import tqdm
 
 from .latents import RunningMoments, encode_moments
+from .saving import write_json_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -113,12 +114,6 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _write_json_atomically(path: Path, content: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(content, indent=2))
-    os.replace(tmp, path)
-
-
 # --------------------------------------------------------------------------------------------
 # Writing
 
@@ -161,7 +156,7 @@ def write_meta(cache_folder: Path, records: list[dict], num_items: int, with_fli
         "unreadable": [entry for record in records for entry in record["unreadable"]],
         "smaller_than_resolution": sum(record["smaller_than_resolution"] for record in records),
     }
-    _write_json_atomically(cache_folder / META_FILE, meta)
+    write_json_atomically(cache_folder / META_FILE, meta)
     return meta
 
 

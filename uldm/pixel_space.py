@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -74,7 +75,7 @@ def save_pixel_pipeline(unet, scheduler, output_dir: str | os.PathLike) -> None:
     from .saving import save_pretrained_atomically
 
     save_pretrained_atomically(DDPMPipeline(unet=unet, scheduler=scheduler), output_dir, "the trained pipeline",
-                               remedy=final_save_remedy(output_dir))
+                               remedy=partial(final_save_remedy, output_dir))
 
 
 def pixel_pipeline_usage(output_dir: str | os.PathLike) -> str:

@@ -25,7 +25,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
+from .saving import save_safetensors_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -128,20 +129,6 @@ def solve_coefficients(steps: Sequence[int], gammas: Sequence[float], target_ste
 
 def snapshot_file_name(step: int, sigma_rel: float) -> str:
     return f"ema-{step:09d}-sigma_rel-{sigma_rel:g}.safetensors"
-
-
-def _write_safetensors_atomically(tensors: dict, metadata: dict, path: Path) -> None:
-    """A reader never sees a half-written file: write a hidden temporary file, flush it, rename."""
-    from safetensors.torch import save_file
-
-    temporary = path.with_name(f".{path.name}.tmp")
-    try:
-        save_file(tensors, str(temporary), metadata=metadata)
-        with open(temporary, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 class PowerFunctionEMA:
@@ -271,7 +258,7 @@ class PowerFunctionEMA:
             if path.exists() and self._stale_snapshots_checked:
                 continue
             tensors = self.averaged_state_dict(sigma_rel, dtype=self.snapshot_dtype)
-            _write_safetensors_atomically(tensors, self._snapshot_metadata(sigma_rel, gamma), path)
+            save_safetensors_atomically(tensors, path, self._snapshot_metadata(sigma_rel, gamma))
             written.append(path)
         return written
 
@@ -390,7 +377,6 @@ class Snapshot:
     step: int
     sigma_rel: float
     gamma: float
-    config: dict | None = field(default=None, compare=False)
 
 
 def read_snapshot_info(path: str | os.PathLike) -> Snapshot | None:
@@ -402,9 +388,8 @@ def read_snapshot_info(path: str | os.PathLike) -> Snapshot | None:
         metadata = handle.metadata() or {}
     if metadata.get("uldm_format") != SNAPSHOT_FORMAT:
         return None
-    config = json.loads(metadata["config"]) if "config" in metadata else None
     return Snapshot(path=path, step=int(metadata["step"]), sigma_rel=float(metadata["sigma_rel"]),
-                    gamma=float(metadata["gamma"]), config=config)
+                    gamma=float(metadata["gamma"]))
 
 
 def list_snapshots(snapshot_dir: str | os.PathLike, warn: bool = True) -> list[Snapshot]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import zipfile
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -92,7 +93,7 @@ def save_pipeline(unet, vae, scaling, scheduler, output_dir: str | os.PathLike) 
     vae.to(torch.float32)
     try:
         save_pretrained_atomically(build_pipeline(unet, vae, scaling, scheduler.config, scheduler=scheduler),
-                                   output_dir, "the trained pipeline", remedy=final_save_remedy(output_dir))
+                                   output_dir, "the trained pipeline", remedy=partial(final_save_remedy, output_dir))
     finally:
         vae.to(training_dtype)
 

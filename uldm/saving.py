@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import itertools
+import json
 import logging
 import os
 import shutil
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Union
 
 from .errors import SaveError
+from .images import _temporary_path
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +36,8 @@ TEMP_SAVE_NAME = ".tmp-save"  # inside the destination folder: same disk, so mov
 OLD_PREFIX = ".old-"
 
 Needed = Union[int, None, Callable[[], Union[int, None]]]
+# What to do after a failed save; a callable is asked only when a save fails (it may look at the disk).
+Remedy = Union[str, Callable[[], str]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,7 +157,7 @@ def describe_cause(error: BaseException, free: int, needed: int | None) -> str:
 
 
 def save_failure_message(what: str, where: str | os.PathLike, error: BaseException | str, *, needed: int | None = None,
-                         basis: str = "", written: int | None = None, kept: str = "", remedy: str = "") -> str:
+                         basis: str = "", written: int | None = None, kept: str = "", remedy: Remedy = "") -> str:
     """One message for a failed save: what, where, why, how much it needs, how much is free, what to do.
 
     `error` is the exception or its description by `describe_cause` (taken when it happened: the
@@ -170,13 +174,23 @@ def save_failure_message(what: str, where: str | os.PathLike, error: BaseExcepti
         f"Could not write {what} to {where}: {cause}.",
         f"{need}; {human_size(free)} are free on that disk.",
         kept,
-        remedy or "Free some space there (or choose a bigger disk) and run again.",
+        (remedy() if callable(remedy) else remedy) or "Free some space there (or choose a bigger disk) and run again.",
     ]
     return " ".join(part for part in parts if part)
 
 
 # --------------------------------------------------------------------------------------------
 # Every process stops together
+
+
+def decided_by_main_process(accelerator, decide: Callable[[], object]):
+    """`decide()` on the main process only; every process gets its result (so all take the same branch)."""
+    if accelerator.num_processes == 1:
+        return decide()
+    from accelerate.utils import broadcast_object_list
+
+    result = [decide() if accelerator.is_main_process else None]
+    return broadcast_object_list(result, from_process=0)[0]
 
 
 def agree_on_failures(accelerator, failure) -> list[tuple[int, object]]:
@@ -203,7 +217,7 @@ def release_open_files(error: BaseException) -> None:
 
 @contextlib.contextmanager
 def processes_stop_together(accelerator, what: str, where: str | os.PathLike, *, needed: Needed = None,
-                            basis: str = "", kept: str = "", remedy: str = "",
+                            basis: str = "", kept: str = "", remedy: Remedy = "",
                             on_failure: Callable[[], None] | None = None):
     """Run the block on every process (it may do nothing on some); if it fails on any, every process
     raises SaveError with the failing process' message, after `on_failure` (cleanup) ran.
@@ -248,6 +262,31 @@ def processes_stop_together(accelerator, what: str, where: str | os.PathLike, *,
 # Atomic folders
 
 
+def write_json_atomically(path: str | os.PathLike, content, end: str = "") -> None:
+    """json.dumps(content, indent=2) + end into `path` through a hidden temporary file: readers see the old
+    file or the new one, never half of one."""
+    path = Path(path)
+    temporary = _temporary_path(path)
+    temporary.write_text(json.dumps(content, indent=2) + end)
+    os.replace(temporary, path)
+
+
+def save_safetensors_atomically(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """safetensors' save_file through a hidden temporary file, flushed to disk and renamed: a reader never sees
+    half a file, and a failed write (a full disk) leaves nothing behind."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    temporary = _temporary_path(path)
+    try:
+        save_file(tensors, str(temporary), metadata=metadata)
+        with open(temporary, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def _order_of_moves(entry: Path) -> tuple[int, str]:
     # The index files last: a folder whose model_index.json / config.json is new has all its new parts.
     return (entry.name in ("model_index.json", "config.json"), entry.name)
@@ -275,7 +314,7 @@ def move_into_place(source: Path, destination: Path) -> list[Path]:
 
 
 def save_folder_atomically(write: Callable[[Path], None], destination: str | os.PathLike, what: str, *,
-                           needed: int | None = None, basis: str = "", remedy: str = "") -> list[Path]:
+                           needed: int | None = None, basis: str = "", remedy: Remedy = "") -> list[Path]:
     """`write(folder)` into a hidden folder inside `destination`, then move its files into place.
 
     On any failure the hidden folder is removed at once and `destination` is left as it was; a write
@@ -304,7 +343,7 @@ def save_folder_atomically(write: Callable[[Path], None], destination: str | os.
     return move_into_place(temporary, destination)
 
 
-def save_pretrained_atomically(obj, destination: str | os.PathLike, what: str | None = None, *, remedy: str = "",
+def save_pretrained_atomically(obj, destination: str | os.PathLike, what: str | None = None, *, remedy: Remedy = "",
                                **save_kwargs) -> list[Path]:
     """`obj.save_pretrained(destination, **save_kwargs)` (a pipeline, model or adapter), atomically:
     see `save_folder_atomically`. The weights' size is the estimate of the space needed."""

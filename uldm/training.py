@@ -27,6 +27,7 @@ import shutil
 import signal
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -43,7 +44,7 @@ from .data import EpochBatchSampler
 from .errors import InputError, NonFiniteLossError
 from .plots import plot_loss_curve
 from .posthoc_ema import PosthocEmaConfig, build_posthoc_ema
-from .saving import processes_stop_together
+from .saving import decided_by_main_process, processes_stop_together
 from .testing import BatchTrace
 from .validation import log_image_grid
 
@@ -488,8 +489,7 @@ class StepRecords:
         if not self._rows:
             return [], None
         values = torch.stack(self._rows)
-        if accelerator.num_processes > 1:
-            values = accelerator.reduce(values, reduction="sum") / accelerator.num_processes  # NaN anywhere stays NaN
+        values = accelerator.reduce(values, reduction="mean")  # NaN anywhere stays NaN
         host = values.tolist()  # the one device-to-host copy of the interval
         first_bad = next((where for where, row in zip(self._where, host) if not all(map(math.isfinite, row))), None)
         per_step: dict[int, list[list[float]]] = {}
@@ -631,6 +631,9 @@ class TrainingLoop:
         if self.fsdp and unsharded_copy is None:
             raise ValueError("Under FSDP the loop needs an unsharded copy of the model (build_training_loop makes it).")
         self.logging_steps = config.logging_steps or (1 if accelerator.device.type == "cpu" else GPU_LOGGING_STEPS)
+        # Images per optimiser step, all processes together.
+        self.global_batch = config.train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps
+        self.num_workers = self._loader_workers()
         self._host_group = host_process_group(accelerator)
         accelerator.register_for_checkpointing(lr_scheduler)
         if ema is not None:
@@ -769,7 +772,7 @@ class TrainingLoop:
         if self.save_result_with is None:
             return
         with self._unsharded(), self.ema_weights() as model, processes_stop_together(
-                self.accelerator, "the trained model", self.output_dir, remedy=ckpt.final_save_remedy(self.output_dir)):
+                self.accelerator, "the trained model", self.output_dir, remedy=partial(ckpt.final_save_remedy, self.output_dir)):
             self.save_result_with(model)
 
     # ---- the best checkpoint (Validation.keep_best) ------------------------------------------
@@ -797,16 +800,13 @@ class TrainingLoop:
         key = self.validation.keep_best
         if key is None or step == 0:
             return
-        decision = [False, False]
-        if self.accelerator.is_main_process:
+
+        def decide() -> tuple[bool, bool, float | None]:
             value = self.last_validation.metrics.get(key) if self.last_validation.step == step else None
             new_best = value is not None and math.isfinite(value) and (self.best is None or value < self.best[1])
-            decision = [new_best, (self.output_dir / f"checkpoint-{step}").is_dir()]
-        if self.accelerator.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
+            return new_best, (self.output_dir / f"checkpoint-{step}").is_dir(), value
 
-            decision = broadcast_object_list(decision)
-        new_best, has_checkpoint = decision
+        new_best, has_checkpoint, value = decided_by_main_process(self.accelerator, decide)
         if not new_best:
             return
         if not has_checkpoint:
@@ -848,8 +848,7 @@ class TrainingLoop:
     def _read_back(self, records: StepRecords, progress) -> None:
         """Log the steps since the last read-back (one metrics row each); stop on a non-finite value."""
         now = time.perf_counter()
-        global_batch = self.config.train_batch_size * self.accelerator.num_processes * self.config.gradient_accumulation_steps
-        images_per_sec = global_batch * len(records) / max(now - self._interval_start, 1e-9)
+        images_per_sec = self.global_batch * len(records) / max(now - self._interval_start, 1e-9)
         self._interval_start = now
         rows, first_bad = records.read_back(self.accelerator)
         for row in rows:
@@ -867,11 +866,9 @@ class TrainingLoop:
         batches between processes costs more than reading them (bench/bench_data.py: 72k latents/s in the
         training process, 16-22k with 1-2 workers), so it is read in the training process."""
         if self.config.dataloader_num_workers and hasattr(self.dataset, "gather"):
-            if not getattr(self, "_said_workers", False):
-                logger.info("Reading the latent cache in the training process (--dataloader_num_workers %d is for "
-                            "decoding images; cached latents are faster without workers).",
-                            self.config.dataloader_num_workers)
-                self._said_workers = True
+            logger.info("Reading the latent cache in the training process (--dataloader_num_workers %d is for "
+                        "decoding images; cached latents are faster without workers).",
+                        self.config.dataloader_num_workers)
             return 0
         return self.config.dataloader_num_workers
 
@@ -884,7 +881,7 @@ class TrainingLoop:
         return DataLoader(
             self.dataset,
             batch_sampler=self.sampler,
-            num_workers=self._loader_workers(),
+            num_workers=self.num_workers,
             pin_memory=self.accelerator.device.type == "cuda",
         )
 
@@ -900,7 +897,6 @@ class TrainingLoop:
         self.stop.install()
         progress = tqdm(total=self.max_train_steps, initial=self.global_step, desc="Training",
                         disable=not accelerator.is_local_main_process, dynamic_ncols=True)
-        global_batch = config.train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps
         records = StepRecords()
         micro_batches_this_step = 0
         trace = BatchTrace(accelerator.process_index)
@@ -933,7 +929,7 @@ class TrainingLoop:
                     micro_batches_this_step = 0
                     epochs_ended = range(epochs_before + 1, self.state.micro_batches // self.sampler.batches_per_epoch() + 1)
                     self.state.global_step += 1
-                    self.state.samples_seen += global_batch
+                    self.state.samples_seen += self.global_batch
                     trace.record(None, self.global_step, self.model)
                     records.end_step(self.global_step, lr=self.lr_scheduler.get_last_lr()[0],
                                      epoch=self.state.micro_batches / self.sampler.batches_per_epoch(),
