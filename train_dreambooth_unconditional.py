@@ -35,13 +35,13 @@ from uldm.data import DataConfig, ImageFolderDataset, Preprocessing, prepare_tra
 from uldm.diffusion import noisy_latents_and_target
 from uldm.dreambooth import (
     DreamBoothDataset, DreamBoothLoss, base_resolution, check_class_image_sizes, check_resolution,
-    generate_missing_class_images, list_instance_images, load_base_pipeline, pipeline_scaling,
+    generate_missing_class_images, list_instance_images, load_base_pipeline,
     SubjectReferences, side_by_side, training_noise_scheduler,
 )
 from uldm.errors import InputError, exit_cleanly_on_input_errors
 from uldm.hub import HubUploader
 from uldm.latent_cache import CacheConfig
-from uldm.latents import latents_from_batch
+from uldm.latents import latents_from_batch, pipeline_scaling
 from uldm.lora import add_lora_adapter, lora_target_modules, register_adapter_only_checkpoints, save_lora_result
 from uldm.model_card import write_model_card
 from uldm.models import count_parameters, use_xformers_if_installed

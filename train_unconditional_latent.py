@@ -163,7 +163,7 @@ def main(argv=None) -> None:
     def sampling_pipeline(model, scheduler):
         if pixel_space:
             return PixelSampler(model, scheduler)
-        return build_pipeline(model, vae, scaling, noise_scheduler.config, scheduler=scheduler)
+        return build_pipeline(model, vae, scaling, scheduler=scheduler)
 
     def validation_pipeline(model):
         return sampling_pipeline(model, make_scheduler(validation_config.validation_scheduler, noise_scheduler.config))

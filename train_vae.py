@@ -29,7 +29,7 @@ from uldm.autoencoder import (
     split_holdout, stack_pixels, store_scaling_factor,
 )
 from uldm.checkpoints import final_save_remedy
-from uldm.data import DataConfig, build_image_dataset, sharded_verifier
+from uldm.data import DataConfig, prepare_training_set
 from uldm.errors import InputError, exit_cleanly_on_input_errors
 from uldm.hub import HubUploader
 from uldm.latents import measure_latent_std, random_horizontal_flip
@@ -140,8 +140,7 @@ def main(argv=None) -> None:
     if args.enable_xformers_memory_efficient_attention:
         use_xformers_if_installed(vae)
 
-    images = build_image_dataset(cli.config_from(DataConfig, args),
-                                 verify=sharded_verifier(accelerator, args.resolution))
+    images = prepare_training_set(cli.config_from(DataConfig, args), accelerator).dataset
     num_holdout = args.num_holdout_images or default_holdout_size(len(images))
     train_set, holdout = split_holdout(images, num_holdout, args.seed)
     logger.info("Images: %d for training, %d held out", len(train_set), len(holdout))

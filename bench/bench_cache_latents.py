@@ -80,17 +80,12 @@ def make_images(folder: Path, count: int, resolution: int) -> None:
 
 def run_training(argv: list[str]) -> tuple[list[dict], float]:
     """Run the training script in this process; returns its metrics rows and the seconds spent building a cache."""
-    import train_unconditional_latent as script
     from uldm import latent_cache
-    from uldm.testing import reset_accelerate_state
+    from uldm.testing import run_script_in_this_process
     from uldm.training import read_metrics
 
-    reset_accelerate_state()
-    try:
-        with report.timing_calls(latent_cache, "build_or_load_latent_cache") as cache_timer:
-            script.main(argv)
-    finally:
-        reset_accelerate_state()
+    with report.timing_calls(latent_cache, "build_or_load_latent_cache") as cache_timer:
+        run_script_in_this_process("train_unconditional_latent", argv)
     output_dir = argv[argv.index("--output_dir") + 1]
     return read_metrics(output_dir), cache_timer.seconds
 

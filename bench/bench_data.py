@@ -317,14 +317,9 @@ def timed_resume(command: list[str]) -> float:
 
 
 def run_script(argv: list[str]) -> None:
-    import train_unconditional_latent as script
-    from uldm.testing import reset_accelerate_state
+    from uldm.testing import run_script_in_this_process
 
-    reset_accelerate_state()
-    try:
-        script.main(argv)
-    finally:
-        reset_accelerate_state()
+    run_script_in_this_process("train_unconditional_latent", argv)
 
 
 def measure_restart(args, work: Path, sources: list[Path]) -> dict:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import math
 import shutil
@@ -61,9 +60,8 @@ LEVERS = {
     "v_prediction": (["--prediction_type", "v_prediction"], "v-prediction"),
     "zero_snr": (["--prediction_type", "v_prediction", "--rescale_betas_zero_snr"],
                  "zero terminal SNR + v-prediction, trailing spacing (Lin et al. 2023)"),
+    "offset_noise": (["--offset_noise", "0.1"], "offset noise 0.1 (diffusers' --offset_noise)"),
 }
-# diffusers' offset noise, measured too where the trainer offers it.
-OFFSET_NOISE_LEVER = ("offset_noise", (["--offset_noise", "0.1"], "offset noise 0.1 (diffusers' --offset_noise)"))
 # name: (full, quick)
 DEFAULTS = {
     "num_images": (1024, 64),
@@ -93,8 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_heldout", type=int, default=None,
                         help="Held-out demo faces scored as a reference (the best FID at this sample count).")
     parser.add_argument("--levers", nargs="+", default=None,
-                        help=f"Which levers (default all: {' '.join(LEVERS)}; offset_noise is added where the trainer "
-                             "has --offset_noise). 'baseline' is always run.")
+                        help=f"Which levers (default all: {' '.join(LEVERS)}). 'baseline' is always run.")
     parser.add_argument("--pixel_budgets", type=float, nargs="*", default=None,
                         help="Pixel-space runs, in multiples of the latent baseline's training time (default 1 3; "
                              "none to skip pixel space).")
@@ -113,9 +110,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name} must be at least 1.")
     if args.calibration_steps < 3:
         parser.error("--calibration_steps must be at least 3 (the first two steps are left out).")
-    unknown = [name for name in args.levers if name not in LEVERS and name != OFFSET_NOISE_LEVER[0]]
+    unknown = [name for name in args.levers if name not in LEVERS]
     if unknown:
-        parser.error(f"Unknown --levers {unknown}; choose from {', '.join(LEVERS)}, {OFFSET_NOISE_LEVER[0]}.")
+        parser.error(f"Unknown --levers {unknown}; choose from {', '.join(LEVERS)}.")
     args.levers = ["baseline"] + [name for name in args.levers if name != "baseline"]
     if any(budget <= 0 for budget in args.pixel_budgets):
         parser.error("--pixel_budgets must be positive.")
@@ -126,16 +123,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_script(module_name: str, argv: list) -> None:
-    """A top-level script's main() in this process, with accelerate's global state reset around it."""
-    import importlib
+    from uldm.testing import run_script_in_this_process
 
-    from uldm.testing import reset_accelerate_state
-
-    reset_accelerate_state()
-    try:
-        importlib.import_module(module_name).main([str(value) for value in argv])
-    finally:
-        reset_accelerate_state()
+    run_script_in_this_process(module_name, argv)
 
 
 def loop_seconds(output_dir: Path, skip: int = 0) -> tuple[float, int]:
@@ -146,23 +136,6 @@ def loop_seconds(output_dir: Path, skip: int = 0) -> tuple[float, int]:
     batch_size = json.loads((Path(output_dir) / RUN_ARGUMENTS_FILE).read_text())["train_batch_size"]
     rows = [row for row in read_metrics(output_dir, having="loss") if row["step"] > skip]
     return sum(batch_size / row["images_per_sec"] for row in rows), len(rows)
-
-
-def trainer_offers(option: str) -> bool:
-    """Whether train_unconditional_latent.py knows a command-line option (e.g. another branch's --offset_noise)."""
-    import train_unconditional_latent as script
-
-    minimal = ["--vae_name_or_path", "none", "--output_dir", "unused", option, "0.1"]
-    from uldm.errors import InputError
-
-    with contextlib.redirect_stderr(io.StringIO()):
-        try:
-            script.parse_args(minimal)
-        except SystemExit:  # argparse: unrecognized arguments
-            return False
-        except InputError:  # known, but these minimal arguments are refused for another reason
-            return True
-    return True
 
 
 def ensure_demo_data(work: Path, num_images: int) -> Path:
@@ -312,13 +285,9 @@ def train_and_score(args, scorer: Scorer, faces: Path, first_stage, work: Path, 
 
 @contextlib.contextmanager
 def cache_build_timer():
-    """Times the latent cache's build (the first call) and reads (later ones); None where the cache module has
-    no such function to time."""
+    """Times the latent cache's build (the first call) and reads (later ones)."""
     from uldm import latent_cache
 
-    if not hasattr(latent_cache, "build_or_load_latent_cache"):
-        yield None
-        return
     with report.timing_calls(latent_cache, "build_or_load_latent_cache") as timer:
         yield timer
 
@@ -382,12 +351,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     result = report.start_result(NAME, "Sample quality: loss levers, and latent against pixel space", args)
     work.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(work / "latent_cache", ignore_errors=True)  # built again, so that its cost is measured
-    levers = dict(LEVERS)
-    if trainer_offers("--offset_noise"):
-        levers[OFFSET_NOISE_LEVER[0]] = OFFSET_NOISE_LEVER[1]
-        if OFFSET_NOISE_LEVER[0] not in args.levers:
-            args.levers.append(OFFSET_NOISE_LEVER[0])
-    chosen = [name for name in args.levers if name in levers]
+    chosen = [name for name in args.levers if name in LEVERS]
 
     faces = ensure_demo_data(work, args.num_images)
     vae_dir, vae_train_s, vae_source = ensure_vae(args, work, faces)
@@ -398,10 +362,10 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     configs = {}
     with cache_build_timer() as cache_timer:  # the first latent run encodes the data set; later ones read it
         for name in chosen:
-            options, _ = levers[name]
+            options, _ = LEVERS[name]
             configs[name] = summarise([train_and_score(args, scorer, faces, vae_dir, work, name, seed, args.steps,
                                                        options) for seed in args.seeds])
-    cache_build_s = cache_timer.seconds if cache_timer else None
+    cache_build_s = cache_timer.seconds
     for name, config in configs.items():
         if name != "baseline":
             config["against_baseline"] = paired_with_baseline(config, configs["baseline"])
@@ -417,13 +381,13 @@ def run(args: argparse.Namespace, work: Path) -> dict:
                 [train_and_score(args, scorer, faces, "none", work, f"pixel-{multiple:g}x", seed, steps, [])
                  for seed in args.seeds])}
 
-    fill_result(result, args, levers, chosen, configs, pixel, references, vae_source, vae_train_s, cache_build_s,
+    fill_result(result, args, chosen, configs, pixel, references, vae_source, vae_train_s, cache_build_s,
                 pixel_step_s, work)
     report.finish_result(result, args)
     return result
 
 
-def fill_result(result, args, levers, chosen, configs, pixel, references, vae_source, vae_train_s, cache_build_s,
+def fill_result(result, args, chosen, configs, pixel, references, vae_source, vae_train_s, cache_build_s,
                 pixel_step_s, work) -> None:
     from uldm.fid import RandomConvFeatures
 
@@ -435,7 +399,7 @@ def fill_result(result, args, levers, chosen, configs, pixel, references, vae_so
         "num_samples": args.num_samples, "sampler": f"DPM-Solver++, {args.sampling_steps} steps",
         "feature_extractor": f"uldm.fid.RandomConvFeatures ({RandomConvFeatures().num_features} features)",
         "torch_threads": torch.get_num_threads(), "pixel_budgets": args.pixel_budgets,
-        "levers": {name: " ".join(levers[name][0]) for name in chosen},
+        "levers": {name: " ".join(LEVERS[name][0]) for name in chosen},
     }
     result["results"] = {"configs": configs, "pixel": pixel, "references": references,
                          "vae_train_s": vae_train_s, "latent_cache_build_s": cache_build_s,
@@ -448,7 +412,7 @@ def fill_result(result, args, levers, chosen, configs, pixel, references, vae_so
         versus = "–" if paired is None else (
             f"{paired['fid_difference_mean']:+.2f} ± {paired['fid_difference_std']:.2f} "
             f"(better in {paired['seeds_better']} of {paired['seeds']})")
-        rows.append([name, levers[name][1], plus_minus(config["fid_mean"], config["fid_std"]),
+        rows.append([name, LEVERS[name][1], plus_minus(config["fid_mean"], config["fid_std"]),
                      plus_minus(config["kid_mean"], config["kid_std"], 1e3), versus,
                      ", ".join(f"{run['fid']:.2f}" for run in config["runs"])])
     report.add_table(result, f"Loss levers, {args.steps} steps each, mean ± std over seeds {args.seeds}",

@@ -115,16 +115,9 @@ def make_blob_images(folder: Path, count: int, size: int = 32, seed: int = 0) ->
 
 def run_script(module_name: str, argv: list[str]):
     """Run a top-level script's main() in this process (much faster than a subprocess)."""
-    import importlib
+    from uldm.testing import run_script_in_this_process
 
-    from uldm.testing import reset_accelerate_state
-
-    reset_accelerate_state()
-    module = importlib.import_module(module_name)
-    try:
-        return module.main([str(a) for a in argv])
-    finally:
-        reset_accelerate_state()
+    return run_script_in_this_process(module_name, argv)
 
 
 def to_argv(options: dict) -> list[str]:

@@ -134,7 +134,7 @@ def test_validation_scores_dino_and_clip_i_of_the_samples_and_the_card_shows_the
     from test_subject_similarity import save_tiny_clip, save_tiny_vit
 
     from pipeline_latent_uncond import UnconditionalLatentPipeline
-    from uldm.dreambooth import pipeline_scaling
+    from uldm.latents import pipeline_scaling
     from uldm.images import list_image_files
     from uldm.sampling import build_pipeline
     from uldm.subject_similarity import InstanceEmbeddings

@@ -29,8 +29,7 @@ from .diffusion import per_sample_loss
 from .distances import mean_pairwise_distance, nearest_distances
 from .errors import InputError
 from .images import list_image_files
-from .latents import LatentScaling
-from .sampling import build_pipeline, write_samples
+from .sampling import with_sampler, write_samples
 from .vae import downsample_factor
 
 logger = logging.getLogger(__name__)
@@ -82,10 +81,6 @@ def check_resolution(requested: int | None, pipeline: UnconditionalLatentPipelin
             f"{downsample_factor(pipeline.vae)}). Leave --resolution out or set it to {resolution}."
         )
     return resolution
-
-
-def pipeline_scaling(pipeline: UnconditionalLatentPipeline) -> LatentScaling:
-    return LatentScaling(pipeline.latent_scale, pipeline.latent_shift, "the base pipeline")
 
 
 def training_noise_scheduler(pipeline: UnconditionalLatentPipeline):
@@ -173,8 +168,7 @@ def generate_missing_class_images(pipeline: UnconditionalLatentPipeline, class_d
     indices = class_image_indices_to_generate(existing, missing)
     logger.info("Generating %d class images into %s (%d there already, %d steps of %s).",
                 missing, folder, len(existing), num_inference_steps, scheduler_name)
-    sampler = build_pipeline(pipeline.unet, pipeline.vae, pipeline_scaling(pipeline), pipeline.scheduler.config,
-                             scheduler_name)
+    sampler = with_sampler(pipeline, scheduler_name)
     # Ends with the barrier diffusers lacks: nobody reads the folder before every process has written its share.
     write_samples(sampler, folder, indices, accelerator, file_name=lambda k: GENERATED_CLASS_IMAGE.format(index=k),
                   seed=seed, batch_size=batch_size, num_inference_steps=num_inference_steps,

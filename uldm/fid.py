@@ -358,6 +358,13 @@ def save_reference_features(path: str | os.PathLike, features: torch.Tensor, des
                                 {"description": json.dumps(description, sort_keys=True)})
 
 
+def load_cached_features(path: str | os.PathLike) -> torch.Tensor:
+    """The features of a file written by `save_reference_features`."""
+    from safetensors.torch import load_file
+
+    return load_file(path)["features"]
+
+
 def load_stored_features(path: str | os.PathLike, feature_extractor: nn.Module) -> torch.Tensor:
     """Reference features stored by the cache (a reference-*.safetensors file, e.g. of an earlier run or of
     evaluate.py --reference_stats_cache), refused unless they come from the same feature extractor."""
@@ -386,13 +393,11 @@ def reference_features(
     **extract_kwargs: Any,
 ) -> tuple[torch.Tensor, bool]:
     """Features of the reference, read from `cache_dir` when present there. Returns (features, cache hit)."""
-    from safetensors.torch import load_file
-
     if cache_dir is None:
         return extract_features(reference, feature_extractor, desc="reference features", **extract_kwargs), False
     cache_path, description = reference_cache_path(reference, feature_extractor, cache_dir)
     if cache_path.is_file():
-        return load_file(cache_path)["features"], True
+        return load_cached_features(cache_path), True
     features = extract_features(reference, feature_extractor, desc="reference features", **extract_kwargs)
     save_reference_features(cache_path, features, description)
     return features, False

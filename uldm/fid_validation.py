@@ -150,19 +150,13 @@ def reference_features(reference: fid.ReferenceImages | str | os.PathLike, extra
         cache_path, description = fid.reference_cache_path(reference, extractor, cache_dir)
     cached = decided_by_main_process(accelerator, lambda: cache_path is not None and cache_path.is_file())
     if cached:
-        return _load_cached(cache_path) if accelerator.is_main_process else None
+        return fid.load_cached_features(cache_path) if accelerator.is_main_process else None
     check_enough_items(len(reference), accelerator.num_processes, "The FID reference's images")
     features = features_in_order(reference, len(reference), extractor, accelerator, batch_size, "FID reference features")
     if accelerator.is_main_process and cache_path is not None:
         fid.save_reference_features(cache_path, features, description)
     accelerator.wait_for_everyone()
     return features if accelerator.is_main_process else None
-
-
-def _load_cached(path: Path) -> torch.Tensor:
-    from safetensors.torch import load_file
-
-    return load_file(path)["features"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,12 +276,10 @@ class PipelineFid:
         self.results: list[dict[str, float]] = []
 
     def __call__(self, pipeline) -> float:
-        from .latents import LatentScaling
-        from .sampling import build_pipeline
+        from .sampling import with_sampler
 
         pipeline.to(self.device)
-        scaling = LatentScaling(pipeline.latent_scale, pipeline.latent_shift, "the pipeline")
-        sampler = build_pipeline(pipeline.unet, pipeline.vae, scaling, pipeline.scheduler.config, self.scheduler_name)
+        sampler = with_sampler(pipeline, self.scheduler_name)
         result = self.scorer.score(sampler, OneProcess(self.device))
         self.results.append(result)
         return result["fid"]

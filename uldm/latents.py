@@ -63,6 +63,11 @@ class LatentScaling:
         return unscale_latents(latents, self.scale, self.shift)
 
 
+def pipeline_scaling(pipeline, source: str = "the base pipeline") -> LatentScaling:
+    """The latent scale and shift a saved pipeline samples with."""
+    return LatentScaling(pipeline.latent_scale, pipeline.latent_shift, source)
+
+
 def resolve_latent_scaling(requested: str | float | None, vae,
                            measure_std: Callable[[], float] | None = None) -> LatentScaling:
     """The latent scale to train with.

@@ -200,8 +200,12 @@ class PowerFunctionEMA:
             weight = 1.0 - power_ema_beta(gamma, self.last_step, global_step)
             torch._foreach_lerp_(averages, inputs, weight)  # one multi-tensor kernel per profile
         self.last_step = global_step
-        if self.snapshot_steps and global_step % self.snapshot_steps == 0:
+        if self.snapshot_due(global_step):
             self.save_snapshots()
+
+    def snapshot_due(self, global_step: int) -> bool:
+        """Whether `step(..., global_step)` writes snapshots."""
+        return bool(self.snapshot_steps) and global_step % self.snapshot_steps == 0
 
     def _check_matches(self, parameters: list[torch.Tensor]) -> None:
         first = self.averages[0]

@@ -72,19 +72,28 @@ def sampling_autocast(accelerator, precision: str | None = None):
     return torch.autocast(accelerator.device.type, dtype=dtypes[precision])
 
 
-def build_pipeline(unet, vae, scaling, scheduler_config: Mapping[str, Any], scheduler_name: str | None = None,
-                   scheduler=None, progress_bar: bool = False):
+def build_pipeline(unet, vae, scaling, scheduler_config: Mapping[str, Any] | None = None,
+                   scheduler_name: str | None = None, scheduler=None):
     """The one place a pipeline is put together from a UNet: `vae`, the latent `scaling` (a
     `uldm.latents.LatentScaling` or anything with `scale`/`shift`), and a scheduler of kind `scheduler_name`
-    with the noise schedule of `scheduler_config` (or a ready `scheduler`)."""
+    with the noise schedule of `scheduler_config` (or a ready `scheduler`). Its progress bar is off."""
     from pipeline_latent_uncond import UnconditionalLatentPipeline
 
     if scheduler is None:
         scheduler = make_scheduler(scheduler_name, scheduler_config)
     pipeline = UnconditionalLatentPipeline(unet=unet, vae=vae, scheduler=scheduler,
                                            latent_scaling_factor=scaling.scale, latent_shift_factor=scaling.shift)
-    pipeline.set_progress_bar_config(disable=not progress_bar)
+    pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def with_sampler(pipeline, scheduler_name: str):
+    """A saved pipeline's UNet, VAE and latent scale with a scheduler of kind `scheduler_name` on its noise
+    schedule (e.g. DPM-Solver++ for a pipeline saved with DDPM)."""
+    from .latents import pipeline_scaling
+
+    return build_pipeline(pipeline.unet, pipeline.vae, pipeline_scaling(pipeline, "the pipeline"),
+                          pipeline.scheduler.config, scheduler_name)
 
 
 def save_pipeline(unet, vae, scaling, scheduler, output_dir: str | os.PathLike) -> None:
@@ -92,7 +101,7 @@ def save_pipeline(unet, vae, scaling, scheduler, output_dir: str | os.PathLike) 
     training_dtype = vae.dtype
     vae.to(torch.float32)
     try:
-        save_pretrained_atomically(build_pipeline(unet, vae, scaling, scheduler.config, scheduler=scheduler),
+        save_pretrained_atomically(build_pipeline(unet, vae, scaling, scheduler=scheduler),
                                    output_dir, "the trained pipeline", remedy=partial(final_save_remedy, output_dir))
     finally:
         vae.to(training_dtype)

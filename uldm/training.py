@@ -943,8 +943,8 @@ class TrainingLoop:
                     validation_due = self.validation is not None and self.validation.schedule.due(
                         self.global_step, epochs_ended, self.max_train_steps)
                     save_due = self.save_schedule.due(self.global_step, epochs_ended, self.max_train_steps)
-                    snapshot_due = self.posthoc_ema is not None and (done or bool(
-                        self.posthoc_ema.snapshot_steps and self.global_step % self.posthoc_ema.snapshot_steps == 0))
+                    snapshot_due = self.posthoc_ema is not None and (
+                        done or self.posthoc_ema.snapshot_due(self.global_step))
                     # Nothing is written from weights that a non-finite loss may have touched: read the losses
                     # back (and stop on one) before any checkpoint, validation, result or snapshot.
                     if (self.global_step % self.logging_steps == 0 or done or stop_requested or checkpoint_due
