@@ -28,6 +28,7 @@ from torch import nn
 from uldm import fid, identity, subject_similarity
 from uldm.errors import InputError, exit_cleanly_on_input_errors
 from uldm.images import list_image_files
+from uldm.sampling import samples_to_score
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -129,7 +130,8 @@ def main(argv: list[str] | None = None, feature_extractor: nn.Module | None = No
     # Loaded first, so that a model missing offline stops the run before any scoring.
     subject_models = {metric: model for metric, model in (("dino", args.dino_model), ("clip_i", args.clip_model)) if model}
     subject_encoders = {metric: subject_similarity.load_image_encoder(model, args.device) for metric, model in subject_models.items()}
-    samples = fid.SampleImages.from_folder(args.samples_dir, args.resolution)
+    samples = fid.SampleImages(samples_to_score(args.samples_dir), args.resolution)
+    print(f"Scoring {len(samples)} images from {args.samples_dir}")
     results: dict[str, Any] = {"samples_dir": str(args.samples_dir), "arguments": vars(args)}
     loader_options = dict(batch_size=args.batch_size, num_workers=args.num_workers)
 

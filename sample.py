@@ -33,13 +33,13 @@ from uldm.sampling import (
     make_scheduler,
     sample_file_name,
     save_image_atomically,
+    SAMPLE_ARGS_FILE,
+    SAMPLE_GRID_FILE,
+    SAMPLE_NPZ_FILE,
     save_samples_npz,
     write_missing_samples,
 )
 
-ARGS_FILE = "sample_args.json"
-NPZ_FILE = "samples.npz"
-GRID_FILE = "grid.png"
 # Arguments that change the pixels: a resumed run must use the same ones.
 IMAGE_DEFINING_ARGS = ("pretrained_model_name_or_path", "scheduler", "num_inference_steps", "eta", "seed",
                        "mixed_precision")
@@ -60,8 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
                         help="Autocast compute; latents stay fp32. Default: accelerate's configuration (else 'no').")
     parser.add_argument("--save_npz", action="store_true",
-                        help=f"Also write {NPZ_FILE} (uint8 N×H×W×3, key arr_0, in index order).")
-    parser.add_argument("--save_grid", action="store_true", help=f"Also write {GRID_FILE} of the first images.")
+                        help=f"Also write {SAMPLE_NPZ_FILE} (uint8 N×H×W×3, key arr_0, in index order).")
+    parser.add_argument("--save_grid", action="store_true", help=f"Also write {SAMPLE_GRID_FILE} of the first images.")
     parser.add_argument("--grid_rows", type=int, default=4, help="Rows (and columns) of the grid.")
     args = parser.parse_args(argv)
     if os.path.isdir(args.pretrained_model_name_or_path):  # so a resumed run may name the folder differently
@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_resume_is_consistent(args: argparse.Namespace, output_dir: Path) -> None:
     """Refuse to mix images made with other settings into one folder."""
-    args_path = output_dir / ARGS_FILE
+    args_path = output_dir / SAMPLE_ARGS_FILE
     if not args_path.is_file():
         return
     previous = json.loads(args_path.read_text())
@@ -89,9 +89,9 @@ def check_resume_is_consistent(args: argparse.Namespace, output_dir: Path) -> No
 
 
 def write_args(args: argparse.Namespace, output_dir: Path) -> None:
-    temporary = output_dir / f".{ARGS_FILE}.tmp"
+    temporary = output_dir / f".{SAMPLE_ARGS_FILE}.tmp"
     temporary.write_text(json.dumps(vars(args), indent=2, sort_keys=True) + "\n")
-    os.replace(temporary, output_dir / ARGS_FILE)
+    os.replace(temporary, output_dir / SAMPLE_ARGS_FILE)
 
 
 def load_pipeline(args: argparse.Namespace, accelerator: Accelerator) -> UnconditionalLatentPipeline | PixelSampler:
@@ -113,7 +113,7 @@ def write_grid(output_dir: Path, num_images: int, rows: int) -> None:
     for index in range(count):
         with Image.open(output_dir / sample_file_name(index)) as image:
             images.append(image.convert("RGB"))
-    save_image_atomically(make_image_grid(images, rows), output_dir / GRID_FILE)
+    save_image_atomically(make_image_grid(images, rows), output_dir / SAMPLE_GRID_FILE)
 
 
 @exit_cleanly_on_input_errors
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if accelerator.is_main_process:
         if args.save_npz:
-            save_samples_npz(output_dir, args.num_images, output_dir / NPZ_FILE)
+            save_samples_npz(output_dir, args.num_images, output_dir / SAMPLE_NPZ_FILE)
         if args.save_grid:
             write_grid(output_dir, args.num_images, args.grid_rows)
         accelerator.print(f"{args.num_images} images in {output_dir}")

@@ -234,3 +234,18 @@ def test_a_lora_output_is_sampled_as_its_base_with_the_adapter(saved_pipeline, o
     with_adapter = read_pngs(tmp_path / "samples")
     assert with_adapter.shape == read_pngs(one_process_run).shape
     assert not np.array_equal(with_adapter, read_pngs(one_process_run)), "the adapter changes the samples"
+
+
+def test_evaluate_scores_only_the_samples_of_a_sample_folder_with_its_grid(one_process_run, tmp_path, capsys):
+    """The README's sample-then-evaluate flow: grid.png (64 px, 2x2 of the 32-px samples) is not a sample."""
+    import evaluate
+    from test_evaluate import TinyFeatures
+
+    extractor = TinyFeatures()
+    results = evaluate.main(["--samples_dir", str(one_process_run), "--reference_dir", str(one_process_run),
+                             "--device", "cpu", "--kid_subsets", "2", "--kid_subset_size", "3", "--batch_size", "4"],
+                            feature_extractor=extractor)
+    assert results["fid_kid"]["resolution"] == 32
+    assert f"Scoring {NUM_IMAGES} images" in capsys.readouterr().out
+    # the reference folder is read as any folder of images (grid included, resized); the samples are the 6 alone
+    assert extractor.images_seen == NUM_IMAGES + NUM_IMAGES + 1

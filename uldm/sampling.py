@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import zipfile
 from functools import partial
 from pathlib import Path
@@ -33,8 +34,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .checkpoints import final_save_remedy
-from .images import _temporary_path, save_image_atomically  # the latter also imported from here by sample.py
-from .errors import SaveError
+from .images import _temporary_path, list_image_files, save_image_atomically  # the latter also imported from here by sample.py
+from .errors import InputError, SaveError
 from .saving import (
     describe_cause, free_space, is_write_failure, processes_stop_together, save_failure_message,
     save_pretrained_atomically,
@@ -131,8 +132,28 @@ def make_image_grid(images: Sequence[Image.Image], rows: int) -> Image.Image:
 # ------------------------------------------------------------------------------------ sample folders
 
 
+# What sample.py writes into a sample folder besides the numbered samples.
+SAMPLE_ARGS_FILE = "sample_args.json"
+SAMPLE_GRID_FILE = "grid.png"
+SAMPLE_NPZ_FILE = "samples.npz"
+_SAMPLE_FILE = re.compile(r"^\d{6}\.png$")
+
+
 def sample_file_name(index: int) -> str:
     return f"{index:06d}.png"
+
+
+def samples_to_score(folder: str | os.PathLike) -> list[Path]:
+    """The images of a sample folder to score: in a folder written by sample.py (it holds its
+    SAMPLE_ARGS_FILE) only the numbered samples, not the grid; elsewhere every image file."""
+    folder = Path(folder)
+    if not (folder / SAMPLE_ARGS_FILE).is_file():
+        paths = list_image_files(folder)
+    else:
+        paths = sorted(path for path in folder.iterdir() if _SAMPLE_FILE.match(path.name))
+    if not paths:
+        raise InputError(f"No image files found under {folder}.")
+    return paths
 
 
 def missing_indices(output_dir: str | os.PathLike, num_images: int) -> list[int]:
