@@ -77,6 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     cli.add_text_only_args(parser)
     cli.add_fid_args(parser)
     args = parser.parse_args(argv)
+    cli.resolve_prediction_type(args)
     cli.check_common_args(args)
     cli.check_fid_args(args)
     if not args.model_config_name_or_path and not args.pretrained_model_name_or_path:

@@ -111,6 +111,8 @@ def test_fine_tuning_moves_samples_towards_the_subject_and_saves_a_loadable_pipe
     base = UnconditionalLatentPipeline.from_pretrained(base_dir)
     tuned = UnconditionalLatentPipeline.from_pretrained(out)
     assert tuned.latent_scale == pytest.approx(base.latent_scale)
+    # the base is an epsilon model (the trainers' default before v_prediction): it is fine-tuned and saved as one
+    assert base.scheduler.config.prediction_type == tuned.scheduler.config.prediction_type == "epsilon"
     before, after = subject_latent_distance(base, instance_dir), subject_latent_distance(tuned, instance_dir)
     assert after < 0.8 * before, f"samples did not move towards the subject: {before:.3f} -> {after:.3f}"
 

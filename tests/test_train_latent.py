@@ -23,7 +23,7 @@ SCRIPT = "train_unconditional_latent"
 def test_training_learns(train_images, tiny_vae_dir, tmp_path):
     out = tmp_path / "out"
     run_script(SCRIPT, latent_training_args(train_images, tiny_vae_dir, out, max_train_steps=30, cache_latents=True,
-                                 lr_scheduler="constant_with_warmup"))
+                                 lr_scheduler="constant_with_warmup", prediction_type="epsilon"))
     losses = [row["loss"] for row in read_metrics(out)]
     assert len(losses) == 30
     start, end = sum(losses[:3]) / 3, sum(losses[-5:]) / 5
@@ -32,6 +32,32 @@ def test_training_learns(train_images, tiny_vae_dir, tmp_path):
     card = ModelCard.load(out / "README.md")
     assert (card.data.library_name, card.data.pipeline_tag) == ("diffusers", "unconditional-image-generation")
     assert card.data.tags == ["latent-diffusion", "unconditional-image-generation"]
+
+
+def test_v_prediction_is_the_default_and_a_saved_epsilon_model_stays_epsilon(train_images, tiny_vae_dir, tmp_path):
+    """diffusers' default is epsilon; ours is v_prediction, unless a saved model says otherwise (an older
+    epsilon model continues as one) or the flag is given."""
+    import train_unconditional_latent as trainer
+    from conftest import build_tiny_kl_vae, build_tiny_unet
+    from pipeline_latent_uncond import UnconditionalLatentPipeline
+    from uldm.diffusion import build_noise_scheduler
+
+    fresh = latent_training_args(train_images, tiny_vae_dir, tmp_path / "fresh")
+    assert trainer.parse_args(fresh).prediction_type == "v_prediction"
+    assert trainer.parse_args(fresh + ["--prediction_type", "epsilon"]).prediction_type == "epsilon"
+
+    epsilon_model = tmp_path / "epsilon_model"
+    UnconditionalLatentPipeline(unet=build_tiny_unet(), vae=build_tiny_kl_vae(), latent_scaling_factor=1.0,
+                                scheduler=build_noise_scheduler(prediction_type="epsilon")).save_pretrained(epsilon_model)
+    continued = latent_training_args(train_images, tiny_vae_dir, tmp_path / "continued",
+                                     model_config_name_or_path=None, pretrained_model_name_or_path=epsilon_model)
+    assert trainer.parse_args(continued).prediction_type == "epsilon"
+    assert trainer.parse_args(continued + ["--prediction_type", "sample"]).prediction_type == "sample"
+
+    run_script(SCRIPT, latent_training_args(train_images, tiny_vae_dir, tmp_path / "fresh", max_train_steps=2))
+    saved_scheduler = json.loads((tmp_path / "fresh" / "scheduler" / "scheduler_config.json").read_text())
+    assert saved_scheduler["prediction_type"] == "v_prediction"
+    assert "prediction type" in (card := (tmp_path / "fresh" / "README.md").read_text()) and "v_prediction" in card
 
 
 def test_cached_latents_never_call_the_encoder_after_the_first_pass(train_images, tiny_vae_dir, tmp_path, monkeypatch):

@@ -133,6 +133,18 @@ def add_compute_args(parser: argparse.ArgumentParser, frozen_vae: bool = True) -
                                 "--mixed_precision bf16 when it encodes every step.")
 
 
+DEFAULT_PREDICTION_TYPE = "v_prediction"
+
+
+def resolve_prediction_type(args: argparse.Namespace) -> None:
+    """--prediction_type left out: a saved model keeps its own (an epsilon model goes on as one), else the default."""
+    if args.prediction_type is None:
+        from .models import saved_prediction_type
+
+        saved = saved_prediction_type(args.pretrained_model_name_or_path, args.revision)
+        args.prediction_type = saved or DEFAULT_PREDICTION_TYPE
+
+
 def add_noise_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("diffusion")
     group.add_argument("--ddpm_num_steps", type=int, default=1000)
@@ -141,8 +153,12 @@ def add_noise_args(parser: argparse.ArgumentParser) -> None:
                        help="LDM's 'linear' schedule is diffusers' scaled_linear.")
     group.add_argument("--beta_start", type=float, default=0.0015)
     group.add_argument("--beta_end", type=float, default=0.0195)
-    group.add_argument("--prediction_type", type=str, default="epsilon",
-                       choices=["epsilon", "v_prediction", "sample"])
+    group.add_argument("--prediction_type", type=str, default=None,
+                       choices=["epsilon", "v_prediction", "sample"],
+                       help=f"What the UNet predicts. Default: that of the saved model given as "
+                            f"--pretrained_model_name_or_path, else {DEFAULT_PREDICTION_TYPE}, the one deliberate "
+                            f"difference from diffusers' train_unconditional.py (epsilon): it measured far ahead on "
+                            f"the demo (docs/benchmarks.md). --prediction_type epsilon restores diffusers' behaviour.")
     group.add_argument("--snr_gamma", type=float, default=None,
                        help="Min-SNR weighting gamma (5.0 is the paper's choice); off by default.")
     add_offset_noise_arg(group)

@@ -39,6 +39,19 @@ def build_unet(model_config_name_or_path: str | None = None, pretrained_model_na
     return UNet2DModel.from_config(config)
 
 
+def saved_prediction_type(pretrained_model_name_or_path: str | None, revision: str | None = None) -> str | None:
+    """The prediction type in a saved pipeline's scheduler config; None without one (a bare UNet, a preset)."""
+    from diffusers import DDPMScheduler
+
+    if not pretrained_model_name_or_path:
+        return None
+    try:
+        config = DDPMScheduler.load_config(pretrained_model_name_or_path, subfolder="scheduler", revision=revision)
+    except (OSError, ValueError):  # no scheduler there, or a hub id out of reach (build_unet then says so)
+        return None
+    return config.get("prediction_type", "epsilon")
+
+
 def count_parameters(model) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
