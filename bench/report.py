@@ -37,7 +37,12 @@ options). The speed and memory benchmarks time models with random weights (speed
 not depend on the weights' values); the quality benchmark trains its models and scores their samples.
 The load average is that of the whole machine when the measurement started and ended; on a shared
 machine other processes slow the figures down, so read them with the load in mind.
+Figures measured without a benchmark script (the quick start, the post-hoc EMA sweep, DreamBooth's
+trade-off, face alignment) and the prediction type behind each figure are at the end, under
+[Measured by hand](#measured-by-hand).
 """
+# Everything from this line on has no result JSON: rewriting the report keeps it as it is.
+HAND_MEASURED_MARKER = "<!-- Measured by hand: bench/report.py keeps everything from this line on. -->"
 
 
 # --------------------------------------------------------------------------------- the machine
@@ -324,8 +329,14 @@ def write_report(results_dir: str | os.PathLike, report: str | os.PathLike) -> P
     report = Path(report)
     report.parent.mkdir(parents=True, exist_ok=True)
     sections = [render_result(result) for result in load_results(results_dir)]
-    report.write_text(REPORT_HEADER + "\n" + "\n".join(sections))
+    report.write_text(REPORT_HEADER + "\n" + "\n".join(sections) + hand_measured_part(report))
     return report
+
+
+def hand_measured_part(report: Path) -> str:
+    text = report.read_text() if report.is_file() else ""
+    start = text.find(HAND_MEASURED_MARKER)
+    return "" if start < 0 else "\n" + text[start:]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,8 +9,8 @@ Old checkpoints are pruned only after the new one is in place.
 Faults (see also `uldm.saving`):
 * A save that fails (full disk, quota, any write error) on any process removes the temporary folder
   at once and stops every process with one `SaveError`; the previous checkpoint stays as it was.
-* `training_state.json` records each file's size and SHA-256 (computed once the files are written,
-  about 1 s per GB on one CPU core). Resuming verifies them: `latest` skips a damaged checkpoint with
+* `training_state.json` records each file's size and SHA-256 (computed once the files are written;
+  its cost is in docs/benchmarks.md). Resuming verifies them: `latest` skips a damaged checkpoint with
   a warning naming the file and takes the newest intact one; an explicit path that is damaged is an
   InputError naming the file. Checkpoints from before the checksums are checked as far as their
   formats allow (safetensors headers and sizes, the CRCs of torch's zip files).
