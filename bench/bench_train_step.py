@@ -88,14 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def process_status_bytes(field: str) -> int | None:
-    """VmRSS (resident now) or VmHWM (peak resident) of this process from /proc/self/status, in bytes."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    """VmRSS (resident now) or VmHWM (peak resident) of this process, in bytes."""
+    kib = report.proc_kib("/proc/self/status", field)
+    return None if kib is None else kib * 1024
 
 
 def reset_peak_rss() -> bool:
