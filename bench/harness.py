@@ -38,7 +38,7 @@ RESULT_PREFIX = "BENCH_RESULT "
 LEARNING_RATE = 1e-4
 # AdamW's implementations by name; "trainer" (a Variant's default) is the one uldm.training.build_optimizer picks.
 OPTIMIZERS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}
-# What accelerate needs of an Accelerator for one process (StepRecords.read_back, uldm.data.prepare_training_set).
+# What StepRecords.read_back and uldm.data.prepare_training_set need of an accelerate.Accelerator, for one process.
 ONE_PROCESS = SimpleNamespace(process_index=0, num_processes=1, is_main_process=True, is_local_main_process=True,
                               wait_for_everyone=lambda: None, reduce=lambda values, reduction: values)
 
