@@ -27,8 +27,6 @@ Sampling cost: seconds per image of the same 25-step sampler, the VAE decode inc
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import math
 import shutil
 import statistics
@@ -37,14 +35,13 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench import report  # noqa: E402
+from bench.harness import loop_seconds, timing_cache_builds  # noqa: E402
 
 NAME = "quality"
 RESOLUTION = 32
@@ -126,16 +123,6 @@ def run_script(module_name: str, argv: list) -> None:
     from uldm.testing import run_script_in_this_process
 
     run_script_in_this_process(module_name, argv)
-
-
-def loop_seconds(output_dir: Path, skip: int = 0) -> tuple[float, int]:
-    """(Seconds of the logged training steps after the first `skip`, their number), from a run's metrics.jsonl
-    (each step logs its images/s) and training_args.json (its batch size)."""
-    from uldm.training import RUN_ARGUMENTS_FILE, read_metrics
-
-    batch_size = json.loads((Path(output_dir) / RUN_ARGUMENTS_FILE).read_text())["train_batch_size"]
-    rows = [row for row in read_metrics(output_dir, having="loss") if row["step"] > skip]
-    return sum(batch_size / row["images_per_sec"] for row in rows), len(rows)
 
 
 def ensure_demo_data(work: Path, num_images: int) -> Path:
@@ -283,15 +270,6 @@ def train_and_score(args, scorer: Scorer, faces: Path, first_stage, work: Path, 
     return record
 
 
-@contextlib.contextmanager
-def cache_build_timer():
-    """Times the latent cache's build (the first call) and reads (later ones)."""
-    from uldm import latent_cache
-
-    with report.timing_calls(latent_cache, "build_or_load_latent_cache") as timer:
-        yield timer
-
-
 def pixel_step_seconds(args, faces: Path, work: Path) -> float:
     """The pixel model's seconds per training step, from a short run (its first two steps left out)."""
     output_dir = work / "runs" / "pixel-calibration"
@@ -360,7 +338,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     references = {"heldout_faces": scorer.score(heldout), "vae_reconstructions": scorer.score(reconstructions(vae_dir, heldout))}
 
     configs = {}
-    with cache_build_timer() as cache_timer:  # the first latent run encodes the data set; later ones read it
+    with timing_cache_builds() as cache_timer:  # the first latent run encodes the data set; later ones read it
         for name in chosen:
             options, _ = LEVERS[name]
             configs[name] = summarise([train_and_score(args, scorer, faces, vae_dir, work, name, seed, args.steps,

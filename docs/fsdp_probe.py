@@ -7,7 +7,7 @@ save_state/load_state, get_state_dict), in 2 CPU processes with gloo. accelerate
 for CPU processes, so --force_fsdp 1|2 forces it (uldm.testing.force_fsdp_on_cpu) to run accelerate's real FSDP
 code paths on the CPU. Each process prints one line "RESULT {json}" at the start and one at the end.
 
-    run() { ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 --master_port $1 bench/fsdp_probe.py "${@:2}"; }
+    run() { ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 --master_port $1 docs/fsdp_probe.py "${@:2}"; }
     run 29701 --out /tmp/fsdp/ddp --ema full                                    # DDP reference
     run 29702 --out /tmp/fsdp/f2 --ema full --force_fsdp 2                      # FSDP2, EMA of the full weights
     run 29703 --out /tmp/fsdp/f2r --ema full --force_fsdp 2 --resume /tmp/fsdp/f2/checkpoint-2
