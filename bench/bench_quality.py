@@ -171,15 +171,9 @@ def training_argv(args, faces: Path, first_stage: str | Path, output_dir: Path, 
 
 
 def load_sampler(folder: Path):
-    from pipeline_latent_uncond import UnconditionalLatentPipeline
-    from uldm.pixel_space import PixelSampler, is_pixel_pipeline
+    from uldm.first_stage import load_saved_model
 
-    if is_pixel_pipeline(folder):
-        sampler = PixelSampler.from_pretrained(folder)
-    else:
-        sampler = UnconditionalLatentPipeline.from_pretrained(folder)
-        sampler.vae.eval()
-    sampler.unet.eval()
+    sampler = load_saved_model(folder)  # from_pretrained leaves the models in eval mode
     sampler.set_progress_bar_config(disable=True)
     return sampler
 

@@ -9,11 +9,11 @@ Each idea has one home:
   that reads an argparse namespace). `presets`: the JSON presets under configs/.
 * `training`, `checkpoints`: the loop every trainer shares (LoopConfig, OptimizerConfig, EmaConfig;
   the Validation callback with its schedule; metrics.jsonl; crash-safe checkpoints; exact resume).
-* `data`, `images`: training images and their preprocessing (DataConfig); `latents`: the latent space
-  (scale rule from pipeline_latent_uncond.py, encoding, posterior samples, flips, the std);
-  `vae`: loading first stages; `latent_cache`: storing/reading cached latents (CacheConfig);
-  `diffusion`: noise schedule, timesteps, targets and losses, and their levers (LossConfig);
-  `pixel_space`: training and sampling with no first stage (a DDPMPipeline).
+* `data`, `images`: training images and their preprocessing (DataConfig); `first_stage`: the space a model
+  works in, latent (a VAE and its scale) or pixel (no first stage, a DDPMPipeline), behind one interface, and
+  loading any saved model; `latents`: the latent space (scale rule from pipeline_latent_uncond.py, encoding,
+  posterior samples, flips, the std); `vae`: loading first stages; `latent_cache`: storing/reading cached
+  latents (CacheConfig); `diffusion`: noise schedule, timesteps, targets and losses, and their levers (LossConfig).
 * `sampling`: building/saving pipelines, schedulers by name, sample folders; `validation`: grids from
   fixed noise (ValidationConfig).
 * `dreambooth`, `autoencoder`, `posthoc_ema`, `face_align`, `demo_data`: one job each.

@@ -102,10 +102,14 @@ def save_pipeline(unet, vae, scaling, scheduler, output_dir: str | os.PathLike) 
     training_dtype = vae.dtype
     vae.to(torch.float32)
     try:
-        save_pretrained_atomically(build_pipeline(unet, vae, scaling, scheduler=scheduler),
-                                   output_dir, "the trained pipeline", remedy=partial(final_save_remedy, output_dir))
+        save_trained_pipeline(build_pipeline(unet, vae, scaling, scheduler=scheduler), output_dir)
     finally:
         vae.to(training_dtype)
+
+
+def save_trained_pipeline(pipeline, output_dir: str | os.PathLike) -> None:
+    """A training run's result, put in place only once whole; a failure says what to do with the checkpoints."""
+    save_pretrained_atomically(pipeline, output_dir, "the trained pipeline", remedy=partial(final_save_remedy, output_dir))
 
 
 def generators_for_indices(
