@@ -144,8 +144,7 @@ def main(argv=None) -> None:
 
     # Pixels are bounded to [-1, 1], so DDPM/DDIM sampling may clip its x0 estimate there (diffusers' default).
     noise_scheduler = build_noise_scheduler(args.ddpm_num_steps, args.ddpm_beta_schedule, args.beta_start,
-                                            args.beta_end, args.prediction_type, args.rescale_betas_zero_snr,
-                                            clip_sample=pixel_space)
+                                            args.beta_end, args.prediction_type, levers, clip_sample=pixel_space)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if args.enable_xformers_memory_efficient_attention:
@@ -228,8 +227,7 @@ def main(argv=None) -> None:
             clean = pixels_from_batch(batch, generator, args.random_flip)
         else:
             clean = latents_from_batch(batch, vae, scaling, generator, args.random_flip)
-        noisy, timesteps, target = noisy_latents_and_target(noise_scheduler, clean, generator, args.offset_noise,
-                                                            levers=levers)
+        noisy, timesteps, target = noisy_latents_and_target(noise_scheduler, clean, generator, levers)
         prediction = unet(noisy, timesteps).sample
         return weighted_loss(prediction, target, timesteps, noise_scheduler, levers)
 
