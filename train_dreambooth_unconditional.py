@@ -32,10 +32,10 @@ import torch
 from uldm import args as cli
 from uldm.checkpoints import final_save_remedy
 from uldm.data import DataConfig, ImageFolderDataset, Preprocessing, prepare_training_set
-from uldm.diffusion import noisy_latents_and_target
+from uldm.diffusion import describe_levers, noisy_latents_and_target
 from uldm.dreambooth import (
     DreamBoothDataset, DreamBoothLoss, base_resolution, check_class_image_sizes, check_resolution,
-    generate_missing_class_images, list_instance_images, load_base_pipeline,
+    fine_tuned_scheduler, generate_missing_class_images, list_instance_images, load_base_pipeline,
     SubjectReferences, side_by_side, training_noise_scheduler,
 )
 from uldm.errors import InputError, exit_cleanly_on_input_errors
@@ -105,11 +105,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="'attention', 'attention+conv' (adds the ResNet convolutions) or module names, "
                             "comma-separated.")
 
-    group = parser.add_argument_group("diffusion")
-    group.add_argument("--snr_gamma", type=float, default=None,
-                       help="Min-SNR weighting gamma (5.0 is the paper's choice), applied to each half of the batch.")
-    cli.add_offset_noise_arg(group)
-
+    cli.add_loss_lever_args(parser)  # the base model's noise schedule and prediction type are kept
     # DreamBooth defaults (diffusers' train_dreambooth.py): short runs, small constant learning rate.
     cli.add_optimization_args(parser, learning_rate=None, adam_beta1=0.9, adam_weight_decay=1e-2,
                               lr_scheduler="constant", lr_warmup_steps=0)
@@ -178,6 +174,8 @@ def main(argv=None) -> None:
     # Everything that can be wrong with the input is checked before anything is written or generated.
     pipeline = load_base_pipeline(args.pretrained_model_name_or_path, args.revision, variant=args.variant)
     args.resolution = check_resolution(args.resolution, pipeline)
+    levers = cli.loss_config(args, pipeline.scheduler.config)
+    sampler = fine_tuned_scheduler(pipeline, levers, args.use_lora)
     instance_paths = list_instance_images(args.instance_data_dir)
     if args.with_prior_preservation:
         check_class_image_sizes(args.class_data_dir, args.resolution)
@@ -209,7 +207,7 @@ def main(argv=None) -> None:
     class_set = train_set.prior
     logger.info("Instance images: %d; class images: %d", len(instance_paths), len(class_set) if class_set else 0)
 
-    noise_scheduler = training_noise_scheduler(pipeline)
+    noise_scheduler = training_noise_scheduler(sampler)
     lora_config = None
     if args.use_lora:
         lora_config = add_lora_adapter(unet, args.rank, args.lora_alpha, lora_target_modules(args.lora_target_modules),
@@ -239,7 +237,7 @@ def main(argv=None) -> None:
         if not accelerator.is_main_process or not validation_config.num_validation_images:
             return None
         latents, images = sample_from_noise(
-            loop, lambda model: build_pipeline(model, vae, scaling, pipeline.scheduler.config,
+            loop, lambda model: build_pipeline(model, vae, scaling, sampler.config,
                                                validation_config.validation_scheduler),
             validation_noise, validation_config.validation_inference_steps)
         values = references.measure(latents, images)
@@ -265,9 +263,10 @@ def main(argv=None) -> None:
                                                 base_model=os.path.abspath(name) if os.path.isdir(name) else name),
                 args.output_dir, "the LoRA adapter", remedy=partial(final_save_remedy, args.output_dir))
         else:
-            save_pipeline(model, vae, scaling, pipeline.scheduler, args.output_dir)
+            save_pipeline(model, vae, scaling, sampler, args.output_dir)
         write_dreambooth_model_card(args, config.arguments, loop, photos, len(instance_paths), class_set,
-                                    subject_scores, location=hub.location if hub.enabled else None)
+                                    subject_scores, location=hub.location if hub.enabled else None,
+                                    lever_facts=describe_levers(sampler.config, levers))
         logger.info("Saved the result of epoch %d (step %d) to %s", loop.epochs_completed, loop.global_step,
                     args.output_dir)
         if not loop.finished:
@@ -280,7 +279,7 @@ def main(argv=None) -> None:
                                                      at_start=True),
                                save_result=save_result, save_schedule=Schedule(every_epochs=args.save_model_epochs))
     unet = loop.model
-    dreambooth_loss = DreamBoothLoss(noise_scheduler, args.prior_loss_weight, args.snr_gamma)
+    dreambooth_loss = DreamBoothLoss(noise_scheduler, args.prior_loss_weight, levers)
 
     def compute_loss(batch, generator):
         latents = latents_from_batch(batch["instance"], vae, scaling, generator, args.random_flip)
@@ -288,7 +287,7 @@ def main(argv=None) -> None:
         if "prior" in batch:
             prior = latents_from_batch(batch["prior"], vae, scaling, generator, args.random_flip)
             latents = torch.cat([latents, prior])
-        noisy, timesteps, target = noisy_latents_and_target(noise_scheduler, latents, generator, args.offset_noise)
+        noisy, timesteps, target = noisy_latents_and_target(noise_scheduler, latents, generator, levers)
         prediction = unet(noisy, timesteps).sample
         return dreambooth_loss(prediction, target, timesteps, num_instance)
 
@@ -354,7 +353,7 @@ def subject_facts(rows: list[dict], scores: InstanceEmbeddings | None) -> dict:
 
 def write_dreambooth_model_card(args, arguments: dict, loop, photos, num_instance: int, class_set,
                                 subject_scores: InstanceEmbeddings | None = None,
-                                location: str | None = None) -> None:
+                                location: str | None = None, lever_facts: dict | None = None) -> None:
     output_dir = Path(args.output_dir)
     instance_grid = output_dir / "samples" / "instance_images.png"
     instance_grid.parent.mkdir(parents=True, exist_ok=True)
@@ -378,6 +377,7 @@ def write_dreambooth_model_card(args, arguments: dict, loop, photos, num_instanc
         facts["spread of the samples (mean distance between two)"] = (
             f"{change('sample_spread')}; latents {change('sample_latent_spread')}")
     facts.update(subject_facts(rows, subject_scores))
+    facts.update(lever_facts or {})
     write_model_card(
         output_dir,
         title="DreamBooth fine-tune of an unconditional latent diffusion model",

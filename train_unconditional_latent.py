@@ -108,7 +108,7 @@ def main(argv=None) -> None:
     first_stage.fit(train_set, accelerator, args.seed)
 
     noise_scheduler = build_noise_scheduler(args.ddpm_num_steps, args.ddpm_beta_schedule, args.beta_start,
-                                            args.beta_end, args.prediction_type, args.rescale_betas_zero_snr,
+                                            args.beta_end, args.prediction_type, levers,
                                             clip_sample=first_stage.clip_sample)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -177,8 +177,7 @@ def main(argv=None) -> None:
 
     def compute_loss(batch, generator):
         clean = first_stage.targets(batch, generator, args.random_flip)
-        noisy, timesteps, target = noisy_latents_and_target(noise_scheduler, clean, generator, args.offset_noise,
-                                                            levers=levers)
+        noisy, timesteps, target = noisy_latents_and_target(noise_scheduler, clean, generator, levers)
         prediction = unet(noisy, timesteps).sample
         return weighted_loss(prediction, target, timesteps, noise_scheduler, levers)
 

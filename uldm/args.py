@@ -146,6 +146,7 @@ def resolve_prediction_type(args: argparse.Namespace) -> None:
 
 
 def add_noise_args(parser: argparse.ArgumentParser) -> None:
+    """The noise schedule of a new model (a fine-tune takes its base model's); its levers: add_loss_lever_args."""
     group = parser.add_argument_group("diffusion")
     group.add_argument("--ddpm_num_steps", type=int, default=1000)
     group.add_argument("--ddpm_beta_schedule", type=str, default="scaled_linear",
@@ -159,15 +160,6 @@ def add_noise_args(parser: argparse.ArgumentParser) -> None:
                             f"--pretrained_model_name_or_path, else {DEFAULT_PREDICTION_TYPE}, the one deliberate "
                             f"difference from diffusers' train_unconditional.py (epsilon): it measured far ahead on "
                             f"the demo (docs/benchmarks.md). --prediction_type epsilon restores diffusers' behaviour.")
-    group.add_argument("--snr_gamma", type=float, default=None,
-                       help="Min-SNR weighting gamma (5.0 is the paper's choice); off by default.")
-    add_offset_noise_arg(group)
-
-
-def add_offset_noise_arg(group) -> None:
-    group.add_argument("--offset_noise", type=float, nargs="?", const=0.1, default=0.0,
-                       help="Fine-tuning against a modified noise: adds 0.1 (or the value given) x a per-channel "
-                            "constant to the noise (https://www.crosslabs.org//blog/diffusion-with-offset-noise).")
 
 
 def add_variant_arg(group) -> None:
@@ -182,12 +174,25 @@ def _timestep_density(value: str) -> str:
 
 
 def add_loss_lever_args(parser: argparse.ArgumentParser) -> None:
-    """Loss and noise levers beyond Min-SNR (`uldm.diffusion.LossConfig`); diffusers' names where it has them."""
-    group = parser.add_argument_group("loss and noise levers")
+    """Every loss and noise lever (`uldm.diffusion.LossConfig`, built by `loss_config`), the same for every
+    trainer; diffusers' names where it has them."""
+    group = parser.add_argument_group(
+        "loss and noise levers", "Off by default. The loss weights are per sample, so with DreamBooth's prior "
+                                 "preservation each half of the batch is weighted by its own timesteps.")
+    group.add_argument("--snr_gamma", type=float, default=None,
+                       help="Min-SNR weighting gamma (5.0 is the paper's choice); off by default.")
+    group.add_argument("--offset_noise", type=float, nargs="?", const=0.1, default=0.0,
+                       help="Fine-tuning against a modified noise: adds 0.1 (or the value given) x a per-channel "
+                            "constant to the noise (https://www.crosslabs.org//blog/diffusion-with-offset-noise).")
     group.add_argument("--rescale_betas_zero_snr", action="store_true",
                        help="Zero terminal SNR (Lin et al. 2023): the last timestep is pure noise; needs "
-                            "--prediction_type v_prediction. Saved in the scheduler config with 'trailing' spacing, "
-                            "so sampling and DreamBooth use it.")
+                            "--prediction_type v_prediction (or sample). Saved in the scheduler config with "
+                            "'trailing' spacing, so sampling and fine-tunes of the model use it. DreamBooth trains "
+                            "on its base model's schedule: a base saved with zero terminal SNR keeps it without "
+                            "this flag; with it, a base without it (v or sample prediction) is fine-tuned, "
+                            "validated (step 0 too) and saved on the rescaled schedule, as Lin et al. fine-tune "
+                            "Stable Diffusion; refused with --use_lora, since an adapter is loaded onto the base's "
+                            "scheduler.")
     group.add_argument("--p2_gamma", type=float, default=None,
                        help="P2 weighting (Choi et al. 2022): the epsilon loss times 1 / (p2_k + SNR)^p2_gamma "
                             "(the same objective for v and sample prediction); the paper uses 1 or 0.5. Off by default.")
@@ -195,8 +200,12 @@ def add_loss_lever_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--weighting_scheme", "--timestep_sampling", type=_timestep_density, default="none",
                        choices=["none", "logit_normal"],
                        help="Timestep density, with the name and meaning of diffusers' SD3 scripts: 'none' "
-                            "(= 'uniform') or 'logit_normal' (t = T * sigmoid(N(logit_mean, logit_std^2))).")
-    group.add_argument("--logit_mean", type=float, default=0.0, help="Mean of the logit-normal density.")
+                            "(= 'uniform') or 'logit_normal' (u = sigmoid(N(logit_mean, logit_std^2)) is a position "
+                            "in the descending timestep list: t = T - 1 - floor(T * u)).")
+    group.add_argument("--logit_mean", type=float, default=0.0,
+                       help="Mean of the logit-normal density, with diffusers' sign (a drop-in for its SD3 scripts' "
+                            "--logit_mean): a positive mean favours the less noisy timesteps, --logit_mean 1 gives a "
+                            "mean timestep near 303 of 1000. The SD3 paper's m has the opposite sign.")
     group.add_argument("--logit_std", type=float, default=1.0, help="Std of the logit-normal density.")
 
 
@@ -476,11 +485,11 @@ def training_config(args: argparse.Namespace):
     )
 
 
-def loss_config(args: argparse.Namespace):
-    """The run's loss levers, checked against its prediction type and noise schedule (before anything runs)."""
+def loss_config(args: argparse.Namespace, scheduler_config=None):
+    """The run's loss and noise levers, checked (before anything runs) against the noise schedule they act on:
+    `scheduler_config` (a fine-tune's base model's), else the one of the arguments."""
     from .diffusion import LossConfig, check_loss_levers
 
     levers = config_from(LossConfig, args)
-    check_loss_levers({"prediction_type": getattr(args, "prediction_type", "epsilon"),
-                       "rescale_betas_zero_snr": getattr(args, "rescale_betas_zero_snr", False)}, levers)
+    check_loss_levers(scheduler_config or {"prediction_type": args.prediction_type}, levers)
     return levers
