@@ -24,7 +24,7 @@ from uldm import args as cli
 from uldm.data import DataConfig, ImageFolderDataset, build_image_dataset, prepare_training_set
 from uldm.diffusion import build_noise_scheduler, describe_levers, noisy_latents_and_target, weighted_loss
 from uldm.errors import InputError, exit_cleanly_on_input_errors
-from uldm.fid_validation import FidConfig, build_fid_scorer, build_reference, load_feature_extractor
+from uldm.metrics.fid_validation import FidConfig, build_fid_scorer, build_reference, load_feature_extractor
 from uldm.hub import HubUploader
 from uldm.latents import latents_from_batch, measure_latent_std, resolve_latent_scaling
 from uldm.model_card import BASE_TAGS, write_model_card

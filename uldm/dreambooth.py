@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from pipeline_latent_uncond import UnconditionalLatentPipeline
 
 from .diffusion import per_sample_loss
-from .distances import mean_pairwise_distance, nearest_distances
+from .metrics.distances import mean_pairwise_distance, nearest_distances
 from .errors import InputError
 from .images import list_image_files
 from .sampling import with_sampler, write_samples

@@ -71,8 +71,7 @@ def save_pixel_pipeline(unet, scheduler, output_dir: str | os.PathLike) -> None:
     """A diffusers DDPMPipeline folder (model_index.json, unet/, scheduler/), put in place only once whole."""
     from diffusers import DDPMPipeline
 
-    from .checkpoints import final_save_remedy
-    from .saving import save_pretrained_atomically
+    from .saving import final_save_remedy, save_pretrained_atomically
 
     save_pretrained_atomically(DDPMPipeline(unet=unet, scheduler=scheduler), output_dir, "the trained pipeline",
                                remedy=partial(final_save_remedy, output_dir))

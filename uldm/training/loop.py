@@ -19,12 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
-import math
-import os
-import shutil
-import signal
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -38,492 +33,20 @@ from accelerate.utils import send_to_device
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..data import EpochBatchSampler
+from ..errors import NonFiniteLossError
+from ..saving import final_save_remedy, processes_stop_together
+from ..testing import BatchTrace
+from ..validation import log_image_grid
 from . import checkpoints as ckpt
-from .checkpoints import TrainingState
-from .data import EpochBatchSampler
-from .errors import InputError, NonFiniteLossError
-from .plots import plot_loss_curve
-from .posthoc_ema import PosthocEmaConfig, build_posthoc_ema
-from .saving import decided_by_main_process, processes_stop_together
-from .testing import BatchTrace
-from .validation import log_image_grid
+from .builders import build_ema, build_lr_scheduler, build_optimizer, plan_steps, scaled_learning_rate, submodule_path
+from .checkpoints import BestCheckpoint, CheckpointContents, TrainingState
+from .config import GPU_LOGGING_STEPS, LoopConfig, TrainingConfig
+from .launch import RUN_ARGUMENTS_FILE, agree_on_flag, full_tensor, host_process_group, is_fsdp, unsharded
+from .posthoc_ema import build_posthoc_ema
+from .records import GracefulStop, MetricsWriter, StepRecords
 
 logger = logging.getLogger(__name__)
-
-METRICS_FILE = "metrics.jsonl"
-RUN_ARGUMENTS_FILE = "training_args.json"
-
-
-# --------------------------------------------------------------------------------------------
-# Configuration
-
-
-@dataclass(frozen=True)
-class LoopConfig:
-    """The run: where it writes, how batches are formed, when it checkpoints (diffusers' argument names)."""
-
-    output_dir: str
-    seed: int = 0
-    train_batch_size: int = 16
-    gradient_accumulation_steps: int = 1
-    num_epochs: int | None = None
-    max_train_steps: int | None = None
-    max_grad_norm: float = 1.0
-    dataloader_num_workers: int = 0
-    checkpointing_steps: int = 500
-    checkpoints_total_limit: int | None = None
-    resume_from_checkpoint: str | None = None
-    mixed_precision: str | None = None
-    allow_tf32: bool = False
-    report_to: str | None = "tensorboard"
-    tracker_project_name: str | None = None
-    logging_dir: str = "logs"  # TensorBoard's folder, inside output_dir unless absolute (diffusers' rule)
-    overwrite_output_dir: bool = False  # a fresh run moves an earlier run's files aside instead of refusing
-    logging_steps: int | None = None  # read-backs of the losses; None: 1 on the CPU, GPU_LOGGING_STEPS elsewhere
-
-
-GPU_LOGGING_STEPS = 10
-
-
-@dataclass(frozen=True)
-class ComputeConfig:
-    """How the training step runs (`uldm.args.add_compute_args`)."""
-
-    torch_compile: bool = False  # inductor, through accelerate's dynamo plugin: the prepared model is compiled
-    vae_precision: str = "auto"  # the frozen VAE's dtype (uldm.vae.vae_dtype_for); the trainers apply it
-
-
-@dataclass(frozen=True)
-class OptimizerConfig:
-    learning_rate: float = 1e-4
-    scale_lr: bool = False
-    adam_beta1: float = 0.95
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-6
-    adam_epsilon: float = 1e-8
-    lr_scheduler: str = "cosine"
-    lr_warmup_steps: int = 500
-    lr_num_cycles: int = 1  # cosine_with_restarts
-    lr_power: float = 1.0  # polynomial
-    use_8bit_adam: bool = False
-
-
-@dataclass(frozen=True)
-class EmaConfig:
-    """diffusers' EMAModel with warm-up: decay 1 - (1 + step/inv_gamma)^-power, capped at max_decay."""
-
-    ema_inv_gamma: float = 1.0
-    ema_power: float = 3 / 4
-    ema_max_decay: float = 0.9999
-
-
-@dataclass(frozen=True)
-class TrainingConfig:
-    loop: LoopConfig
-    optimizer: OptimizerConfig
-    ema: EmaConfig | None = None  # None: no EMA
-    posthoc_ema: PosthocEmaConfig | None = None  # None: no post-hoc EMA profiles
-    compute: ComputeConfig = ComputeConfig()
-    arguments: dict = field(default_factory=dict)  # the run's command-line arguments, for the records
-
-
-# --------------------------------------------------------------------------------------------
-# Set-up
-
-
-def refuse_to_overwrite_checkpoints(output_dir: str | os.PathLike, resume_from_checkpoint: str | None) -> None:
-    """A new run in a folder that holds an earlier run's checkpoints would replace and prune them."""
-    if resume_from_checkpoint:
-        return
-    existing = ckpt.list_checkpoints(output_dir, warn_incomplete=False)
-    if existing:
-        raise InputError(
-            f"--output_dir {output_dir} already holds checkpoints of an earlier run "
-            f"({', '.join(p.name for p in existing[-3:])}). Continue it with --resume_from_checkpoint latest, "
-            "choose another --output_dir, or start over there with --overwrite_output_dir (which moves the earlier "
-            "run's files aside, deleting nothing)."
-        )
-
-
-def make_accelerator(config: LoopConfig, compute: ComputeConfig = ComputeConfig()):
-    """An Accelerator for the run; the LR schedule is stepped by the loop, once per optimiser step.
-
-    Refuses (before any work) to start a new run over an earlier run's checkpoints (or, with
-    `overwrite_output_dir`, moves that run's files aside: main process, the others wait), processes that
-    accelerate does not join (torchrun without ACCELERATE_USE_CPU=1 on a machine without GPUs) and FSDP1."""
-    if not config.overwrite_output_dir:
-        refuse_to_overwrite_checkpoints(config.output_dir, config.resume_from_checkpoint)
-    from accelerate import Accelerator
-    from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
-
-    from .testing import force_fsdp_if_asked
-
-    output_dir = Path(config.output_dir)
-    logging_dir = output_dir / config.logging_dir  # an absolute logging_dir stays as it is
-    project_config = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(logging_dir))
-    report_to = None if config.report_to in (None, "", "none") else config.report_to
-    accelerator = Accelerator(
-        gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=config.gradient_accumulation_steps, sync_with_dataloader=False
-        ),
-        mixed_precision=config.mixed_precision,
-        log_with=report_to,
-        project_config=project_config,
-        step_scheduler_with_optimizer=False,
-        # None leaves it to accelerate's config (ACCELERATE_DYNAMO_BACKEND); the loop handles a compiled model either way.
-        dynamo_backend="inductor" if compute.torch_compile else None,
-    )
-    refuse_independent_processes(accelerator)
-    force_fsdp_if_asked(accelerator)  # tests only (ULDM_TEST_FORCE_FSDP)
-    check_fsdp(accelerator)
-    deepspeed_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if deepspeed_plugin is not None:
-        write_deepspeed_settings(deepspeed_plugin.deepspeed_config, config)
-    if config.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if config.overwrite_output_dir and not config.resume_from_checkpoint:
-        if accelerator.is_main_process:
-            ckpt.set_aside_earlier_run(output_dir, logging_dir)
-        accelerator.wait_for_everyone()
-    return accelerator
-
-
-def refuse_independent_processes(accelerator) -> None:
-    """torchrun (or `accelerate launch --num_processes N` without --cpu) on a machine without GPUs: accelerate
-    runs each process alone, so N "main" processes would train the same data into the same --output_dir."""
-    world_size = int(os.environ.get("WORLD_SIZE") or 1)
-    if world_size > 1 and accelerator.num_processes != world_size:
-        raise InputError(
-            f"{world_size} processes were started (WORLD_SIZE={world_size}), but accelerate runs each one alone "
-            f"({accelerator.distributed_type}): without a GPU it needs ACCELERATE_USE_CPU=1 to join them, and "
-            "otherwise every process would train on its own and write the same --output_dir. On CPUs: "
-            "ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N ...; on GPUs, check that torch sees them "
-            "(python -c 'import torch; print(torch.cuda.device_count())')."
-        )
-
-
-def is_fsdp(accelerator) -> bool:
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type == DistributedType.FSDP
-
-
-def check_fsdp(accelerator) -> None:
-    """FSDP2 only (FSDP1's resume was not exact and its flat parameters break EMA and clipping of a subset:
-    docs/fsdp_notes.md); say so when FSDP was asked for and accelerate quietly runs without it (on CPUs)."""
-    if is_fsdp(accelerator) and not accelerator.is_fsdp2:
-        raise InputError("FSDP1 is not supported: set fsdp_version: 2 in the accelerate config "
-                         "(configs/accelerate/fsdp.yaml does), or use DDP (configs/accelerate/multi_gpu.yaml).")
-    if not is_fsdp(accelerator) and os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("true", "1"):
-        logger.warning("FSDP was asked for (ACCELERATE_USE_FSDP=%s), but accelerate runs %s: it uses FSDP only "
-                       "on GPUs, so this run trains without sharding.", os.environ["ACCELERATE_USE_FSDP"],
-                       accelerator.distributed_type)
-
-
-def write_deepspeed_settings(deepspeed_config: dict, config: LoopConfig) -> None:
-    """What DeepSpeed cannot infer: the loop builds its own sharded loader (not passed to prepare), and the
-    clipping threshold always (accelerate fills "auto" with 1.0 at prepare; DeepSpeed clips only above 0, so
-    --max_grad_norm 0 must reach it as 0.0)."""
-    deepspeed_config["train_micro_batch_size_per_gpu"] = config.train_batch_size
-    deepspeed_config["gradient_clipping"] = float(config.max_grad_norm or 0.0)
-
-
-def configure_logging(accelerator) -> None:
-    import datasets
-    import diffusers
-
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        level=logging.INFO)
-    if accelerator.is_local_main_process:
-        datasets.utils.logging.set_verbosity_warning()
-        diffusers.utils.logging.set_verbosity_warning()
-    else:
-        logging.getLogger().setLevel(logging.ERROR)
-        datasets.utils.logging.set_verbosity_error()
-        diffusers.utils.logging.set_verbosity_error()
-
-
-def start_run(config: TrainingConfig):
-    """The accelerator of a training run, with logging configured, every process seeded and the run's
-    arguments saved (main process)."""
-    from accelerate.utils import set_seed
-
-    accelerator = make_accelerator(config.loop, config.compute)
-    configure_logging(accelerator)
-    set_seed(config.loop.seed)
-    if accelerator.is_main_process:
-        save_run_arguments(config.arguments, config.loop.output_dir)
-    return accelerator
-
-
-def save_run_arguments(arguments: dict, output_dir: str | os.PathLike) -> Path:
-    """The arguments of this run, as JSON, for reproducing it (also copied into the model card)."""
-    path = Path(output_dir) / RUN_ARGUMENTS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(arguments, indent=2, sort_keys=True, default=str))
-    return path
-
-
-def scaled_learning_rate(config: TrainingConfig, num_processes: int) -> float:
-    optimizer, loop = config.optimizer, config.loop
-    if optimizer.scale_lr:
-        return optimizer.learning_rate * loop.gradient_accumulation_steps * loop.train_batch_size * num_processes
-    return optimizer.learning_rate
-
-
-def adamw_implementation(device: torch.device | str) -> dict:
-    """AdamW's fastest exact implementation for parameters on `device`: fused (one kernel for all parameters)
-    where torch has it for the device, else foreach (one kernel per operation over all of them). Both compute
-    what the single-tensor loop does, up to rounding (bench/bench_compile.py --parts optimizer compares them)."""
-    try:
-        from torch.optim.optimizer import _get_fused_kernels_supported_devices
-
-        fused_devices = _get_fused_kernels_supported_devices()
-    except ImportError:  # a private helper: if it moves, the always-supported choice
-        fused_devices = []
-    return {"fused": True} if torch.device(device).type in fused_devices else {"foreach": True}
-
-
-def import_bitsandbytes():
-    """bitsandbytes for --use_8bit_adam; checked again before anything is written (`uldm.args.check_common_args`)."""
-    try:
-        import bitsandbytes
-    except ImportError:
-        raise InputError("--use_8bit_adam needs bitsandbytes (a CUDA GPU): `pip install bitsandbytes`, or "
-                         "leave the flag out (AdamW in 32 bits).") from None
-    return bitsandbytes
-
-
-def build_optimizer(params, config: OptimizerConfig, learning_rate: float, device: torch.device | str = "cpu"):
-    """AdamW (fused or foreach for parameters on `device`, where training runs), or bitsandbytes' 8-bit AdamW."""
-    optimizer_class, implementation = torch.optim.AdamW, None
-    if config.use_8bit_adam:
-        optimizer_class = import_bitsandbytes().optim.AdamW8bit
-    else:
-        implementation = adamw_implementation(device)
-    return optimizer_class(
-        params,
-        lr=learning_rate,
-        betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.adam_weight_decay,
-        eps=config.adam_epsilon,
-        **(implementation or {}),
-    )
-
-
-def build_lr_scheduler(optimizer, config: OptimizerConfig, max_train_steps: int):
-    """The schedule counts optimiser steps, whatever the accumulation and number of processes
-    (the loop steps it once per optimiser step; diffusers #8384)."""
-    from diffusers.optimization import get_scheduler
-
-    return get_scheduler(
-        config.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=config.lr_warmup_steps,
-        num_training_steps=max_train_steps,
-        num_cycles=config.lr_num_cycles,
-        power=config.lr_power,
-    )
-
-
-def build_ema(model, config: EmaConfig | None):
-    """diffusers' EMAModel with warm-up (decay 1 - (1 + step/inv_gamma)^-power, capped); None without EMA."""
-    if config is None:
-        return None
-    from diffusers.training_utils import EMAModel
-
-    return EMAModel(
-        model.parameters(),
-        decay=config.ema_max_decay,
-        use_ema_warmup=True,
-        foreach=True,  # one kernel per operation over all tensors; the default loop's arithmetic up to rounding
-        inv_gamma=config.ema_inv_gamma,
-        power=config.ema_power,
-        model_cls=type(model),
-        model_config=model.config,
-    )
-
-
-def plan_steps(num_items: int, config: LoopConfig, num_processes: int) -> int:
-    """max_train_steps, from --max_train_steps or --num_epochs."""
-    if config.max_train_steps:
-        return config.max_train_steps
-    batches_per_epoch = EpochBatchSampler(num_items, config.train_batch_size, num_processes).batches_per_epoch()
-    return math.ceil(config.num_epochs * batches_per_epoch / config.gradient_accumulation_steps)
-
-
-# --------------------------------------------------------------------------------------------
-# Signals
-
-
-class GracefulStop:
-    """First SIGTERM/SIGINT: finish the step, save a checkpoint and exit. Second: stop at once."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            self.uninstall()
-            raise KeyboardInterrupt(f"Second {signal.Signals(signum).name}: stopping at once.")
-        self.requested = True
-        logger.warning(
-            "Received %s: saving a checkpoint at the end of this step, then stopping. "
-            "Send it again to stop at once (without saving).",
-            signal.Signals(signum).name,
-        )
-
-    def install(self) -> "GracefulStop":
-        try:
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        except ValueError:  # not the main thread (e.g. some notebook runners): no handler
-            self._previous = {}
-        return self
-
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-
-# --------------------------------------------------------------------------------------------
-# Metrics
-
-
-class MetricsWriter:
-    """Writes each logged step to the trackers (TensorBoard/wandb) and to metrics.jsonl (main only)."""
-
-    def __init__(self, accelerator, output_dir: str | os.PathLike, resume_step: int = 0):
-        self.accelerator = accelerator
-        self.path = Path(output_dir) / METRICS_FILE
-        self.output_dir = Path(output_dir)
-        self._lines_written = 0
-        self._lines_plotted = -1
-        if accelerator.is_main_process and self.path.exists():
-            self._truncate_after(resume_step)
-
-    def _truncate_after(self, step: int) -> None:
-        """On resume (or restart) drop lines logged after `step`: they would be logged again."""
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
-            except json.JSONDecodeError:
-                continue
-        self.path.write_text("".join(f"{line}\n" for line in kept))
-
-    def log(self, values: dict, step: int) -> None:
-        self.accelerator.log(values, step=step)
-        if self.accelerator.is_main_process:
-            with self.path.open("a") as handle:
-                handle.write(json.dumps({"step": step, **values}) + "\n")
-            self._lines_written += 1
-
-    def plot(self) -> Path | None:
-        """Redraw loss_curve.png from metrics.jsonl; nothing to do when nothing was logged since the last time."""
-        if not self.accelerator.is_main_process or not self.path.exists():
-            return None
-        curve = self.output_dir / "loss_curve.png"
-        if self._lines_plotted == self._lines_written and curve.exists():
-            return curve
-        self._lines_plotted = self._lines_written
-        return plot_loss_curve(self.path, curve)
-
-
-def read_metrics(output_dir: str | os.PathLike, having: str | None = None) -> list[dict]:
-    """The rows of metrics.jsonl, oldest first; only those with the key `having` if given (e.g. "loss": the
-    training steps, not the validation rows)."""
-    path = Path(output_dir) / METRICS_FILE
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [row for row in rows if having is None or having in row]
-
-
-# --------------------------------------------------------------------------------------------
-# Losses kept on the device between read-backs
-
-
-def _device_scalar(value, device) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value.detach().float().mean().to(device)
-    # non_blocking: a blocking copy to a GPU waits for the queued work (PyTorch synchronises after it)
-    return torch.tensor(float(value)).to(device, non_blocking=True)
-
-
-class StepRecords:
-    """The loss and logged values of every micro-batch since the last read-back, kept on the device so that
-    training never waits for them; `read_back` fetches them all at once (after one all-reduce over the
-    processes) and gives one row per optimiser step, and the first micro-batch whose values were not finite."""
-
-    def __init__(self):
-        self.names: list[str] | None = None
-        self._rows: list[torch.Tensor] = []
-        self._where: list[tuple[int, int]] = []  # (optimiser step, micro-batch number) of each row
-        self._steps: list[dict] = []  # host values of each finished step
-
-    def add(self, loss: torch.Tensor, logs: dict, step: int, micro_batch: int) -> None:
-        names = list(logs)
-        if self.names is None:
-            self.names = names
-        elif names != self.names:
-            raise ValueError(f"compute_loss returned the logged values {names}, earlier {self.names}: keep them the same.")
-        values = [loss.detach().float().mean()] + [_device_scalar(value, loss.device) for value in logs.values()]
-        self._rows.append(torch.stack(values))
-        self._where.append((step, micro_batch))
-
-    def end_step(self, step: int, **host_values) -> None:
-        self._steps.append({"step": step, **host_values})
-
-    def __len__(self) -> int:
-        return len(self._steps)
-
-    def read_back(self, accelerator) -> tuple[list[dict], tuple[int, int] | None]:
-        """(rows {"step", "loss", logged means over the step's micro-batches and the processes, host values},
-        (step, micro-batch) of the first non-finite value on any process, or None). Every process calls it at
-        the same step: the all-reduce is a collective."""
-        if not self._rows:
-            return [], None
-        values = torch.stack(self._rows)
-        values = accelerator.reduce(values, reduction="mean")  # NaN anywhere stays NaN
-        host = values.tolist()  # the one device-to-host copy of the interval
-        first_bad = next((where for where, row in zip(self._where, host) if not all(map(math.isfinite, row))), None)
-        per_step: dict[int, list[list[float]]] = {}
-        for (step, _), row in zip(self._where, host):
-            per_step.setdefault(step, []).append(row)
-        rows = []
-        for values_of_step in self._steps:
-            micro_batches = per_step[values_of_step["step"]]
-            means = [sum(column) / len(column) for column in zip(*micro_batches)]
-            rows.append({"step": values_of_step["step"], "loss": means[0], **values_of_step,
-                         **dict(zip(self.names or [], means[1:]))})
-        self._rows, self._where, self._steps = [], [], []
-        return rows, first_bad
-
-
-def host_process_group(accelerator):
-    """A process group whose collectives run on the host (gloo) for agreeing on flags without waiting for the
-    device: the default group when it is gloo (CPU runs), else a new one (NCCL runs). None for one process;
-    every process must call this (creating a group is a collective)."""
-    import torch.distributed as dist
-
-    if accelerator.num_processes < 2 or not (dist.is_available() and dist.is_initialized()):
-        return None
-    return dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
-
-
-def _full_tensor(parameter: torch.Tensor) -> torch.Tensor:
-    """A parameter as a whole tensor: FSDP2's DTensor shards gathered (a collective: every process), others as they
-    are; requires_grad kept (diffusers' EMA averages the parameters that require gradients, copies the others)."""
-    if not hasattr(parameter, "full_tensor"):
-        return parameter
-    with torch.no_grad():
-        full = parameter.full_tensor()
-    return full.requires_grad_(parameter.requires_grad)
 
 
 # --------------------------------------------------------------------------------------------
@@ -577,6 +100,7 @@ class ValidationRecord:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+
 # --------------------------------------------------------------------------------------------
 # The loop
 
@@ -584,9 +108,9 @@ class ValidationRecord:
 class TrainingLoop:
     """Runs the optimisation; see the module docstring.
 
-    `model`, `optimizer` must already be prepared by `accelerator.prepare`; the LR scheduler and
-    EMA are registered here for checkpointing. `compute_loss(batch, generator)` returns either a
-    scalar loss or (loss, {name: scalar tensor}) for extra logged values.
+    `model`, `optimizer` must already be prepared by `accelerate.prepare`; everything the checkpoints hold
+    (`checkpoint`: the training state, the LR scheduler, the EMAs...) is registered here. `compute_loss(batch,
+    generator)` returns either a scalar loss or (loss, {name: scalar tensor}) for extra logged values.
 
     The losses stay on the device and are read back every `logging_steps` optimiser steps and before
     anything is written (checkpoint, validation, result, post-hoc EMA snapshot, stop); a non-finite one
@@ -595,30 +119,26 @@ class TrainingLoop:
     of the model made before it was sharded: validation and the result get it with the gathered weights.
     """
 
-    def __init__(self, accelerator, config: LoopConfig, model, optimizer, lr_scheduler, dataset,
-                 max_train_steps: int, ema=None, validation: Validation | None = None,
+    def __init__(self, accelerator, config: LoopConfig, model, optimizer, checkpoint: CheckpointContents, dataset,
+                 max_train_steps: int, validation: Validation | None = None,
                  save_result: Callable[[Any], None] | None = None, save_schedule: Schedule = Schedule(),
-                 posthoc_ema=None, averaged_path: str = "", unsharded_copy=None):
+                 averaged_path: str = "", unsharded_copy=None):
         self.accelerator = accelerator
         self.config = config
         self.model = model
         self.optimizer = optimizer
-        self.lr_scheduler = lr_scheduler
-        self.ema = ema
+        self.checkpoint = checkpoint
+        self.state, self.lr_scheduler = checkpoint.state, checkpoint.lr_scheduler
+        self.ema, self.posthoc_ema = checkpoint.ema, checkpoint.posthoc_ema
         self.dataset = dataset
         self.max_train_steps = max_train_steps
         self.validation = validation
         self.save_result_with = save_result
         self.save_schedule = save_schedule
-        self.posthoc_ema = posthoc_ema
         self.last_validation = ValidationRecord()
-        self.best: tuple[int, float] | None = None  # (step, value) of Validation.keep_best's best so far
         self.output_dir = Path(config.output_dir)
-        self.state = TrainingState(
-            train_batch_size=config.train_batch_size,
-            gradient_accumulation_steps=config.gradient_accumulation_steps,
-            num_processes=accelerator.num_processes,
-        )
+        self.keep_best = BestCheckpoint(validation.keep_best if validation is not None else None,
+                                        self.output_dir, config.checkpoints_total_limit)
         self.sampler = EpochBatchSampler(
             len(dataset), config.train_batch_size, accelerator.num_processes, accelerator.process_index,
             seed=config.seed,
@@ -635,12 +155,9 @@ class TrainingLoop:
         self.global_batch = config.train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps
         self.num_workers = self._loader_workers()
         self._host_group = host_process_group(accelerator)
-        accelerator.register_for_checkpointing(lr_scheduler)
-        if ema is not None:
-            ema.to(accelerator.device)
-            accelerator.register_for_checkpointing(ema)
-        if posthoc_ema is not None:
-            accelerator.register_for_checkpointing(posthoc_ema)
+        if self.ema is not None:
+            self.ema.to(accelerator.device)
+        checkpoint.register(accelerator)
 
     # ---- properties -------------------------------------------------------------------------
 
@@ -655,7 +172,7 @@ class TrainingLoop:
 
     def _averaged_parameters(self) -> list[torch.Tensor]:
         """The parameters the EMAs average, whole (gathered under FSDP2: every process must call this)."""
-        return [_full_tensor(p) for p in self.unwrapped_model.get_submodule(self.averaged_path).parameters()]
+        return [full_tensor(p) for p in self.unwrapped_model.get_submodule(self.averaged_path).parameters()]
 
     def _parameters(self):
         return [p for p in self.unwrapped_model.parameters() if p.requires_grad]
@@ -675,7 +192,8 @@ class TrainingLoop:
         step training goes on from (lines logged after it are dropped: they are logged again)."""
         self._restore(self.config.resume_from_checkpoint)
         self.metrics = MetricsWriter(self.accelerator, self.output_dir, resume_step=self.global_step)
-        self._find_best_checkpoint()
+        if self.accelerator.is_main_process:
+            self.keep_best.find(self.global_step)
 
     def _restore(self, resume_from_checkpoint: str | None) -> None:
         path = ckpt.restore_checkpoint(self.accelerator, resume_from_checkpoint, self.output_dir)
@@ -684,38 +202,26 @@ class TrainingLoop:
                 logger.info("No complete checkpoint in %s yet; starting a new run.", self.output_dir)
             return
         logger.info("Resuming from %s", path)
-        saved = TrainingState.load(path)
         if self.ema is not None:
             self.ema.to(self.accelerator.device)
-        self.state.global_step = saved.global_step
-        self.state.samples_seen = saved.samples_seen
-        same_layout = (saved.train_batch_size, saved.gradient_accumulation_steps, saved.num_processes) == (
-            self.state.train_batch_size, self.state.gradient_accumulation_steps, self.state.num_processes
-        )
-        if same_layout:
-            self.state.micro_batches = saved.micro_batches
-        else:
-            global_batch = self.config.train_batch_size * self.accelerator.num_processes
-            self.state.micro_batches = math.ceil(saved.samples_seen / global_batch)
-            logger.warning(
-                "The batch size, accumulation or number of processes changed since %s; training goes on "
-                "from the same number of images seen, but the batches will not be the ones an "
-                "uninterrupted run would have seen.", path.name,
-            )
+        self.state.go_on_from(TrainingState.load(path), path.name)
         # accelerate decides when to sync gradients from its own micro-step counter.
         self.accelerator.step = self.state.micro_batches
 
     def save_checkpoint(self) -> Path:
         """Every process writes into a temporary folder; the main one publishes it when all are done.
-        A failed write (full disk) on any process raises SaveError on all of them (see uldm.checkpoints)."""
-        arguments = self.output_dir / RUN_ARGUMENTS_FILE
+        A failed write (full disk) on any process raises SaveError on all of them (see uldm.training.checkpoints)."""
+        return self.checkpoint.save(self.accelerator, self.output_dir, self.config.checkpoints_total_limit)
 
-        def copy_run_arguments(folder: Path) -> None:
-            if arguments.is_file():
-                shutil.copyfile(arguments, folder / arguments.name)
+    @property
+    def best(self) -> tuple[int, float] | None:
+        """(step, value) of Validation.keep_best's best so far."""
+        return self.keep_best.best
 
-        return ckpt.save_checkpoint(self.accelerator, self.output_dir, self.state,
-                                    self.config.checkpoints_total_limit, write_extra=copy_run_arguments)
+    def _keep_if_best(self, step: int) -> None:
+        """After a validation (every process): its value of keep_best may protect this step's checkpoint."""
+        metrics = self.last_validation.metrics if self.last_validation.step == step else None
+        self.keep_best.after_validation(self.accelerator, step, metrics, self.save_checkpoint)
 
     @property
     def epochs_completed(self) -> int:
@@ -726,7 +232,7 @@ class TrainingLoop:
     def finished(self) -> bool:
         return self.global_step >= self.max_train_steps
 
-    # ---- EMA --------------------------------------------------------------------------------
+    # ---- EMA and the result -----------------------------------------------------------------
 
     @contextlib.contextmanager
     def ema_weights(self):
@@ -744,27 +250,11 @@ class TrainingLoop:
         finally:
             self.ema.restore(parameters)
 
-    @contextlib.contextmanager
     def _unsharded(self):
-        """Under FSDP2: the unsharded copy on the device holding the live weights, for the block (a sharded model
-        must not run on the main process alone: its forward all-gathers). Every process calls this (gathering is
-        a collective); the copy goes back to the CPU after."""
+        """Under FSDP2: the unsharded copy holding the live weights, for the block (see `launch.unsharded`)."""
         if not self.fsdp:
-            yield
-            return
-        plain, sharded = self.unsharded_copy.to(self.accelerator.device), self.unwrapped_model
-        with torch.no_grad():
-            for (name, target), (sharded_name, source) in zip(plain.named_parameters(), sharded.named_parameters()):
-                assert name == sharded_name, f"{name} != {sharded_name}: the copy is not of this model"
-                target.copy_(_full_tensor(source))
-            for target, source in zip(plain.buffers(), sharded.buffers()):
-                target.copy_(source)
-        try:
-            yield
-        finally:
-            self.unsharded_copy.to("cpu")
-
-    # ---- the result -------------------------------------------------------------------------
+            return contextlib.nullcontext()
+        return unsharded(self.unsharded_copy, self.unwrapped_model, self.accelerator.device)
 
     def save_result(self) -> None:
         """`save_result(model)` of the script, with the EMA weights swapped in, on every process (it writes on
@@ -772,50 +262,8 @@ class TrainingLoop:
         if self.save_result_with is None:
             return
         with self._unsharded(), self.ema_weights() as model, processes_stop_together(
-                self.accelerator, "the trained model", self.output_dir, remedy=partial(ckpt.final_save_remedy, self.output_dir)):
+                self.accelerator, "the trained model", self.output_dir, remedy=partial(final_save_remedy, self.output_dir)):
             self.save_result_with(model)
-
-    # ---- the best checkpoint (Validation.keep_best) ------------------------------------------
-
-    def _find_best_checkpoint(self) -> None:
-        """On (re)start: the best validation so far, among the steps up to where training goes on whose
-        checkpoint exists; its record is rewritten to match (main process)."""
-        key = self.validation.keep_best if self.validation is not None else None
-        if key is None or not self.accelerator.is_main_process:
-            return
-        rows = read_metrics(self.output_dir, having=key) if self.metrics.path.exists() else []
-        rows = [row for row in rows if 0 < row["step"] <= self.global_step and isinstance(row[key], (int, float))
-                and math.isfinite(row[key])
-                and (self.output_dir / f"checkpoint-{row['step']}").is_dir()]
-        if rows:
-            row = min(rows, key=lambda row: row[key])
-            self.best = (row["step"], row[key])
-            ckpt.protect_checkpoint(self.output_dir, row["step"], **{key: row[key]})
-        else:
-            ckpt.unprotect_checkpoints(self.output_dir)
-
-    def _keep_if_best(self, step: int) -> None:
-        """After a validation: a new best value of `keep_best` protects this step's checkpoint from pruning
-        (saving one first if none was due at this step). Every process takes part (the save is collective)."""
-        key = self.validation.keep_best
-        if key is None or step == 0:
-            return
-
-        def decide() -> tuple[bool, bool, float | None]:
-            value = self.last_validation.metrics.get(key) if self.last_validation.step == step else None
-            new_best = value is not None and math.isfinite(value) and (self.best is None or value < self.best[1])
-            return new_best, (self.output_dir / f"checkpoint-{step}").is_dir(), value
-
-        new_best, has_checkpoint, value = decided_by_main_process(self.accelerator, decide)
-        if not new_best:
-            return
-        if not has_checkpoint:
-            self.save_checkpoint()
-        if self.accelerator.is_main_process:
-            self.best = (step, value)
-            ckpt.protect_checkpoint(self.output_dir, step, **{key: value})
-            ckpt.prune_checkpoints(self.output_dir, self.config.checkpoints_total_limit)  # the previous best may go now
-            logger.info("Best %s so far (%.4g) at step %d: checkpoint-%d is kept from pruning.", key, value, step, step)
 
     # ---- validation -------------------------------------------------------------------------
 
@@ -833,17 +281,6 @@ class TrainingLoop:
         return self.last_validation
 
     # ---- the loop ---------------------------------------------------------------------------
-
-    def _agree_on_stop(self) -> bool:
-        """Whether any process was asked to stop (SIGTERM/SIGINT), the same answer on all: one all-reduce of one
-        int per optimiser step over a host (gloo) group, which never waits for the device."""
-        if self._host_group is None:
-            return self.stop.requested
-        import torch.distributed as dist
-
-        flag = torch.tensor([int(self.stop.requested)], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._host_group)
-        return bool(flag.item())
 
     def _read_back(self, records: StepRecords, progress) -> None:
         """Log the steps since the last read-back (one metrics row each); stop on a non-finite value."""
@@ -935,7 +372,7 @@ class TrainingLoop:
                                      epoch=self.state.micro_batches / self.sampler.batches_per_epoch(),
                                      **({"ema_decay": float(self.ema.cur_decay_value or 0.0)} if self.ema else {}))
                     progress.update(1)
-                    stop_requested = self._agree_on_stop()
+                    stop_requested = agree_on_flag(self.stop.requested, self._host_group)
 
                     done = self.global_step >= self.max_train_steps
                     checkpoint_due = bool(config.checkpointing_steps) and (
@@ -995,51 +432,52 @@ class TrainingLoop:
         )
 
 
+
 def build_training_loop(accelerator, config: TrainingConfig, model, train_set, tracker_name: str,
                         parameters=None, ema_model=None, validation: Validation | None = None,
                         save_result: Callable[[Any], None] | None = None,
-                        save_schedule: Schedule = Schedule()) -> TrainingLoop:
+                        save_schedule: Schedule = Schedule(), checkpoint_model_hooks=None) -> TrainingLoop:
     """A TrainingLoop for `model` with the run's optimiser, schedule, EMA and trackers, resumed per the config.
 
     `parameters` (default: all of the model's) are optimised; `ema_model` (default: `model`) is averaged.
     `save_result(model)` writes the run's result (called with the EMA weights swapped in, on every process,
-    at the end and on `save_schedule`). The model is prepared by accelerate: train through `loop.model`.
+    at the end and on `save_schedule`). `checkpoint_model_hooks`: see CheckpointContents.model_hooks (e.g.
+    `uldm.lora.adapter_only_checkpoint_hooks`). The model is prepared by accelerate: train through `loop.model`.
     """
     max_train_steps = plan_steps(len(train_set), config.loop, accelerator.num_processes)
     parameters = model.parameters() if parameters is None else parameters
     optimizer = build_optimizer(parameters, config.optimizer, scaled_learning_rate(config, accelerator.num_processes),
                                 accelerator.device)
-    lr_scheduler = build_lr_scheduler(optimizer, config.optimizer, max_train_steps)
     averaged = model if ema_model is None else ema_model
     averaged_path = submodule_path(model, averaged)
-    # Built before prepare, so that under FSDP2 the EMAs hold whole tensors, the same on every process.
-    ema = build_ema(averaged, config.ema)
-    posthoc_ema = build_posthoc_ema(averaged, config.posthoc_ema, accelerator, max_train_steps, config.loop.output_dir)
+    loop_config = config.loop
+    checkpoint = CheckpointContents(
+        state=TrainingState(train_batch_size=loop_config.train_batch_size, num_processes=accelerator.num_processes,
+                            gradient_accumulation_steps=loop_config.gradient_accumulation_steps),
+        lr_scheduler=build_lr_scheduler(optimizer, config.optimizer, max_train_steps),
+        # Built before prepare, so that under FSDP2 the EMAs hold whole tensors, the same on every process.
+        ema=build_ema(averaged, config.ema),
+        posthoc_ema=build_posthoc_ema(averaged, config.posthoc_ema, accelerator, max_train_steps, loop_config.output_dir),
+        model_hooks=checkpoint_model_hooks,
+        extra_files=(Path(loop_config.output_dir) / RUN_ARGUMENTS_FILE,),
+    )
     unsharded_copy = copy.deepcopy(model).to("cpu") if is_fsdp(accelerator) else None
     model, optimizer = accelerator.prepare(model, optimizer)  # compiles the model too with --torch_compile
     if accelerator.is_main_process:
         accelerator.init_trackers(
-            config.loop.tracker_project_name or tracker_name,
+            loop_config.tracker_project_name or tracker_name,
             config={k: v for k, v in config.arguments.items() if isinstance(v, (int, float, str, bool))},
         )
-    loop = TrainingLoop(accelerator, config.loop, model, optimizer, lr_scheduler, train_set, max_train_steps,
-                        ema=ema, validation=validation, save_result=save_result, save_schedule=save_schedule,
-                        posthoc_ema=posthoc_ema, averaged_path=averaged_path, unsharded_copy=unsharded_copy)
+    loop = TrainingLoop(accelerator, loop_config, model, optimizer, checkpoint, train_set, max_train_steps,
+                        validation=validation, save_result=save_result, save_schedule=save_schedule,
+                        averaged_path=averaged_path, unsharded_copy=unsharded_copy)
     loop.resume()
     logger.info(
         "Training %d steps from step %d: %d items, batch %d x %d processes x %d accumulation",
-        max_train_steps, loop.global_step, len(train_set), config.loop.train_batch_size, accelerator.num_processes,
-        config.loop.gradient_accumulation_steps,
+        max_train_steps, loop.global_step, len(train_set), loop_config.train_batch_size, accelerator.num_processes,
+        loop_config.gradient_accumulation_steps,
     )
     return loop
-
-
-def submodule_path(model, submodule) -> str:
-    """The name of `submodule` inside `model` ("" for the model itself), for finding it again after wrapping."""
-    for name, module in model.named_modules():
-        if module is submodule:
-            return name
-    raise ValueError("ema_model must be the model or one of its submodules.")
 
 
 def finish_run(loop: TrainingLoop) -> None:
