@@ -30,7 +30,6 @@ from pathlib import Path
 import torch
 
 from uldm import args as cli
-from uldm.checkpoints import final_save_remedy
 from uldm.data import DataConfig, ImageFolderDataset, Preprocessing, prepare_training_set
 from uldm.diffusion import describe_levers, noisy_latents_and_target
 from uldm.dreambooth import (
@@ -42,12 +41,12 @@ from uldm.errors import InputError, exit_cleanly_on_input_errors
 from uldm.hub import HubUploader
 from uldm.latent_cache import CacheConfig
 from uldm.latents import latents_from_batch, pipeline_scaling
-from uldm.lora import add_lora_adapter, lora_target_modules, register_adapter_only_checkpoints, save_lora_result
+from uldm.lora import adapter_only_checkpoint_hooks, add_lora_adapter, lora_target_modules, save_lora_result
+from uldm.metrics.subject_similarity import InstanceEmbeddings, load_image_encoder, mean_pairwise_similarity, summary_line
 from uldm.model_card import write_model_card
 from uldm.models import count_parameters, use_xformers_if_installed
 from uldm.sampling import SCHEDULER_NAMES, build_pipeline, save_pipeline
-from uldm.saving import save_folder_atomically
-from uldm.subject_similarity import InstanceEmbeddings, load_image_encoder, mean_pairwise_similarity, summary_line
+from uldm.saving import final_save_remedy, save_folder_atomically
 from uldm.training import (
     Schedule, Validation, ValidationResult, build_training_loop, finish_run, read_metrics, start_run,
 )
@@ -208,11 +207,11 @@ def main(argv=None) -> None:
     logger.info("Instance images: %d; class images: %d", len(instance_paths), len(class_set) if class_set else 0)
 
     noise_scheduler = training_noise_scheduler(sampler)
-    lora_config = None
+    lora_config = checkpoint_model_hooks = None
     if args.use_lora:
         lora_config = add_lora_adapter(unet, args.rank, args.lora_alpha, lora_target_modules(args.lora_target_modules),
                                        args.lora_dropout)
-        register_adapter_only_checkpoints(accelerator)
+        checkpoint_model_hooks = adapter_only_checkpoint_hooks(accelerator)
     trainable = [p for p in unet.parameters() if p.requires_grad]
     logger.info("Training %.3fM of the UNet's %.1fM parameters", sum(p.numel() for p in trainable) / 1e6,
                 count_parameters(unet) / 1e6)
@@ -277,7 +276,8 @@ def main(argv=None) -> None:
                                validation=Validation(validate, Schedule(every_steps=validation_config.validation_steps,
                                                                         every_epochs=args.save_images_epochs),
                                                      at_start=True),
-                               save_result=save_result, save_schedule=Schedule(every_epochs=args.save_model_epochs))
+                               save_result=save_result, save_schedule=Schedule(every_epochs=args.save_model_epochs),
+                               checkpoint_model_hooks=checkpoint_model_hooks)
     unet = loop.model
     dreambooth_loss = DreamBoothLoss(noise_scheduler, args.prior_loss_weight, levers)
 
@@ -323,7 +323,7 @@ pipe.save_pretrained("merged")                            # ... for a plain pipe
 
 def subject_embeddings(args, instance_files: list[Path], device) -> InstanceEmbeddings | None:
     """--validation_dino_model / --validation_clip_model: the instance photos embedded once, for scoring every
-    validation's samples (uldm.subject_similarity; the photos centre-cropped as evaluate.py does)."""
+    validation's samples (uldm.metrics.subject_similarity; the photos centre-cropped as evaluate.py does)."""
     models = {metric: name for metric, name in (("dino", args.validation_dino_model),
                                                  ("clip_i", args.validation_clip_model)) if name}
     if not models:

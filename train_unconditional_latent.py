@@ -24,7 +24,7 @@ from uldm import args as cli
 from uldm.data import DataConfig, ImageFolderDataset, build_image_dataset
 from uldm.diffusion import build_noise_scheduler, describe_levers, noisy_latents_and_target, weighted_loss
 from uldm.errors import exit_cleanly_on_input_errors
-from uldm.fid_validation import FidConfig, build_fid_scorer, build_reference, load_feature_extractor
+from uldm.metrics.fid_validation import FidConfig, build_fid_scorer, build_reference, load_feature_extractor
 from uldm.first_stage import FirstStageConfig, first_stage_class, load_first_stage
 from uldm.hub import HubUploader
 from uldm.model_card import write_model_card

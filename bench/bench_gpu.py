@@ -429,7 +429,7 @@ def describe(result: dict, args, rows, parts, vae_checks, skipped, device: torch
         "Rows: 'encode' = the VAE encodes the batch of images every step (they are already on the device: data "
         "loading is not measured); 'cache' = latents ready on the device, UNet only. 'loop' step = "
         "uldm/training.py before issue 13 (foreach AdamW, EMAModel one tensor at a time, a device-to-host "
-        "readback every step); 'tuned' = uldm/training.py now (fused AdamW, EMAModel(foreach=True), losses read "
+        "readback every step); 'tuned' = uldm/training/ now (fused AdamW, EMAModel(foreach=True), losses read "
         "back every --logging_steps: here once after the timed steps). "
         "The first step of the first row of a compiled variant includes torch.compile's compilation.")
     if vae_checks:

@@ -11,7 +11,7 @@ train_unconditional_latent.py, in this process, with the quick start's recipe (t
 latents, batch 32, lr 1e-3 cosine, EMA 0.999, flips) for --steps steps, once per --seeds (the training
 seed: initial weights, batch order, noise), then samples --num_samples images (25 DPM-Solver++ steps,
 image i from seed i, the same for every model) which are scored against the training images with FID and
-KID on `uldm.fid.RandomConvFeatures` (a fixed random conv net: offline and deterministic; its numbers
+KID on `uldm.metrics.fid.RandomConvFeatures` (a fixed random conv net: offline and deterministic; its numbers
 compare runs of this benchmark with each other, never with published FIDs).
 
 Levers: each one added alone to the baseline (v-prediction alone too, as zero terminal SNR needs it).
@@ -197,7 +197,7 @@ class Scorer:
     """FID/KID against the training images' features (extracted once) with the small extractor."""
 
     def __init__(self, faces: Path, seed: int = 0):
-        from uldm import fid
+        from uldm.metrics import fid
 
         self.fid = fid
         self.extractor = fid.RandomConvFeatures()
@@ -361,7 +361,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
 
 def fill_result(result, args, chosen, configs, pixel, references, vae_source, vae_train_s, cache_build_s,
                 pixel_step_s, work) -> None:
-    from uldm.fid import RandomConvFeatures
+    from uldm.metrics.fid import RandomConvFeatures
 
     result["settings"] = {
         "data": f"demo faces, {args.num_images} at {RESOLUTION} px", "vae": vae_source,
@@ -369,7 +369,7 @@ def fill_result(result, args, chosen, configs, pixel, references, vae_source, va
         "(1.1M) on 3x32x32", "recipe": f"batch {BATCH_SIZE}, lr 1e-3 cosine with 5% warm-up, EMA max decay 0.999, "
         "random flips (scripts/quickstart.sh)", "steps": args.steps, "seeds": args.seeds,
         "num_samples": args.num_samples, "sampler": f"DPM-Solver++, {args.sampling_steps} steps",
-        "feature_extractor": f"uldm.fid.RandomConvFeatures ({RandomConvFeatures().num_features} features)",
+        "feature_extractor": f"uldm.metrics.fid.RandomConvFeatures ({RandomConvFeatures().num_features} features)",
         "torch_threads": torch.get_num_threads(), "pixel_budgets": args.pixel_budgets,
         "levers": {name: " ".join(LEVERS[name][0]) for name in chosen},
     }
@@ -417,7 +417,7 @@ def fill_result(result, args, chosen, configs, pixel, references, vae_source, va
                           f"({result['machine']['cpu_cores']} cores, threads {torch.get_num_threads()})",
                           (time.monotonic() - result["_start_time"]) <= 1800)
     result["notes"] += verdicts(args, chosen, configs, pixel) + [
-        "FID/KID use uldm.fid.RandomConvFeatures, a fixed random convolutional network (weights from a fixed seed, "
+        "FID/KID use uldm.metrics.fid.RandomConvFeatures, a fixed random convolutional network (weights from a fixed seed, "
         "no download): it follows colours, layout and texture statistics of the samples, which is what the demo "
         "faces differ in, and its numbers compare only runs scored the same way (never published FIDs). FID at "
         f"{args.num_samples} samples is biased upwards by the sample count, equally for every run; KID is not.",

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Not a benchmark: the experiment behind docs/fsdp_notes.md, kept so that it can be run again.
 
-A tiny UNet2DModel (configs/unet/tiny.json) trained through accelerate the way uldm/training.py does
+A tiny UNet2DModel (configs/unet/tiny.json) trained through accelerate the way uldm/training/ does
 (AdamW, a LambdaLR registered for checkpointing, diffusers' EMAModel, accelerator.clip_grad_norm_,
 save_state/load_state, get_state_dict), in 2 CPU processes with gloo. accelerate 1.15 never selects FSDP
 for CPU processes, so --force_fsdp 1|2 forces it (uldm.testing.force_fsdp_on_cpu) to run accelerate's real FSDP

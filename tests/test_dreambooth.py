@@ -139,7 +139,7 @@ def test_validation_scores_dino_and_clip_i_of_the_samples_and_the_card_shows_the
     from uldm.latents import pipeline_scaling
     from uldm.images import list_image_files
     from uldm.sampling import build_pipeline
-    from uldm.subject_similarity import InstanceEmbeddings
+    from uldm.metrics.subject_similarity import InstanceEmbeddings
     from uldm.validation import fixed_validation_noise
     from uldm.vae import latent_shape
 

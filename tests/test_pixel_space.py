@@ -92,7 +92,7 @@ def test_the_pixel_sampler_starts_euler_from_the_first_steps_sigma(pixel_model):
 @pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save")
 def test_sample_and_evaluate_work_with_a_pixel_model(pixel_model, train_images, tmp_path):
     import evaluate
-    from uldm.fid import RandomConvFeatures
+    from uldm.metrics.fid import RandomConvFeatures
 
     samples = tmp_path / "samples"
     for scheduler in ("dpmsolver++", "euler"):  # euler needs scale_model_input, which DDPMPipeline never calls

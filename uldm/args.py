@@ -11,7 +11,7 @@ import logging
 import os
 from typing import TypeVar
 
-from .checkpoints import PREVIOUS_RUN_PREFIX
+from .training.checkpoints import PREVIOUS_RUN_PREFIX
 from .errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def add_ema_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_posthoc_ema_args(parser: argparse.ArgumentParser) -> None:
-    from .posthoc_ema import DEFAULT_SIGMA_RELS, SNAPSHOT_DIR_NAME, SNAPSHOTS_PER_RUN
+    from .training.posthoc_ema import DEFAULT_SIGMA_RELS, SNAPSHOT_DIR_NAME, SNAPSHOTS_PER_RUN
 
     group = parser.add_argument_group("post-hoc EMA (EDM2): choose the EMA length after training")
     group.add_argument("--use_posthoc_ema", action="store_true",
@@ -249,7 +249,7 @@ def scheduler_name(name: str) -> str:
 def add_fid_args(parser: argparse.ArgumentParser, in_training: bool = True) -> None:
     """FID/KID of samples: at each validation of a training run (`in_training`, with --keep_best_checkpoint), or of
     each candidate of a sweep (then with the sampler's options too: a training script has them in its logging group)."""
-    from .fid import FEATURE_EXTRACTORS
+    from .metrics.fid import FEATURE_EXTRACTORS
 
     group = parser.add_argument_group("FID/KID of samples")
     group.add_argument("--validation_fid_images", type=int, default=0,
@@ -288,7 +288,7 @@ def check_fid_args(args) -> None:
     if 0 < getattr(args, "validation_fid_images", 0) < 2:
         raise InputError("--validation_fid_images must be at least 2 (FID needs a covariance); a few hundred follow a run.")
     if getattr(args, "fid_reference", None):
-        from .fid_validation import check_reference_option
+        from .metrics.fid_validation import check_reference_option
 
         check_reference_option(args.fid_reference)
     if getattr(args, "keep_best_checkpoint", False):
@@ -300,7 +300,7 @@ def check_fid_args(args) -> None:
 
 
 def add_subject_metric_args(parser: argparse.ArgumentParser) -> None:
-    """DreamBooth's subject fidelity at each validation (uldm.subject_similarity; names as in evaluate.py)."""
+    """DreamBooth's subject fidelity at each validation (uldm.metrics.subject_similarity; names as in evaluate.py)."""
     group = parser.add_argument_group("subject fidelity at each validation (DreamBooth paper's DINO / CLIP-I / diversity)")
     group.add_argument("--validation_dino_model", type=str, default=None,
                        help="DINO ViT folder or hub id (e.g. facebook/dino-vits16): log DINO similarity of the "
@@ -469,7 +469,7 @@ def training_config(args: argparse.Namespace):
     """The loop, optimiser and EMA configuration of a training script, and its arguments for the records
     (training_args.json, trackers, model card) without secrets such as --hub_token."""
     from .hub import public_arguments
-    from .posthoc_ema import PosthocEmaConfig
+    from .training.posthoc_ema import PosthocEmaConfig
     from .training import ComputeConfig, EmaConfig, LoopConfig, OptimizerConfig, TrainingConfig
 
     posthoc = None

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from pipeline_latent_uncond import UnconditionalLatentPipeline
 
 from .diffusion import NO_LEVERS, LossConfig, per_sample_loss, schedule_levers, with_schedule_levers
-from .distances import mean_pairwise_distance, nearest_distances
+from .metrics.distances import mean_pairwise_distance, nearest_distances
 from .errors import InputError
 from .images import list_image_files
 from .sampling import with_sampler, write_samples

@@ -33,11 +33,10 @@ from diffusers.utils import make_image_grid as diffusers_make_image_grid
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .checkpoints import final_save_remedy
 from .images import _temporary_path, list_image_files, save_image_atomically  # the latter also imported from here by sample.py
 from .errors import InputError, SaveError
 from .saving import (
-    describe_cause, free_space, is_write_failure, processes_stop_together, save_failure_message,
+    describe_cause, final_save_remedy, free_space, is_write_failure, processes_stop_together, save_failure_message,
     save_pretrained_atomically,
 )
 
