@@ -184,13 +184,13 @@ def training_argv(args, faces: Path, first_stage: str | Path, output_dir: Path, 
 
 
 def load_sampler(folder: Path):
-    from pipeline_latent_uncond import UnconditionalLatentPipeline
+    from uldm.pipeline_loading import load_pipeline
     from uldm.pixel_space import PixelSampler, is_pixel_pipeline
 
     if is_pixel_pipeline(folder):
         sampler = PixelSampler.from_pretrained(folder)
     else:
-        sampler = UnconditionalLatentPipeline.from_pretrained(folder)
+        sampler = load_pipeline(folder)
         sampler.vae.eval()
     sampler.unet.eval()
     sampler.set_progress_bar_config(disable=True)

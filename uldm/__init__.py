@@ -14,8 +14,8 @@ Each idea has one home:
   `vae`: loading first stages; `latent_cache`: storing/reading cached latents (CacheConfig);
   `diffusion`: noise schedule, timesteps, targets and losses, and their levers (LossConfig);
   `pixel_space`: training and sampling with no first stage (a DDPMPipeline).
-* `sampling`: building/saving pipelines, schedulers by name, sample folders; `validation`: grids from
-  fixed noise (ValidationConfig).
+* `sampling`: building/saving pipelines, schedulers by name, sample folders; `pipeline_loading`: loading
+  a saved pipeline without running its code; `validation`: grids from fixed noise (ValidationConfig).
 * `dreambooth`, `autoencoder`, `posthoc_ema`, `face_align`, `demo_data`: one job each.
 * `fid`, `identity`, `subject_similarity`, `distances`: measuring samples; `fid_validation`: FID/KID of a
   model (in training, and of each EMA in synthesize_ema.py --sweep).
