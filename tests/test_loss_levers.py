@@ -237,8 +237,8 @@ def test_training_only_levers_are_recorded_in_the_arguments_and_the_model_card(t
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"rescale_betas_zero_snr": True}, "Use --prediction_type v_prediction"),
-    ({"rescale_betas_zero_snr": True, "snr_gamma": 5.0}, "would moreover be infinite"),
+    ({"rescale_betas_zero_snr": True, "prediction_type": "epsilon"}, "Use --prediction_type v_prediction"),
+    ({"rescale_betas_zero_snr": True, "snr_gamma": 5.0, "prediction_type": "epsilon"}, "would moreover be infinite"),
     ({"p2_gamma": 1.0, "snr_gamma": 5.0}, "Choose one"),
     ({"p2_gamma": 1.0, "p2_k": 0.0}, "--p2_k must be positive"),
     ({"weighting_scheme": "logit_normal", "logit_std": 0.0}, "--logit_std must be positive"),

@@ -65,7 +65,10 @@ def test_when_one_rank_cannot_write_its_part_every_rank_stops_with_the_message(t
     # Both ranks resume together: a damaged newer checkpoint-3 is skipped (verified once, on rank 0) and the
     # run goes on from checkpoint-2 on both.
     shutil.copytree(out / "checkpoint-2", out / "checkpoint-3")
-    weights = out / "checkpoint-3" / "model.safetensors"
+    state = ckpt.TrainingState.load(out / "checkpoint-3")  # a state that agrees with the folder's step ...
+    state.global_step = 3
+    state.save(out / "checkpoint-3", files=ckpt.read_manifest(out / "checkpoint-3"))
+    weights = out / "checkpoint-3" / "model.safetensors"  # ... and weights cut short
     weights.write_bytes(weights.read_bytes()[:1000])
     resume = torchrun_command(REPO_ROOT / "train_unconditional_latent.py", *training, "--resume_from_checkpoint", "latest")
     result = subprocess.run(resume, env=subprocess_env(), capture_output=True, text=True, timeout=240, cwd=tmp_path)
