@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline_latent_uncond import denoise, scheduler_step_kwargs
+from pipeline_latent_uncond import check_guide, denoise, guided_model, scheduler_step_kwargs
 
 from .errors import InputError
 
@@ -144,7 +144,8 @@ class PixelSampler:
 
     @torch.no_grad()
     def __call__(self, batch_size: int = 1, num_inference_steps: int = 50, generator=None, eta: float = 0.0,
-                 latents: torch.Tensor | None = None, output_type: str = "pil"):
+                 latents: torch.Tensor | None = None, output_type: str = "pil", guide=None,
+                 guidance_scale: float = 1.0, guidance_interval: tuple[float, float] | None = None):
         from diffusers import DiffusionPipeline, ImagePipelineOutput
         from diffusers.utils.torch_utils import randn_tensor
         from tqdm.auto import tqdm
@@ -160,7 +161,9 @@ class PixelSampler:
             def count_step(step_index, t, sample) -> None:
                 progress.update()
 
-            sample = denoise(self.unet, self.scheduler, noise, scheduler_step_kwargs(self.scheduler, generator, eta),
+            check_guide(self.unet, guide)
+            model = guided_model(self.unet, guide, guidance_scale, guidance_interval, self.scheduler)
+            sample = denoise(model, self.scheduler, noise, scheduler_step_kwargs(self.scheduler, generator, eta),
                              on_step=count_step)
         if output_type == "latent":
             return ImagePipelineOutput(images=sample)
