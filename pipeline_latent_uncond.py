@@ -602,6 +602,7 @@ class UnconditionalLatentPipeline(DiffusionPipeline, UNet2DLoraLoaderMixin):
     model_cpu_offload_seq = "unet->guide->vae"
     _optional_components = ["guide"]
     _callback_tensor_inputs = ["latents"]
+    _guide_function = None  # a guide that is no component (set_guidance with a callable)
 
     def __init__(
         self,
@@ -634,6 +635,19 @@ class UnconditionalLatentPipeline(DiffusionPipeline, UNet2DLoraLoaderMixin):
             guidance_interval_low=guidance_interval_low,
             guidance_interval_high=guidance_interval_high,
         )
+
+    def set_guidance(self, guide: UNet2DModel | Callable | None, guidance_scale: float = 1.0,
+                     guidance_interval: tuple[float, float] | None = None) -> None:
+        """Make later calls guided by default: a `UNet2DModel` guide becomes the `guide` component (saved with
+        the pipeline, with the weight and interval in its config); a callable such as `lora_base_guide()` is
+        used by this pipeline object only. `set_guidance(None)` switches guidance off."""
+        check_guide(self.unet, guide)
+        is_component = guide is None or isinstance(guide, UNet2DModel)
+        self.register_modules(guide=guide if is_component else None)
+        self._guide_function = None if is_component else guide
+        low, high = (None, None) if guidance_interval is None else guidance_interval
+        self.register_to_config(guidance_scale=float(guidance_scale) if guide is not None else 1.0,
+                                guidance_interval_low=low, guidance_interval_high=high)
 
     # ----------------------------------------------------------------------------------------- latents
 
@@ -772,7 +786,7 @@ class UnconditionalLatentPipeline(DiffusionPipeline, UNet2DLoraLoaderMixin):
         self.check_inputs(
             batch_size, num_inference_steps, generator, latents, output_type, callback_on_step_end_tensor_inputs
         )
-        guide = self.guide if guide is None else guide
+        guide = guide if guide is not None else self.guide if self.guide is not None else self._guide_function
         guidance_scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
         low, high = self.config.guidance_interval_low, self.config.guidance_interval_high
         if guidance_interval is None and (low, high) != (None, None):

@@ -199,3 +199,18 @@ def test_a_pipeline_without_a_guide_saves_and_loads_as_before(tmp_path):
     loaded = UnconditionalLatentPipeline.from_pretrained(tmp_path / "plain")
     assert loaded.guide is None and loaded.config.guidance_scale == 1.0
     assert not (tmp_path / "plain" / "guide").exists()
+
+
+def test_set_guidance_makes_guided_sampling_the_default_and_none_switches_it_off():
+    pipe = make_pipeline()
+    guide = build_tiny_unet(seed=1)
+    explicit = sample(pipe, guide=guide, guidance_scale=2.0, guidance_interval=(0.5, 100.0))
+    pipe.set_guidance(guide, 2.0, (0.5, 100.0))
+    assert pipe.guide is guide and pipe.config.guidance_scale == 2.0
+    torch.testing.assert_close(sample(pipe), explicit)
+    pipe.set_guidance(lambda x, t: guide(x, t).sample, 2.0, (0.5, 100.0))  # a callable: not a component
+    assert pipe.guide is None
+    torch.testing.assert_close(sample(pipe), explicit)
+    pipe.set_guidance(None)
+    assert pipe.config.guidance_scale == 1.0 and pipe.guide is None
+    torch.testing.assert_close(sample(pipe), sample(make_pipeline()))
