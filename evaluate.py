@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from uldm import fid, identity, subject_similarity
+from uldm.metrics import fid, identity, subject_similarity
 from uldm.errors import InputError, exit_cleanly_on_input_errors
 from uldm.images import list_image_files
 from uldm.sampling import samples_to_score

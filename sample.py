@@ -23,10 +23,8 @@ from pathlib import Path
 from accelerate import Accelerator
 from PIL import Image
 
-from pipeline_latent_uncond import UnconditionalLatentPipeline
 from uldm.errors import InputError, exit_cleanly_on_input_errors
-from uldm.lora import load_pipeline_or_adapter
-from uldm.pixel_space import PixelSampler, is_pixel_pipeline
+from uldm.first_stage import load_saved_model
 from uldm.sampling import (
     SCHEDULER_NAMES,
     make_image_grid,
@@ -94,13 +92,10 @@ def write_args(args: argparse.Namespace, output_dir: Path) -> None:
     os.replace(temporary, output_dir / SAMPLE_ARGS_FILE)
 
 
-def load_pipeline(args: argparse.Namespace, accelerator: Accelerator) -> UnconditionalLatentPipeline | PixelSampler:
-    """The folder's own kind of pipeline: a pixel-space DDPMPipeline or a latent one."""
+def load_pipeline(args: argparse.Namespace, accelerator: Accelerator):
+    """The sampler of the saved model's own space (uldm.first_stage.load_saved_model)."""
     with accelerator.main_process_first():  # one download into the hub cache, then everyone reads it
-        if is_pixel_pipeline(args.pretrained_model_name_or_path):
-            pipeline = PixelSampler.from_pretrained(args.pretrained_model_name_or_path)
-        else:
-            pipeline = load_pipeline_or_adapter(args.pretrained_model_name_or_path)
+        pipeline = load_saved_model(args.pretrained_model_name_or_path)
     if args.scheduler is not None:
         pipeline.scheduler = make_scheduler(args.scheduler, pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)  # sample.py shows one bar over images instead

@@ -32,9 +32,9 @@ import torch
 from uldm import args as cli
 from uldm.data import DataConfig, build_image_dataset
 from uldm.errors import InputError, exit_cleanly_on_input_errors
-from uldm.fid_validation import (FidConfig, PipelineFid, build_fid_scorer, build_reference,
+from uldm.metrics.fid_validation import (FidConfig, PipelineFid, build_fid_scorer, build_reference,
                                  load_feature_extractor, OneProcess, sweep_table)
-from uldm.posthoc_ema import MAX_SIGMA_REL, SNAPSHOT_DIR_NAME, check_sigma_rel, write_synthesized_pipelines
+from uldm.training.posthoc_ema import MAX_SIGMA_REL, SNAPSHOT_DIR_NAME, check_sigma_rel, write_synthesized_pipelines
 
 logger = logging.getLogger("synthesize_ema")
 

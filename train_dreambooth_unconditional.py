@@ -30,24 +30,23 @@ from pathlib import Path
 import torch
 
 from uldm import args as cli
-from uldm.checkpoints import final_save_remedy
 from uldm.data import DataConfig, ImageFolderDataset, Preprocessing, prepare_training_set
-from uldm.diffusion import noisy_latents_and_target
+from uldm.diffusion import describe_levers, noisy_latents_and_target
 from uldm.dreambooth import (
     DreamBoothDataset, DreamBoothLoss, base_resolution, check_class_image_sizes, check_resolution,
-    generate_missing_class_images, list_instance_images, load_base_pipeline,
+    fine_tuned_scheduler, generate_missing_class_images, list_instance_images, load_base_pipeline,
     SubjectReferences, side_by_side, training_noise_scheduler,
 )
 from uldm.errors import InputError, exit_cleanly_on_input_errors
 from uldm.hub import HubUploader
 from uldm.latent_cache import CacheConfig
 from uldm.latents import latents_from_batch, pipeline_scaling
-from uldm.lora import add_lora_adapter, lora_target_modules, register_adapter_only_checkpoints, save_lora_result
+from uldm.lora import adapter_only_checkpoint_hooks, add_lora_adapter, lora_target_modules, save_lora_result
+from uldm.metrics.subject_similarity import InstanceEmbeddings, load_image_encoder, mean_pairwise_similarity, summary_line
 from uldm.model_card import write_model_card
 from uldm.models import count_parameters, use_xformers_if_installed
 from uldm.sampling import SCHEDULER_NAMES, build_pipeline, save_pipeline
-from uldm.saving import save_folder_atomically
-from uldm.subject_similarity import InstanceEmbeddings, load_image_encoder, mean_pairwise_similarity, summary_line
+from uldm.saving import final_save_remedy, save_folder_atomically
 from uldm.training import (
     Schedule, Validation, ValidationResult, build_training_loop, finish_run, read_metrics, start_run,
 )
@@ -105,11 +104,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="'attention', 'attention+conv' (adds the ResNet convolutions) or module names, "
                             "comma-separated.")
 
-    group = parser.add_argument_group("diffusion")
-    group.add_argument("--snr_gamma", type=float, default=None,
-                       help="Min-SNR weighting gamma (5.0 is the paper's choice), applied to each half of the batch.")
-    cli.add_offset_noise_arg(group)
-
+    cli.add_loss_lever_args(parser)  # the base model's noise schedule and prediction type are kept
     # DreamBooth defaults (diffusers' train_dreambooth.py): short runs, small constant learning rate.
     cli.add_optimization_args(parser, learning_rate=None, adam_beta1=0.9, adam_weight_decay=1e-2,
                               lr_scheduler="constant", lr_warmup_steps=0)
@@ -178,6 +173,8 @@ def main(argv=None) -> None:
     # Everything that can be wrong with the input is checked before anything is written or generated.
     pipeline = load_base_pipeline(args.pretrained_model_name_or_path, args.revision, variant=args.variant)
     args.resolution = check_resolution(args.resolution, pipeline)
+    levers = cli.loss_config(args, pipeline.scheduler.config)
+    sampler = fine_tuned_scheduler(pipeline, levers, args.use_lora)
     instance_paths = list_instance_images(args.instance_data_dir)
     if args.with_prior_preservation:
         check_class_image_sizes(args.class_data_dir, args.resolution)
@@ -209,12 +206,12 @@ def main(argv=None) -> None:
     class_set = train_set.prior
     logger.info("Instance images: %d; class images: %d", len(instance_paths), len(class_set) if class_set else 0)
 
-    noise_scheduler = training_noise_scheduler(pipeline)
-    lora_config = None
+    noise_scheduler = training_noise_scheduler(sampler)
+    lora_config = checkpoint_model_hooks = None
     if args.use_lora:
         lora_config = add_lora_adapter(unet, args.rank, args.lora_alpha, lora_target_modules(args.lora_target_modules),
                                        args.lora_dropout)
-        register_adapter_only_checkpoints(accelerator)
+        checkpoint_model_hooks = adapter_only_checkpoint_hooks(accelerator)
     trainable = [p for p in unet.parameters() if p.requires_grad]
     logger.info("Training %.3fM of the UNet's %.1fM parameters", sum(p.numel() for p in trainable) / 1e6,
                 count_parameters(unet) / 1e6)
@@ -239,7 +236,7 @@ def main(argv=None) -> None:
         if not accelerator.is_main_process or not validation_config.num_validation_images:
             return None
         latents, images = sample_from_noise(
-            loop, lambda model: build_pipeline(model, vae, scaling, pipeline.scheduler.config,
+            loop, lambda model: build_pipeline(model, vae, scaling, sampler.config,
                                                validation_config.validation_scheduler),
             validation_noise, validation_config.validation_inference_steps)
         values = references.measure(latents, images)
@@ -265,9 +262,10 @@ def main(argv=None) -> None:
                                                 base_model=os.path.abspath(name) if os.path.isdir(name) else name),
                 args.output_dir, "the LoRA adapter", remedy=partial(final_save_remedy, args.output_dir))
         else:
-            save_pipeline(model, vae, scaling, pipeline.scheduler, args.output_dir)
+            save_pipeline(model, vae, scaling, sampler, args.output_dir)
         write_dreambooth_model_card(args, config.arguments, loop, photos, len(instance_paths), class_set,
-                                    subject_scores, location=hub.location if hub.enabled else None)
+                                    subject_scores, location=hub.location if hub.enabled else None,
+                                    lever_facts=describe_levers(sampler.config, levers))
         logger.info("Saved the result of epoch %d (step %d) to %s", loop.epochs_completed, loop.global_step,
                     args.output_dir)
         if not loop.finished:
@@ -278,9 +276,10 @@ def main(argv=None) -> None:
                                validation=Validation(validate, Schedule(every_steps=validation_config.validation_steps,
                                                                         every_epochs=args.save_images_epochs),
                                                      at_start=True),
-                               save_result=save_result, save_schedule=Schedule(every_epochs=args.save_model_epochs))
+                               save_result=save_result, save_schedule=Schedule(every_epochs=args.save_model_epochs),
+                               checkpoint_model_hooks=checkpoint_model_hooks)
     unet = loop.model
-    dreambooth_loss = DreamBoothLoss(noise_scheduler, args.prior_loss_weight, args.snr_gamma)
+    dreambooth_loss = DreamBoothLoss(noise_scheduler, args.prior_loss_weight, levers)
 
     def compute_loss(batch, generator):
         latents = latents_from_batch(batch["instance"], vae, scaling, generator, args.random_flip)
@@ -288,7 +287,7 @@ def main(argv=None) -> None:
         if "prior" in batch:
             prior = latents_from_batch(batch["prior"], vae, scaling, generator, args.random_flip)
             latents = torch.cat([latents, prior])
-        noisy, timesteps, target = noisy_latents_and_target(noise_scheduler, latents, generator, args.offset_noise)
+        noisy, timesteps, target = noisy_latents_and_target(noise_scheduler, latents, generator, levers)
         prediction = unet(noisy, timesteps).sample
         return dreambooth_loss(prediction, target, timesteps, num_instance)
 
@@ -324,7 +323,7 @@ pipe.save_pretrained("merged")                            # ... for a plain pipe
 
 def subject_embeddings(args, instance_files: list[Path], device) -> InstanceEmbeddings | None:
     """--validation_dino_model / --validation_clip_model: the instance photos embedded once, for scoring every
-    validation's samples (uldm.subject_similarity; the photos centre-cropped as evaluate.py does)."""
+    validation's samples (uldm.metrics.subject_similarity; the photos centre-cropped as evaluate.py does)."""
     models = {metric: name for metric, name in (("dino", args.validation_dino_model),
                                                  ("clip_i", args.validation_clip_model)) if name}
     if not models:
@@ -354,7 +353,7 @@ def subject_facts(rows: list[dict], scores: InstanceEmbeddings | None) -> dict:
 
 def write_dreambooth_model_card(args, arguments: dict, loop, photos, num_instance: int, class_set,
                                 subject_scores: InstanceEmbeddings | None = None,
-                                location: str | None = None) -> None:
+                                location: str | None = None, lever_facts: dict | None = None) -> None:
     output_dir = Path(args.output_dir)
     instance_grid = output_dir / "samples" / "instance_images.png"
     instance_grid.parent.mkdir(parents=True, exist_ok=True)
@@ -378,6 +377,7 @@ def write_dreambooth_model_card(args, arguments: dict, loop, photos, num_instanc
         facts["spread of the samples (mean distance between two)"] = (
             f"{change('sample_spread')}; latents {change('sample_latent_spread')}")
     facts.update(subject_facts(rows, subject_scores))
+    facts.update(lever_facts or {})
     write_model_card(
         output_dir,
         title="DreamBooth fine-tune of an unconditional latent diffusion model",

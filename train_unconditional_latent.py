@@ -21,23 +21,18 @@ import logging
 from pathlib import Path
 
 from uldm import args as cli
-from uldm.data import DataConfig, ImageFolderDataset, build_image_dataset, prepare_training_set
+from uldm.data import DataConfig, ImageFolderDataset, build_image_dataset
 from uldm.diffusion import build_noise_scheduler, describe_levers, noisy_latents_and_target, weighted_loss
-from uldm.errors import InputError, exit_cleanly_on_input_errors
-from uldm.fid_validation import FidConfig, build_fid_scorer, build_reference, load_feature_extractor
+from uldm.errors import exit_cleanly_on_input_errors
+from uldm.metrics.fid_validation import FidConfig, build_fid_scorer, build_reference, load_feature_extractor
+from uldm.first_stage import FirstStageConfig, first_stage_class, load_first_stage
 from uldm.hub import HubUploader
-from uldm.latents import latents_from_batch, measure_latent_std, resolve_latent_scaling
-from uldm.model_card import BASE_TAGS, write_model_card
+from uldm.model_card import write_model_card
 from uldm.models import build_unet, count_parameters, use_xformers_if_installed
-from uldm.pixel_space import (
-    PIXEL_PRESET, PixelSampler, check_unet_takes_pixels, is_pixel_space, pixel_pipeline_usage, pixels_from_batch,
-    save_pixel_pipeline,
-)
 from uldm.presets import list_presets
-from uldm.sampling import build_pipeline, make_scheduler, save_pipeline
+from uldm.sampling import make_scheduler
 from uldm.training import Schedule, Validation, ValidationResult, build_training_loop, finish_run, start_run
 from uldm.validation import ValidationConfig, fixed_validation_noise, sample_from_noise
-from uldm.vae import check_unet_matches_latents, describe_vae, latent_shape, load_vae, vae_dtype_for, vae_fingerprint
 
 logger = logging.getLogger("train_unconditional_latent")
 
@@ -80,23 +75,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     cli.resolve_prediction_type(args)
     cli.check_common_args(args)
     cli.check_fid_args(args)
+    first_stage = first_stage_class(args.vae_name_or_path)
     if not args.model_config_name_or_path and not args.pretrained_model_name_or_path:
-        args.model_config_name_or_path = PIXEL_PRESET if is_pixel_space(args.vae_name_or_path) else "seed-ffhq256-sdvae"
-    check_pixel_space_args(args)
+        args.model_config_name_or_path = first_stage.default_unet_preset
+    first_stage.check_config(cli.config_from(FirstStageConfig, args))  # e.g. no latent options without a VAE
     return args
-
-
-def check_pixel_space_args(args) -> None:
-    """Options about a first stage mean nothing without one: refused rather than silently ignored."""
-    if not is_pixel_space(args.vae_name_or_path):
-        return
-    if args.cache_latents:
-        raise InputError("--cache_latents stores a VAE's latents, and --vae_name_or_path none has no VAE: leave "
-                         "--cache_latents out (the images are read as usual; --dataloader_num_workers hides their "
-                         "decoding).")
-    if args.latent_scaling_factor != "auto" or args.vae_subfolder:
-        raise InputError("--vae_name_or_path none trains on pixels in [-1, 1], with no latents to scale or VAE to "
-                         "find: leave out --latent_scaling_factor and --vae_subfolder.")
 
 
 @exit_cleanly_on_input_errors
@@ -104,7 +87,6 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     config = cli.training_config(args)
     levers = cli.loss_config(args)
-    pixel_space = is_pixel_space(args.vae_name_or_path)
     data_config = cli.config_from(DataConfig, args, center_crop=cli.center_crop_of(args, warn=True))
     cache_config = cli.cache_config(args)
     validation_config = cli.config_from(ValidationConfig, args)
@@ -114,46 +96,26 @@ def main(argv=None) -> None:
     accelerator = start_run(config)
     hub = HubUploader.from_config(cli.hub_config(args), accelerator.is_main_process)
 
-    vae = scaling = vae_key = None
-    if not pixel_space:
-        vae = load_vae(args.vae_name_or_path, args.vae_subfolder, args.revision,
-                       torch_dtype=vae_dtype_for(accelerator.mixed_precision, config.compute.vae_precision,
-                                                 args.cache_latents),
-                       variant=args.variant)
-        vae.to(accelerator.device)
+    first_stage = load_first_stage(cli.config_from(FirstStageConfig, args), accelerator,
+                                   config.compute.vae_precision)
     unet = build_unet(args.model_config_name_or_path, args.pretrained_model_name_or_path, args.revision,
                       args.variant)
-    if pixel_space:
-        check_unet_takes_pixels(unet, args.resolution)
-    else:
-        check_unet_matches_latents(unet, vae, args.resolution)
-    first_stage = "no first stage (pixel space)" if pixel_space else describe_vae(vae)
-    logger.info("VAE: %s; UNet: %.1fM parameters", first_stage, count_parameters(unet) / 1e6)
+    first_stage.check_unet(unet, args.resolution)
+    logger.info("VAE: %s; UNet: %.1fM parameters", first_stage.describe(), count_parameters(unet) / 1e6)
 
-    if cache_config is not None:
-        vae_key = vae_fingerprint(vae, args.vae_name_or_path, args.vae_subfolder, args.revision)
-    train_set, files = prepare_training_set(data_config, accelerator, cache_config, vae, vae_key,
-                                        description={"vae": args.vae_name_or_path, "resolution": args.resolution})
+    train_set, files = first_stage.training_set(data_config, accelerator, cache_config)
     logger.info("Training images: %d", len(train_set))
-    if not pixel_space:
-        scaling = resolve_latent_scaling(
-            args.latent_scaling_factor, vae,
-            measure_std=lambda: measure_latent_std(train_set, vae, accelerator, args.scale_estimation_images,
-                                                   args.encode_batch_size, args.seed),
-        )
-        logger.info("Latent scale %.6f, shift %.4f (%s)", scaling.scale, scaling.shift, scaling.source)
+    first_stage.fit(train_set, accelerator, args.seed)
 
-    # Pixels are bounded to [-1, 1], so DDPM/DDIM sampling may clip its x0 estimate there (diffusers' default).
     noise_scheduler = build_noise_scheduler(args.ddpm_num_steps, args.ddpm_beta_schedule, args.beta_start,
-                                            args.beta_end, args.prediction_type, args.rescale_betas_zero_snr,
-                                            clip_sample=pixel_space)
+                                            args.beta_end, args.prediction_type, levers,
+                                            clip_sample=first_stage.clip_sample)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if args.enable_xformers_memory_efficient_attention:
         use_xformers_if_installed(unet)
-    sample_shape = (3, args.resolution, args.resolution) if pixel_space else latent_shape(vae, args.resolution)
-    validation_noise = fixed_validation_noise(validation_config.num_validation_images, sample_shape, args.seed,
-                                              accelerator.device)
+    validation_noise = fixed_validation_noise(validation_config.num_validation_images,
+                                              first_stage.sample_shape(args.resolution), args.seed, accelerator.device)
     fid_scorer = None
     if fid_config.enabled:
         reference = build_reference(fid_config, training_images(data_config, train_set, files), args.resolution,
@@ -161,13 +123,9 @@ def main(argv=None) -> None:
         fid_scorer = build_fid_scorer(fid_config, fid_extractor, reference, accelerator, args.output_dir,
                                       validation_config.validation_inference_steps, args.seed)
 
-    def sampling_pipeline(model, scheduler):
-        if pixel_space:
-            return PixelSampler(model, scheduler)
-        return build_pipeline(model, vae, scaling, scheduler=scheduler)
-
     def validation_pipeline(model):
-        return sampling_pipeline(model, make_scheduler(validation_config.validation_scheduler, noise_scheduler.config))
+        return first_stage.pipeline(model, make_scheduler(validation_config.validation_scheduler,
+                                                          noise_scheduler.config))
 
     def validate(step: int) -> ValidationResult | None:
         """A grid from fixed noise (main process) and, with --validation_fid_images, FID/KID (all processes)."""
@@ -188,27 +146,21 @@ def main(argv=None) -> None:
             return
         # Saved pipelines sample with DPM-Solver++ (good images in ~25 steps) on the training noise schedule.
         scheduler = make_scheduler("dpmsolver++", noise_scheduler.config)
-        facts = {"steps": loop.global_step, "images seen": loop.state.samples_seen}
-        if pixel_space:
-            save_pixel_pipeline(model, scheduler, args.output_dir)
-            title, space = "Unconditional pixel-space diffusion model", "3-channel pixels"
-            usage = pixel_pipeline_usage(args.output_dir)
-        else:
-            save_pipeline(model, vae, scaling, scheduler, args.output_dir)
-            title, space, usage = "Unconditional latent diffusion model", f"the latents of {describe_vae(vae)}", None
-            facts.update({"latent scale": f"{scaling.scale:.6f} ({scaling.source})", "latent shift": scaling.shift})
+        first_stage.save(model, scheduler, args.output_dir)
+        card = first_stage.card(args.output_dir)
         write_model_card(
             args.output_dir,
-            title=title,
+            title=card.title,
             summary=f"A UNet2DModel ({count_parameters(model) / 1e6:.1f}M parameters) trained "
-                    f"with DDPM on {space}, with train_unconditional_latent.py.",
+                    f"with DDPM on {card.space}, with train_unconditional_latent.py.",
             arguments=config.arguments,
             images={"Samples (EMA weights)" if loop.ema else "Samples": loop.last_validation.grids.get("validation"),
                     "Loss": f"{args.output_dir}/loss_curve.png"},
-            facts={**facts, "epochs": loop.epochs_completed, **describe_levers(noise_scheduler.config, levers),
+            facts={"steps": loop.global_step, "images seen": loop.state.samples_seen, **card.facts,
+                   "epochs": loop.epochs_completed, **describe_levers(noise_scheduler.config, levers),
                    **fid_facts(args, loop)},
-            usage=usage, base_model=args.pretrained_model_name_or_path, license=args.license,
-            location=hub.location if hub.enabled else None, base_tags=() if pixel_space else BASE_TAGS,
+            usage=card.usage, base_model=args.pretrained_model_name_or_path, license=args.license,
+            location=hub.location if hub.enabled else None, base_tags=card.base_tags,
         )
         logger.info("Saved the pipeline of epoch %d (step %d) to %s", loop.epochs_completed, loop.global_step,
                     args.output_dir)
@@ -221,16 +173,11 @@ def main(argv=None) -> None:
                                                      keep_best="fid" if args.keep_best_checkpoint else None),
                                save_result=save_result, save_schedule=Schedule(every_epochs=args.save_model_epochs))
     unet = loop.model
-    if not pixel_space:
-        accelerator.log({"latent_scaling_factor": scaling.scale}, step=0)
+    first_stage.log_to_trackers(accelerator)
 
     def compute_loss(batch, generator):
-        if pixel_space:
-            clean = pixels_from_batch(batch, generator, args.random_flip)
-        else:
-            clean = latents_from_batch(batch, vae, scaling, generator, args.random_flip)
-        noisy, timesteps, target = noisy_latents_and_target(noise_scheduler, clean, generator, args.offset_noise,
-                                                            levers=levers)
+        clean = first_stage.targets(batch, generator, args.random_flip)
+        noisy, timesteps, target = noisy_latents_and_target(noise_scheduler, clean, generator, levers)
         prediction = unet(noisy, timesteps).sample
         return weighted_loss(prediction, target, timesteps, noise_scheduler, levers)
 

@@ -28,7 +28,6 @@ from uldm.autoencoder import (
     default_holdout_size, evaluate_reconstructions, load_lpips, reconstruction_pairs, resolve_perceptual_weights,
     split_holdout, stack_pixels, store_scaling_factor,
 )
-from uldm.checkpoints import final_save_remedy
 from uldm.data import DataConfig, prepare_training_set
 from uldm.errors import InputError, exit_cleanly_on_input_errors
 from uldm.hub import HubUploader
@@ -36,7 +35,7 @@ from uldm.latents import measure_latent_std, random_horizontal_flip
 from uldm.model_card import write_model_card
 from uldm.models import count_parameters, use_xformers_if_installed
 from uldm.presets import list_presets
-from uldm.saving import save_pretrained_atomically
+from uldm.saving import final_save_remedy, save_pretrained_atomically
 from uldm.training import (
     Schedule, Validation, ValidationResult, build_training_loop, finish_run, read_metrics, start_run,
 )

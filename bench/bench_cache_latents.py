@@ -21,14 +21,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from bench import models, report  # noqa: E402
+from bench import harness, models, report  # noqa: E402
 
 NAME = "cache_latents"
 TARGET_SPEEDUP = 1.5
@@ -78,25 +76,19 @@ def make_images(folder: Path, count: int, resolution: int) -> None:
         image.save(folder / f"{index:04d}.png")
 
 
-def run_training(argv: list[str]) -> tuple[list[dict], float]:
-    """Run the training script in this process; returns its metrics rows and the seconds spent building a cache."""
-    from uldm import latent_cache
+def train_images_per_sec(argv: list[str], warmup_steps: int) -> tuple[float, float]:
+    """Run the training script in this process: (images/s of the steps after the warm-up, seconds spent
+    building or loading a latent cache)."""
     from uldm.testing import run_script_in_this_process
-    from uldm.training import read_metrics
 
-    with report.timing_calls(latent_cache, "build_or_load_latent_cache") as cache_timer:
+    with harness.timing_cache_builds() as cache_timer:
         run_script_in_this_process("train_unconditional_latent", argv)
     output_dir = argv[argv.index("--output_dir") + 1]
-    return read_metrics(output_dir), cache_timer.seconds
-
-
-def steady_images_per_sec(rows: list[dict], batch_size: int, warmup_steps: int) -> float:
-    """Images over seconds of the steps after the warm-up (each row logs one step's images/s)."""
-    timed = [row for row in rows if row["step"] > warmup_steps]
-    if not timed:
+    seconds, steps = harness.loop_seconds(output_dir, skip=warmup_steps)
+    if not steps:
         raise RuntimeError(f"No training steps after the {warmup_steps} warm-up steps were logged.")
-    seconds = sum(batch_size / row["images_per_sec"] for row in timed)
-    return batch_size * len(timed) / seconds
+    batch_size = int(argv[argv.index("--train_batch_size") + 1])
+    return batch_size * steps / seconds, cache_timer.seconds
 
 
 def training_argv(args, images: Path, vae_dir: Path, unet_config: Path, output_dir: Path) -> list[str]:
@@ -116,14 +108,13 @@ def speeds_for_unet(args, work: Path, unet: str) -> dict:
     """Steady images/s without and with the cache for one UNet, and the seconds spent building the cache."""
     config = work / f"unet-{Path(unet).stem}.json"
     config.write_text(json.dumps(models.unet_config(unet)))
-    plain_rows, _ = run_training(training_argv(args, work / "images", work / "vae", config, work / "plain"))
+    plain, _ = train_images_per_sec(training_argv(args, work / "images", work / "vae", config, work / "plain"),
+                                     args.warmup_steps)
     cached_argv = training_argv(args, work / "images", work / "vae", config, work / "cached")
-    cached_rows, cache_build_or_load_s = run_training(
-        cached_argv + ["--cache_latents", "--latent_cache_dir", str(work / "latent_cache")])
+    cached, cache_build_or_load_s = train_images_per_sec(
+        cached_argv + ["--cache_latents", "--latent_cache_dir", str(work / "latent_cache")], args.warmup_steps)
     for output in ("plain", "cached"):  # the next UNet starts a fresh run, not a resumed one
         shutil.rmtree(work / output)
-    plain = steady_images_per_sec(plain_rows, args.train_batch_size, args.warmup_steps)
-    cached = steady_images_per_sec(cached_rows, args.train_batch_size, args.warmup_steps)
     return {"images_per_sec_without_cache": plain, "images_per_sec_with_cache": cached,
             "speedup_steady_state": cached / plain, "cache_build_or_load_s": cache_build_or_load_s}
 

@@ -10,7 +10,7 @@ The full run takes about 20-30 minutes on an idle 2-core machine (most of it com
 seed UNet); --quick about 2 minutes (inductor compiles even the tiny UNet for over a minute). Every
 part runs in a fresh process, one after the other:
 
-- compile: a training step (forward, MSE, backward, gradient clipping, AdamW) eager against
+- compile: the training loop's step (bench/harness.py) eager against
   `torch.compile(model)` (inductor, default mode) on the same model. Both first compute the loss and
   gradients of one batch from the same weights; they must agree within the tolerances below. Then
   eager and compiled steps alternate (so that a change in the machine's load hits both alike) and the
@@ -25,32 +25,28 @@ part runs in a fresh process, one after the other:
 - optimizer: AdamW's `optimizer.step()` over the UNet's parameters with fused=True, foreach=True and
   the single-tensor for-loop (foreach=False), alternating; the weights after a few steps from the same
   start are compared with the for-loop's.
-- ema: diffusers' `EMAModel.step` with foreach=True against the default (foreach=False), alternating,
-  with the warm-up decay the training scripts use; the averages are compared after a few steps.
+- ema: the training scripts' EMA (`uldm.training.build_ema`, foreach) against diffusers' default (one
+  tensor at a time), alternating; the averages are compared after a few steps.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import report  # noqa: E402
+import torch  # noqa: E402
+
+from bench import harness, models, report  # noqa: E402
+from uldm.diffusion import build_noise_scheduler  # noqa: E402
 
 NAME = "compile"
-RESULT_PREFIX = "BENCH_RESULT "
 PARTS = ("compile", "restart", "channels_last", "optimizer", "ema")
 # Compiled against eager from the same weights and batch, in fp32. Inductor fuses and reorders
 # reductions, so the results differ by rounding: about 1e-7 relative on the loss, up to 1e-5 on the
@@ -83,7 +79,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Timed optimizer and EMA steps of each variant (default 5; --quick 3).")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                         help="What to measure (restart needs compile).")
-    parser.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
     args = report.parse_benchmark_args(parser, argv, DEFAULTS)
     if args.batch_size < 1 or args.warmup_steps < 0 or args.steps < 1 or args.optimizer_steps < 1:
         parser.error("--batch_size, --steps and --optimizer_steps must be at least 1, --warmup_steps at least 0.")
@@ -94,65 +89,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # ------------------------------------------------------------------------------ in the subprocess
 
-
-def seconds(function) -> float:
-    """Wall time of function(), including the device work it queued."""
-    report.synchronize()
-    start = time.perf_counter()
-    function()
-    report.synchronize()
-    return time.perf_counter() - start
+CPU = torch.device("cpu")
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values)
-
-
-def build_model_and_optimizer(unet: str, **optimizer_options):
-    import torch
-
-    from bench import models
-
-    model = models.build_unet(unet).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-6, **optimizer_options)
-    return model, optimizer
-
-
-def fixed_batch(model, batch_size: int, seed: int = 1):
-    """(noisy latents, timesteps, target) for comparing eager and compiled on the same input."""
-    import torch
-
-    from bench import models
-    from uldm.diffusion import build_noise_scheduler, noisy_latents_and_target
-
-    noise_scheduler = build_noise_scheduler()
-    generator = torch.Generator().manual_seed(seed)
+def loss_and_gradients(forward, model, batch_size: int) -> tuple[float, list, float]:
+    """The trainer's loss of one fixed batch, forward and backward: (loss, cloned gradients, seconds); the
+    gradients are cleared after."""
+    generator = torch.Generator().manual_seed(1)
     latents = torch.randn((batch_size, *models.sample_shape(model)), generator=generator)
-    return noise_scheduler, noisy_latents_and_target(noise_scheduler, latents, generator)
-
-
-def loss_and_gradients(runnable, model, noise_scheduler, batch) -> tuple[float, list, float]:
-    """Forward and backward of one batch: (loss, cloned gradients, seconds); the gradients are cleared after."""
-    from uldm.diffusion import per_sample_loss
-
-    noisy, timesteps, target = batch
+    noise_scheduler = build_noise_scheduler()
     start = time.perf_counter()
-    prediction = runnable(noisy, timesteps).sample
-    loss = per_sample_loss(prediction, target, timesteps, noise_scheduler).mean()
+    loss = harness.trainer_loss(forward, noise_scheduler, latents, generator)
     loss.backward()
     elapsed = time.perf_counter() - start
     gradients = [parameter.grad.detach().clone() for parameter in model.parameters()]
     model.zero_grad(set_to_none=True)
     return loss.item(), gradients, elapsed
-
-
-def relative_difference(tensors, references) -> float:
-    """||a - b|| / ||b|| over all tensors together (0 where both are zero)."""
-    import torch
-
-    difference = math.sqrt(sum(torch.sum((a.double() - b.double()) ** 2).item() for a, b in zip(tensors, references)))
-    norm = math.sqrt(sum(torch.sum(b.double() ** 2).item() for b in references))
-    return difference / norm if norm else difference
 
 
 def worst_tensor(names, tensors, references, negligible: float = 1e-6) -> dict:
@@ -167,7 +119,7 @@ def worst_tensor(names, tensors, references, negligible: float = 1e-6) -> dict:
         if b.norm().item() <= negligible * total:
             worst["negligible_gradients"] += 1
             continue
-        difference = relative_difference([a], [b])
+        difference = harness.relative_difference([a], [b])
         if difference > worst["relative_difference"]:
             worst.update(name=name, relative_difference=difference)
     return worst
@@ -181,13 +133,11 @@ def graph_break_counts() -> dict:
             "frames_compiled": int(counters["frames"]["ok"])}
 
 
-def explain_forward(model, batch) -> dict:
+def explain_forward(model, batch_size: int) -> dict:
     """torch._dynamo.explain over the forward pass: graphs, breaks and their reasons."""
-    import torch
-
-    noisy, timesteps, _ = batch
+    latents = torch.randn((batch_size, *models.sample_shape(model)))
     with torch.no_grad():
-        explanation = torch._dynamo.explain(model)(noisy, timesteps)
+        explanation = torch._dynamo.explain(model)(latents, torch.full((batch_size,), 500))
     reasons = []
     for reason in explanation.break_reasons:
         where = reason.user_stack[-1] if reason.user_stack else None
@@ -197,21 +147,16 @@ def explain_forward(model, batch) -> dict:
 
 
 def measure_compile(spec: dict) -> dict:
-    import torch
-
-    from bench import models
     from uldm.models import count_parameters
 
-    model, optimizer = build_model_and_optimizer(spec["unet"])
-    shape = models.sample_shape(model)
-    noise_scheduler, batch = fixed_batch(model, spec["batch_size"])
+    variant, batch_size = harness.Variant(), spec["batch_size"]
+    model, eager = harness.prepare_model(spec["unet"], variant, CPU)
+    compiled = harness.model_forward(torch.compile(model), variant, CPU)
     names = [name for name, _ in model.named_parameters()]
-
-    eager_loss, eager_gradients, eager_first_s = loss_and_gradients(model, model, noise_scheduler, batch)
-    compiled = torch.compile(model)
+    eager_loss, eager_gradients, eager_first_s = loss_and_gradients(eager, model, batch_size)
     result = {"parameters": count_parameters(model), "eager_first_forward_backward_s": eager_first_s}
     try:
-        compiled_loss, compiled_gradients, compiled_first_s = loss_and_gradients(compiled, model, noise_scheduler, batch)
+        compiled_loss, compiled_gradients, compiled_first_s = loss_and_gradients(compiled, model, batch_size)
     except Exception as error:  # inductor may lack a compiler or fail on this CPU: report why
         result["compile_error"] = f"{type(error).__name__}: {error}"[:4000]
         return result
@@ -219,45 +164,37 @@ def measure_compile(spec: dict) -> dict:
         "compiled_first_forward_backward_s": compiled_first_s,
         "eager_loss": eager_loss, "compiled_loss": compiled_loss,
         "loss_relative_difference": abs(compiled_loss - eager_loss) / abs(eager_loss),
-        "gradient_relative_difference": relative_difference(compiled_gradients, eager_gradients),
+        "gradient_relative_difference": harness.relative_difference(compiled_gradients, eager_gradients),
         "worst_gradient": worst_tensor(names, compiled_gradients, eager_gradients),
     })
     del eager_gradients, compiled_gradients
 
+    steps = {"eager": harness.TrainingStep(model, eager, variant, CPU)}
+    steps["compiled"] = harness.TrainingStep(model, compiled, variant, CPU, optimizer=steps["eager"].optimizer)
     # The first clipping and AdamW step (it allocates the moments) belong to the first step of both.
     for parameter in model.parameters():
         parameter.grad = torch.randn_like(parameter) * 1e-3
-    first_optimizer_s = seconds(lambda: (torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0), optimizer.step()))
-    optimizer.zero_grad(set_to_none=True)
+    first_optimizer_s = harness.seconds(
+        lambda: (torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0), steps["eager"].optimizer.step()))
+    steps["eager"].optimizer.zero_grad(set_to_none=True)
     result["eager_first_step_s"] = eager_first_s + first_optimizer_s
     result["compiled_first_step_s"] = compiled_first_s + first_optimizer_s
-
-    eager_step = models.make_training_step(model, optimizer, shape, torch.device("cpu"))
-    compiled_step = models.make_training_step(compiled, optimizer, shape, torch.device("cpu"))
-    for _ in range(spec["warmup_steps"]):
-        eager_step(spec["batch_size"])
-        compiled_step(spec["batch_size"])
-    eager_times, compiled_times = [], []
-    for _ in range(spec["steps"]):
-        eager_times.append(seconds(lambda: eager_step(spec["batch_size"])))
-        compiled_times.append(seconds(lambda: compiled_step(spec["batch_size"])))
-    result.update({"eager_step_s": median(eager_times), "compiled_step_s": median(compiled_times),
-                   "eager_step_times_s": eager_times, "compiled_step_times_s": compiled_times,
+    times = harness.alternate({name: (lambda step=step: step(batch_size)) for name, step in steps.items()},
+                              spec["warmup_steps"], spec["steps"])
+    result.update({"eager_step_s": statistics.median(times["eager"]),
+                   "compiled_step_s": statistics.median(times["compiled"]),
+                   "eager_step_times_s": times["eager"], "compiled_step_times_s": times["compiled"],
                    **graph_break_counts()})
-    result["explain"] = explain_forward(model, batch)
+    result["explain"] = explain_forward(model, batch_size)
     return result
 
 
 def measure_restart(spec: dict) -> dict:
     """The first compiled step of a new process over the compile part's inductor cache."""
-    import torch
-
-    from bench import models
-
-    model, optimizer = build_model_and_optimizer(spec["unet"])
-    step = models.make_training_step(torch.compile(model), optimizer, models.sample_shape(model), torch.device("cpu"))
-    first = seconds(lambda: step(spec["batch_size"]))
-    second = seconds(lambda: step(spec["batch_size"]))
+    variant = harness.Variant(compile=True)
+    step = harness.TrainingStep(*harness.prepare_model(spec["unet"], variant, CPU), variant, CPU)
+    first = harness.seconds(lambda: step(spec["batch_size"]))
+    second = harness.seconds(lambda: step(spec["batch_size"]))
     return {"first_step_s": first, "second_step_s": second, **graph_break_counts()}
 
 
@@ -271,165 +208,42 @@ def to_memory_format(model, optimizer, memory_format) -> None:
 
 
 def measure_channels_last(spec: dict) -> dict:
-    import torch
-
-    from bench import models
-
-    model, optimizer = build_model_and_optimizer(spec["unet"])
-    shape = models.sample_shape(model)
-    layouts = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
-    steps = {name: models.make_training_step(model, optimizer, shape, torch.device("cpu"),
-                                             channels_last=name == "channels_last") for name in layouts}
-    times = {name: [] for name in layouts}
-    for round_number in range(1 + spec["warmup_steps"] + spec["steps"]):
-        for name, memory_format in layouts.items():
-            to_memory_format(model, optimizer, memory_format)
-            elapsed = seconds(lambda: steps[name](spec["batch_size"]))
-            if round_number > spec["warmup_steps"]:
-                times[name].append(elapsed)
-    return {f"{name}_step_s": median(values) for name, values in times.items()} | {"step_times_s": times}
-
-
-def parameters_and_gradients(unet: str, device: str = "cpu"):
-    """Copies of the UNet's parameters (detached leaves) and fixed random gradients of the same shapes."""
-    import torch
-
-    from bench import models
-
-    model = models.build_unet(unet)
-    generator = torch.Generator().manual_seed(2)
-    parameters = [p.detach().to(device).requires_grad_(True) for p in model.parameters()]
-    gradients = [(torch.randn(p.shape, generator=generator) * 1e-3).to(device) for p in parameters]
-    return parameters, gradients
-
-
-OPTIMIZERS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}
-
-
-def measure_optimizer(spec: dict) -> dict:
-    """AdamW's implementations over the UNet's parameters (on spec["device"], default the CPU)."""
-    import torch
-
-    parameters, gradients = parameters_and_gradients(spec["unet"], spec.get("device", "cpu"))
-    start = [p.detach().clone() for p in parameters]
-    for parameter, gradient in zip(parameters, gradients):
-        parameter.grad = gradient
-
-    def reset_weights():
-        with torch.no_grad():
-            for parameter, value in zip(parameters, start):
-                parameter.copy_(value)
-
-    # Same start, same gradients, a few steps each: the weights must agree with the for-loop's.
-    result, final_weights, errors = {}, {}, {}
-    for name, options in OPTIMIZERS.items():
-        reset_weights()
-        try:
-            optimizer = torch.optim.AdamW(parameters, lr=1e-4, weight_decay=1e-6, **options)
-            for _ in range(3):
-                optimizer.step()
-        except Exception as error:
-            errors[name] = f"{type(error).__name__}: {error}"[:2000]
-            continue
-        final_weights[name] = [p.detach().clone() for p in parameters]
-        del optimizer
-    reference = final_weights.get("for-loop")
-    result["weights_relative_difference"] = {
-        name: relative_difference(weights, reference) for name, weights in final_weights.items()
-        if reference is not None and name != "for-loop"}
-    del final_weights, reference, start
-
-    # Timing: every implementation keeps its own moments; steps alternate between them.
-    optimizers = {name: torch.optim.AdamW(parameters, lr=1e-4, weight_decay=1e-6, **options)
-                  for name, options in OPTIMIZERS.items() if name not in errors}
-    times = {name: [] for name in optimizers}
-    for round_number in range(1 + spec["warmup_steps"] + spec["optimizer_steps"]):
-        for name, optimizer in optimizers.items():
-            elapsed = seconds(optimizer.step)
-            if round_number > spec["warmup_steps"]:  # the first step allocates the moments
-                times[name].append(elapsed)
-    result.update({"step_s": {name: median(values) for name, values in times.items()}, "step_times_s": times,
-                   "errors": errors, "parameters": sum(p.numel() for p in parameters)})
-    return result
-
-
-def measure_ema(spec: dict) -> dict:
-    """diffusers' EMAModel.step with and without foreach (on spec["device"], default the CPU)."""
-    import torch
-    from diffusers.training_utils import EMAModel
-
-    parameters, gradients = parameters_and_gradients(spec["unet"], spec.get("device", "cpu"))
-    # The training scripts' EMA: warm-up decay 1 - (1 + step)^-3/4, capped at 0.9999.
-    emas = {name: EMAModel(parameters, decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=0.75,
-                           foreach=foreach) for name, foreach in (("foreach", True), ("default (for-loop)", False))}
-
-    def move_weights():
-        with torch.no_grad():
-            torch._foreach_add_(parameters, gradients)
-
-    # Same weights, a few steps each: the averages must agree.
-    for _ in range(3):
-        move_weights()
-        for ema in emas.values():
-            ema.step(parameters)
-    averages = {name: ema.shadow_params for name, ema in emas.items()}
-    difference = relative_difference(averages["foreach"], averages["default (for-loop)"])
-
-    times = {name: [] for name in emas}
-    for round_number in range(spec["warmup_steps"] + spec["optimizer_steps"]):
-        move_weights()
-        for name, ema in emas.items():
-            elapsed = seconds(lambda: ema.step(parameters))
-            if round_number >= spec["warmup_steps"]:
-                times[name].append(elapsed)
-    return {"step_s": {name: median(values) for name, values in times.items()}, "step_times_s": times,
-            "average_relative_difference": difference, "parameters": sum(p.numel() for p in parameters)}
+    variants = {"contiguous": harness.Variant(), "channels_last": harness.Variant(channels_last=True)}
+    model, _ = harness.prepare_model(spec["unet"], variants["contiguous"], CPU)
+    steps = {"contiguous": harness.TrainingStep(model, harness.model_forward(model, variants["contiguous"], CPU),
+                                                variants["contiguous"], CPU)}
+    optimizer = steps["contiguous"].optimizer
+    steps["channels_last"] = harness.TrainingStep(model, harness.model_forward(model, variants["channels_last"], CPU),
+                                                  variants["channels_last"], CPU, optimizer=optimizer)
+    memory_formats = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+    times = harness.alternate({name: (lambda step=step: step(spec["batch_size"])) for name, step in steps.items()},
+                              1 + spec["warmup_steps"], spec["steps"],
+                              before=lambda name: to_memory_format(model, optimizer, memory_formats[name]))
+    return {f"{name}_step_s": value for name, value in harness.medians(times).items()} | {"step_times_s": times}
 
 
 MEASURES = {"compile": measure_compile, "restart": measure_restart, "channels_last": measure_channels_last,
-            "optimizer": measure_optimizer, "ema": measure_ema}
+            "optimizer": harness.measure_optimizer, "ema": harness.measure_ema}
 
 
-def measure_in_this_process(spec: dict) -> dict:
-    import torch
-
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
+def measure(spec: dict) -> dict:
     return MEASURES[spec["part"]](spec)
 
 
 # ---------------------------------------------------------------------------------- in the parent
 
 
-def run_worker(spec: dict, cache_dir: Path) -> dict:
-    """One part in a fresh process (a cold torch.compile, no memory or threads left over from another part)."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TORCHINDUCTOR_CACHE_DIR=str(cache_dir))
-    completed = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True)
-    lines = [line for line in completed.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    if completed.returncode != 0 or not lines:
-        raise RuntimeError(f"Measuring {spec['part']} of {spec['unet']} failed (exit {completed.returncode}):\n"
-                           f"{completed.stderr[-3000:]}")
-    return json.loads(lines[-1][len(RESULT_PREFIX):])
-
-
-def main(argv: list[str] | None = None) -> dict | None:
-    args = parse_args(argv)
-    if args.worker:
-        print(RESULT_PREFIX + json.dumps(measure_in_this_process(json.loads(args.worker))), flush=True)
-        return None
-    return run(args)
+def main(argv: list[str] | None = None) -> dict:
+    return run(parse_args(argv))
 
 
 def run(args: argparse.Namespace) -> dict:
-    import torch
-
     result = report.start_result(NAME, "CPU compute path: torch.compile, channels_last, AdamW, EMA", args)
     measured: dict[str, dict] = {}
     for unet in args.unets:
         measured[unet] = {}
-        cache_dir = Path(tempfile.mkdtemp(prefix="uldm-bench-inductor-"))
-        try:
+        # Every part in a fresh process (a cold torch.compile), the restart over the cache the compile part left.
+        with tempfile.TemporaryDirectory(prefix="uldm-bench-inductor-") as cache_dir:
             for part in args.parts:
                 if part == "restart" and "compile_error" in measured[unet].get("compile", {}):
                     continue
@@ -437,9 +251,8 @@ def run(args: argparse.Namespace) -> dict:
                 spec = {"part": part, "unet": unet, "batch_size": args.batch_size, "warmup_steps": args.warmup_steps,
                         "steps": args.steps, "optimizer_steps": args.optimizer_steps,
                         "threads": 1 if args.quick else None}
-                measured[unet][part] = run_worker(spec, cache_dir)
-        finally:
-            shutil.rmtree(cache_dir, ignore_errors=True)
+                measured[unet][part] = harness.in_fresh_process("bench_compile:measure", spec, f"{part} of {unet}",
+                                                                TORCHINDUCTOR_CACHE_DIR=cache_dir)
     result["settings"] = {
         "unets": args.unets, "batch_size": args.batch_size, "latents": "4 channels at each UNet's sample_size",
         "warmup_steps": args.warmup_steps, "timed_steps": args.steps, "optimizer_steps": args.optimizer_steps,
@@ -493,7 +306,7 @@ def describe(result: dict, measured: dict) -> None:
         optimizer = parts.get("optimizer")
         if optimizer:
             reference = optimizer["step_s"].get("for-loop")
-            for name in OPTIMIZERS:
+            for name in harness.OPTIMIZERS:
                 if name in optimizer["errors"]:
                     optimizer_rows.append([unet, name, None, None, optimizer["errors"][name]])
                     continue

@@ -35,17 +35,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from bench import report  # noqa: E402
+from bench.harness import ONE_PROCESS  # noqa: E402
+from bench.report import REPO_ROOT  # noqa: E402
 
 NAME = "data"
 TARGET_LATENTS_PER_SEC = 20_000
@@ -164,12 +163,6 @@ def write_synthetic_cache(cache_folder: Path, num_items: int, shape=LATENT_SHAPE
             arrays[name] = np.abs(values) * 0.1 if name.startswith("std") else values
         records.append(write_part(cache_folder, start, stop, arrays))
     write_meta(cache_folder, records, num_items, with_flips=True, description=description)
-
-
-def single_process() -> SimpleNamespace:
-    """What `prepare_training_set` needs of an accelerate.Accelerator, for one process."""
-    return SimpleNamespace(process_index=0, num_processes=1, is_local_main_process=True, is_main_process=True,
-                           wait_for_everyone=lambda: None)
 
 
 def tiny_f8_vae():
@@ -316,18 +309,13 @@ def timed_resume(command: list[str]) -> float:
     return seconds
 
 
-def run_script(argv: list[str]) -> None:
-    from uldm.testing import run_script_in_this_process
-
-    run_script_in_this_process("train_unconditional_latent", argv)
-
-
 def measure_restart(args, work: Path, sources: list[Path]) -> dict:
     import json
 
     from uldm.data import DataConfig, ImageFolderDataset, Preprocessing, list_folder_images, prepare_training_set
     from uldm.latent_cache import CacheConfig, cache_key_of
     from uldm.presets import read_json_preset
+    from uldm.testing import run_script_in_this_process
     from uldm.vae import load_vae, vae_fingerprint
 
     vae_dir = work / "vae"
@@ -355,12 +343,13 @@ def measure_restart(args, work: Path, sources: list[Path]) -> dict:
         output_dir = work / f"run-{count}-{label}"
         with counting_image_opens(photos) as opens:
             begin = time.perf_counter()
-            train_set, files = prepare_training_set(config, single_process(), CacheConfig(str(cache)), vae, vae_key)
+            train_set, files = prepare_training_set(config, ONE_PROCESS, CacheConfig(str(cache)), vae, vae_key)
             setup_s = time.perf_counter() - begin
             if len(train_set) != count or len(files) != count:
                 raise RuntimeError(f"The synthetic cache was not used: {len(train_set)} items for {count} photos.")
             begin = time.perf_counter()
-            run_script(restart_argv(args, photos, vae_dir, unet_config, cache, output_dir))
+            run_script_in_this_process("train_unconditional_latent",
+                                       restart_argv(args, photos, vae_dir, unet_config, cache, output_dir))
             script_s = time.perf_counter() - begin
         shutil.rmtree(output_dir)
         return setup_s, script_s, len(opens)
@@ -377,7 +366,8 @@ def measure_restart(args, work: Path, sources: list[Path]) -> dict:
     # A resume as a user runs it (a new process, checkpoint loaded), as the issue measured it.
     for count, (photos, cache) in prepared.items():
         base = work / f"resume-{count}"
-        run_script(restart_argv(args, photos, vae_dir, unet_config, cache, base, steps=1, checkpointing_steps=1))
+        run_script_in_this_process("train_unconditional_latent", restart_argv(args, photos, vae_dir, unet_config, cache,
+                                                                             base, steps=1, checkpointing_steps=1))
         prepared[count] = (photos, cache, base)
     resumes = {count: [] for count in args.restart_sizes}
     for repeat in range(args.resume_repeats):
@@ -396,7 +386,7 @@ def measure_restart(args, work: Path, sources: list[Path]) -> dict:
     fill_folder(subset, args.first_pass_images, sources)
     config = DataConfig(train_data_dir=str(subset), resolution=args.resolution, center_crop=True, random_flip=True)
     start = time.perf_counter()
-    prepare_training_set(config, single_process(), CacheConfig(str(work / "first-pass-cache"), encode_batch_size=16),
+    prepare_training_set(config, ONE_PROCESS, CacheConfig(str(work / "first-pass-cache"), encode_batch_size=16),
                          vae, vae_key)
     first_pass_s = time.perf_counter() - start
     small, large = min(args.restart_sizes), max(args.restart_sizes)

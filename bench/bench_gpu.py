@@ -6,40 +6,21 @@ bf16 + torch.compile, each with the latent cache (UNet only) and without it (the
     python bench/bench_gpu.py --device cpu --quick     # the same code on the CPU, tiny models (a check)
 
 Without a CUDA device (and without --device cpu) nothing is measured: the result says it was skipped.
+docs/scaling.md ("What to run when a GPU is lent") has the prepared command for a device session.
 
-The prepared command for a device session (one H100/H200; about 4 minutes of run time, 6-8 of
-device time with the machine's start). The GPU image has torch and accelerate but not diffusers,
-so its wheels travel with the working tree. Once, in the repository's root on this machine:
-
-    echo /.whl/ >> .git/info/exclude
-    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \\
-        -d .whl diffusers==0.42.1 importlib_metadata==10.2.0 lazy-importer==0.1.0 zipp==4.1.2
-
-then the device tool's `run` with carry [".whl"], timeout_s 480 and the command
-
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; set -o pipefail; nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv; PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 python3 bench/bench_gpu.py --results_dir $OUT --report $OUT/benchmarks.md --max_minutes 6 2>&1 | tee $OUT/bench_gpu.log
-
-and afterwards, here: copy the returned gpu.json into bench/results/ and run `python bench/report.py`
-(docs/benchmarks.md is rebuilt from bench/results/*.json); give the machine back at once.
-
-What a row measures: a fresh UNet per model variant (fp32: PyTorch's default flags, i.e. cuDNN
-convolutions in TF32 and matmuls in full fp32, as the training script runs without --allow_tf32;
-bf16: autocast with fp32 weights, as accelerate's --mixed_precision bf16, and the VAE's weights in
-bf16, as train_unconditional_latent.py loads it), then per data path --warmup_steps untimed and
---steps timed training steps: latents (random ones for the cache path; the VAE's encoding of a batch
-of 256 px images for the other), noise, forward, MSE, backward, clipping at 1.0, AdamW, EMA. "loop"
-rows do what uldm/training.py did before issue 13: AdamW's default (foreach) implementation,
-diffusers' EMAModel default (one tensor at a time), and one device-to-host copy of the loss and
-non-finite flag every step. "tuned" rows do what it does now on a GPU: fused AdamW,
-EMAModel(foreach=True), the losses read back every --logging_steps (here once, at the end).
-MFU = the UNet's training FLOPs per image (forward + backward, counted with
-torch.utils.flop_counter.FlopCounterMode through the math attention kernel) x img/s over the dense
-peak of the GPU's datasheet for the precision (bf16 for bf16 rows, TF32 for the fp32 rows, whose
-convolutions run on TF32 tensor cores); "with VAE" adds the encoder's FLOPs. Peak memory is
-torch.cuda.max_memory_allocated over each row's timed steps. The VAE check encodes and decodes a
-batch in fp32, bf16 and fp16 and counts non-finite values: random weights cannot show the real SD-VAE's
-fp16 overflow (its trained activations are what overflow), so this checks the code path, not the weights.
+What a row measures: a fresh UNet per model variant (bench/harness.py's VARIANTS; fp32 runs with PyTorch's
+default flags, i.e. cuDNN convolutions in TF32 and matmuls in full fp32, as the training script runs without
+--allow_tf32; bf16 is autocast with fp32 weights, and the VAE's weights in bf16, as train_unconditional_latent.py
+loads it), then per data path --warmup_steps untimed and --steps timed training steps of bench/harness.py
+(latents: random ones for the cache path, the VAE's encoding of a batch of images for the other). "loop" rows do
+what uldm/training.py did before issue 13 (foreach AdamW, diffusers' EMAModel one tensor at a time, the loss read
+back every step); "tuned" rows what it does now (its AdamW and EMA, the losses read back once per logging
+interval, here after the timed steps). MFU = the UNet's training FLOPs per image (forward + backward, counted
+with torch.utils.flop_counter.FlopCounterMode through the math attention kernel) x img/s over the dense peak of
+the GPU's datasheet for the precision (bf16 for bf16 rows, TF32 for fp32 rows); "with VAE" adds the encoder's
+FLOPs. Peak memory is torch.cuda.max_memory_allocated over each row's timed steps. The VAE check encodes and
+decodes a batch in fp32, bf16 and fp16 and counts non-finite values (random weights: it checks the code path,
+not the real SD-VAE's fp16 overflow).
 """
 
 from __future__ import annotations
@@ -53,37 +34,14 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench import bench_compile, models, report  # noqa: E402
+from bench import harness, models, report  # noqa: E402
+from bench.harness import VARIANTS, Variant  # noqa: E402
 
 NAME = "gpu"
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelVariant:
-    autocast: torch.dtype | None  # None: fp32
-    compile: bool = False
-    channels_last: bool = False
-    tf32_matmul: bool = False  # TF32 for matmuls too (the training scripts' --allow_tf32)
-
-    @property
-    def precision(self) -> str:
-        return "bf16" if self.autocast is torch.bfloat16 else "fp32"
-
-
-VARIANTS = {
-    "fp32": ModelVariant(None),
-    "tf32": ModelVariant(None, tf32_matmul=True),
-    "bf16": ModelVariant(torch.bfloat16),
-    "bf16 + channels_last": ModelVariant(torch.bfloat16, channels_last=True),
-    "bf16 + compile": ModelVariant(torch.bfloat16, compile=True),
-    "bf16 + compile + channels_last": ModelVariant(torch.bfloat16, compile=True, channels_last=True),
-}
 DEFAULT_VARIANTS = ["fp32", "bf16", "bf16 + channels_last", "bf16 + compile"]
 DATA_PATHS = {"encode": "VAE encodes every step", "cache": "latent cache (UNet only)"}
 BASELINE = ("fp32", "encode", "loop")  # the origin report's recipe
@@ -192,7 +150,7 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, size: int = 8192, re
     b = torch.randn(size, size, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
-    elapsed = bench_compile.seconds(lambda: [a @ b for _ in range(repeats)])
+    elapsed = harness.seconds(lambda: [a @ b for _ in range(repeats)])
     return 2 * size**3 * repeats / elapsed / 1e12
 
 
@@ -200,7 +158,7 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, size: int = 8192, re
 
 
 @contextlib.contextmanager
-def precision_flags(variant: ModelVariant):
+def precision_flags(variant: Variant):
     """PyTorch's default TF32 flags (cuDNN convolutions in TF32, matmuls in fp32), or TF32 matmuls too."""
     previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = variant.tf32_matmul, True
@@ -214,15 +172,6 @@ def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory(device: torch.device) -> int | None:
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
 def in_dtype(vae, dtype: torch.dtype):
@@ -239,59 +188,45 @@ def in_dtype(vae, dtype: torch.dtype):
 
 
 class Encoders:
-    """The VAE and a batch of images in each dtype the rows need (built once: the weights do not matter)."""
+    """make_latents for the encode path, per dtype: the VAE encodes a fixed batch of images every step and a
+    latent is drawn from the posterior, scaled, in fp32 (the weights do not matter, so they are built once)."""
 
     def __init__(self, args, device: torch.device, unet_shape: tuple[int, int, int]):
-        self.args, self.device = args, device
         channels, height, width = unet_shape
         self.vae = models.build_vae(args.vae).to(device)
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         if self.vae.config.latent_channels != channels:
             raise SystemExit(f"The VAE {args.vae!r} has {self.vae.config.latent_channels} latent channels, "
                              f"the UNet {args.unet!r} {channels}.")
-        self.image_shape = (args.train_batch_size, 3, height * factor, width * factor)
-        self.images = torch.rand(self.image_shape, generator=torch.Generator().manual_seed(3)).to(device) * 2 - 1
-        self._by_dtype = {}
+        shape = (args.train_batch_size, 3, height * factor, width * factor)
+        self.images = torch.rand(shape, generator=torch.Generator().manual_seed(3)).to(device) * 2 - 1
 
     def make_latents(self, dtype: torch.dtype):
-        if dtype not in self._by_dtype:
-            vae = self.vae if dtype == torch.float32 else in_dtype(self.vae, dtype)
-            self._by_dtype[dtype] = models.make_encoder_latents(vae, self.images.to(dtype))
-        return self._by_dtype[dtype]
+        vae = self.vae if dtype == torch.float32 else in_dtype(self.vae, dtype)
+        images, scale = self.images.to(dtype), vae.config.scaling_factor
+
+        @torch.no_grad()
+        def make_latents(batch_size: int, generator: torch.Generator) -> torch.Tensor:
+            return (vae.encode(images[:batch_size]).latent_dist.sample(generator) * scale).float()
+
+        return make_latents
 
 
-def build_step(unet, runnable, variant: ModelVariant, args, device: torch.device, make_latents, tuned: bool):
-    """The training step of a row: AdamW and EMA as the loop had them before issue 13, or as it has them now (tuned)."""
-    from diffusers.training_utils import EMAModel
-
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, weight_decay=1e-6, **({"fused": True} if tuned else {}))
-    ema = EMAModel(unet.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=0.75, foreach=tuned)
-    return models.make_training_step(runnable, optimizer, models.sample_shape(unet), device,
-                                     autocast_dtype=variant.autocast, channels_last=variant.channels_last,
-                                     ema=ema, make_latents=make_latents, readback_every_step=not tuned)
-
-
-def time_row(step, args, device: torch.device, tuned: bool) -> dict:
-    """First step (it compiles, where compiled), the other warm-up steps, then the timed steps.
-
-    Tuned rows read the losses back once, after the timed steps, as a loop logging every N steps would."""
-    first = bench_compile.seconds(lambda: step(args.train_batch_size))
-    for _ in range(args.warmup_steps - 1):
-        step(args.train_batch_size)
-    reset_peak_memory(device)
-
-    def timed_steps():
-        losses = [step(args.train_batch_size) for _ in range(args.steps)]
-        if tuned:
-            torch.stack(losses).tolist()
-
-    elapsed = bench_compile.seconds(timed_steps)
+def time_row(step: harness.TrainingStep, args, device: torch.device) -> dict:
+    """First step (it compiles, where compiled), the other warm-up steps, then the timed steps (one logging
+    interval: the losses are read back as the step's kind says)."""
+    first = harness.seconds(lambda: step.run(args.train_batch_size, 1))
+    step.run(args.train_batch_size, args.warmup_steps - 1)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elapsed = harness.seconds(lambda: step.run(args.train_batch_size, args.steps))
     return {"first_step_s": first, "ms_per_step": 1000 * elapsed / args.steps,
-            "images_per_sec": args.train_batch_size * args.steps / elapsed, "peak_memory_bytes": peak_memory(device)}
+            "images_per_sec": args.train_batch_size * args.steps / elapsed,
+            "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
 
 
 def measure_rows(args, device: torch.device, deadline: float, skipped: list[str]) -> list[dict]:
-    """Every (variant, data path, step) row; one fresh UNet per variant, shared by its rows (compiled once)."""
+    """Every (variant, data path, step kind) row; one fresh UNet per variant, shared by its rows (compiled once)."""
     shape = models.sample_shape(models.build_unet(args.unet))
     encoders = Encoders(args, device, shape) if "encode" in args.data_paths else None
     rows = []
@@ -301,10 +236,7 @@ def measure_rows(args, device: torch.device, deadline: float, skipped: list[str]
         if name in args.tuned_variants and "cache" in args.data_paths:
             plan.append(("cache", "tuned"))
         with precision_flags(variant):
-            unet = models.build_unet(args.unet).to(device).train()
-            if variant.channels_last:
-                unet = unet.to(memory_format=torch.channels_last)
-            runnable = torch.compile(unet) if variant.compile else unet
+            unet, forward = harness.prepare_model(args.unet, variant, device)
             for path, step_kind in plan:
                 label = f"{name}, {DATA_PATHS[path]}, {step_kind} step"
                 if time.monotonic() > deadline:
@@ -315,17 +247,18 @@ def measure_rows(args, device: torch.device, deadline: float, skipped: list[str]
                 make_latents = None
                 if path == "encode":
                     make_latents = encoders.make_latents(torch.bfloat16 if variant.precision == "bf16" else torch.float32)
-                step = build_step(unet, runnable, variant, args, device, make_latents, tuned=step_kind == "tuned")
+                step = harness.TrainingStep(unet, forward, dataclasses.replace(variant, **harness.STEP_KINDS[step_kind]),
+                                            device, make_latents)
                 row = {"variant": name, "precision": variant.precision, "compile": variant.compile,
                        "channels_last": variant.channels_last, "data_path": path, "step": step_kind,
-                       **time_row(step, args, device, tuned=step_kind == "tuned")}
+                       **time_row(step, args, device)}
                 memory = "" if row["peak_memory_bytes"] is None else f", peak memory {row['peak_memory_bytes'] / 2**30:.1f} GiB"
                 print(f"  {row['images_per_sec']:.1f} img/s, {row['ms_per_step']:.1f} ms/step, first step "
                       f"{row['first_step_s']:.1f} s{memory}", flush=True)
                 rows.append(row)
                 del step
                 free_memory()
-        del unet, runnable
+        del unet, forward
         if variant.compile:
             torch._dynamo.reset()  # drop the compiled graphs, which hold on to the model
         free_memory()
@@ -357,8 +290,8 @@ def vae_precision_check(args, device: torch.device) -> list[dict]:
             "dtype": label,
             "nonfinite_latents": int((~torch.isfinite(latents)).sum()),
             "nonfinite_images": int((~torch.isfinite(decoded)).sum()),
-            "latents_relative_difference": bench_compile.relative_difference([latents.float()], [reference_latents]),
-            "images_relative_difference": bench_compile.relative_difference([decoded.float()], [reference_images]),
+            "latents_relative_difference": harness.relative_difference([latents.float()], [reference_latents]),
+            "images_relative_difference": harness.relative_difference([decoded.float()], [reference_images]),
         })
         del half
     del vae
@@ -369,9 +302,9 @@ def vae_precision_check(args, device: torch.device) -> list[dict]:
 def measure_parts(args, device: torch.device) -> dict:
     """AdamW fused / foreach / for-loop and EMA foreach / default over the UNet's parameters on the device."""
     spec = {"unet": args.unet, "warmup_steps": 1, "optimizer_steps": args.steps, "device": device.type}
-    parts = {"optimizer": bench_compile.measure_optimizer(spec)}
+    parts = {"optimizer": harness.measure_optimizer(spec)}
     free_memory()
-    parts["ema"] = bench_compile.measure_ema(spec)
+    parts["ema"] = harness.measure_ema(spec)
     free_memory()
     return parts
 
@@ -496,7 +429,7 @@ def describe(result: dict, args, rows, parts, vae_checks, skipped, device: torch
         "Rows: 'encode' = the VAE encodes the batch of images every step (they are already on the device: data "
         "loading is not measured); 'cache' = latents ready on the device, UNet only. 'loop' step = "
         "uldm/training.py before issue 13 (foreach AdamW, EMAModel one tensor at a time, a device-to-host "
-        "readback every step); 'tuned' = uldm/training.py now (fused AdamW, EMAModel(foreach=True), losses read "
+        "readback every step); 'tuned' = uldm/training/ now (fused AdamW, EMAModel(foreach=True), losses read "
         "back every --logging_steps: here once after the timed steps). "
         "The first step of the first row of a compiled variant includes torch.compile's compilation.")
     if vae_checks:

@@ -11,7 +11,7 @@ train_unconditional_latent.py, in this process, with the quick start's recipe (t
 latents, batch 32, lr 1e-3 cosine, EMA 0.999, flips) for --steps steps, once per --seeds (the training
 seed: initial weights, batch order, noise), then samples --num_samples images (25 DPM-Solver++ steps,
 image i from seed i, the same for every model) which are scored against the training images with FID and
-KID on `uldm.fid.RandomConvFeatures` (a fixed random conv net: offline and deterministic; its numbers
+KID on `uldm.metrics.fid.RandomConvFeatures` (a fixed random conv net: offline and deterministic; its numbers
 compare runs of this benchmark with each other, never with published FIDs).
 
 Levers: each one added alone to the baseline (v-prediction alone too, as zero terminal SNR needs it).
@@ -27,8 +27,6 @@ Sampling cost: seconds per image of the same 25-step sampler, the VAE decode inc
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import math
 import shutil
 import statistics
@@ -37,14 +35,13 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench import report  # noqa: E402
+from bench.harness import loop_seconds, timing_cache_builds  # noqa: E402
 
 NAME = "quality"
 RESOLUTION = 32
@@ -128,16 +125,6 @@ def run_script(module_name: str, argv: list) -> None:
     run_script_in_this_process(module_name, argv)
 
 
-def loop_seconds(output_dir: Path, skip: int = 0) -> tuple[float, int]:
-    """(Seconds of the logged training steps after the first `skip`, their number), from a run's metrics.jsonl
-    (each step logs its images/s) and training_args.json (its batch size)."""
-    from uldm.training import RUN_ARGUMENTS_FILE, read_metrics
-
-    batch_size = json.loads((Path(output_dir) / RUN_ARGUMENTS_FILE).read_text())["train_batch_size"]
-    rows = [row for row in read_metrics(output_dir, having="loss") if row["step"] > skip]
-    return sum(batch_size / row["images_per_sec"] for row in rows), len(rows)
-
-
 def ensure_demo_data(work: Path, num_images: int) -> Path:
     from uldm.demo_data import FACES_DIR, write_demo_dataset
 
@@ -184,15 +171,9 @@ def training_argv(args, faces: Path, first_stage: str | Path, output_dir: Path, 
 
 
 def load_sampler(folder: Path):
-    from pipeline_latent_uncond import UnconditionalLatentPipeline
-    from uldm.pixel_space import PixelSampler, is_pixel_pipeline
+    from uldm.first_stage import load_saved_model
 
-    if is_pixel_pipeline(folder):
-        sampler = PixelSampler.from_pretrained(folder)
-    else:
-        sampler = UnconditionalLatentPipeline.from_pretrained(folder)
-        sampler.vae.eval()
-    sampler.unet.eval()
+    sampler = load_saved_model(folder)  # from_pretrained leaves the models in eval mode
     sampler.set_progress_bar_config(disable=True)
     return sampler
 
@@ -216,7 +197,7 @@ class Scorer:
     """FID/KID against the training images' features (extracted once) with the small extractor."""
 
     def __init__(self, faces: Path, seed: int = 0):
-        from uldm import fid
+        from uldm.metrics import fid
 
         self.fid = fid
         self.extractor = fid.RandomConvFeatures()
@@ -281,15 +262,6 @@ def train_and_score(args, scorer: Scorer, faces: Path, first_stage, work: Path, 
     print(f"{name} seed {seed}: FID {scores['fid']:.3f}, KID {scores['kid']:.5f}, {logged} steps in {train_s:.1f} s",
           flush=True)
     return record
-
-
-@contextlib.contextmanager
-def cache_build_timer():
-    """Times the latent cache's build (the first call) and reads (later ones)."""
-    from uldm import latent_cache
-
-    with report.timing_calls(latent_cache, "build_or_load_latent_cache") as timer:
-        yield timer
 
 
 def pixel_step_seconds(args, faces: Path, work: Path) -> float:
@@ -360,7 +332,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     references = {"heldout_faces": scorer.score(heldout), "vae_reconstructions": scorer.score(reconstructions(vae_dir, heldout))}
 
     configs = {}
-    with cache_build_timer() as cache_timer:  # the first latent run encodes the data set; later ones read it
+    with timing_cache_builds() as cache_timer:  # the first latent run encodes the data set; later ones read it
         for name in chosen:
             options, _ = LEVERS[name]
             configs[name] = summarise([train_and_score(args, scorer, faces, vae_dir, work, name, seed, args.steps,
@@ -389,7 +361,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
 
 def fill_result(result, args, chosen, configs, pixel, references, vae_source, vae_train_s, cache_build_s,
                 pixel_step_s, work) -> None:
-    from uldm.fid import RandomConvFeatures
+    from uldm.metrics.fid import RandomConvFeatures
 
     result["settings"] = {
         "data": f"demo faces, {args.num_images} at {RESOLUTION} px", "vae": vae_source,
@@ -397,7 +369,7 @@ def fill_result(result, args, chosen, configs, pixel, references, vae_source, va
         "(1.1M) on 3x32x32", "recipe": f"batch {BATCH_SIZE}, lr 1e-3 cosine with 5% warm-up, EMA max decay 0.999, "
         "random flips (scripts/quickstart.sh)", "steps": args.steps, "seeds": args.seeds,
         "num_samples": args.num_samples, "sampler": f"DPM-Solver++, {args.sampling_steps} steps",
-        "feature_extractor": f"uldm.fid.RandomConvFeatures ({RandomConvFeatures().num_features} features)",
+        "feature_extractor": f"uldm.metrics.fid.RandomConvFeatures ({RandomConvFeatures().num_features} features)",
         "torch_threads": torch.get_num_threads(), "pixel_budgets": args.pixel_budgets,
         "levers": {name: " ".join(LEVERS[name][0]) for name in chosen},
     }
@@ -445,7 +417,7 @@ def fill_result(result, args, chosen, configs, pixel, references, vae_source, va
                           f"({result['machine']['cpu_cores']} cores, threads {torch.get_num_threads()})",
                           (time.monotonic() - result["_start_time"]) <= 1800)
     result["notes"] += verdicts(args, chosen, configs, pixel) + [
-        "FID/KID use uldm.fid.RandomConvFeatures, a fixed random convolutional network (weights from a fixed seed, "
+        "FID/KID use uldm.metrics.fid.RandomConvFeatures, a fixed random convolutional network (weights from a fixed seed, "
         "no download): it follows colours, layout and texture statistics of the samples, which is what the demo "
         "faces differ in, and its numbers compare only runs scored the same way (never published FIDs). FID at "
         f"{args.num_samples} samples is biased upwards by the sample count, equally for every run; KID is not.",

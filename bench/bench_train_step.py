@@ -4,8 +4,8 @@
     python bench/bench_train_step.py          # seed latent UNet (4x32x32), pixel UNet (3x256x256), ...
     python bench/bench_train_step.py --quick  # tiny models, seconds
 
-A step is what the training scripts do: noise and timesteps, forward, MSE, backward, gradient
-clipping, AdamW step. Each configuration runs in a fresh subprocess at two batch sizes (smaller
+A step is the training loop's (bench/harness.py: the trainer's loss, backward, clipping, its AdamW,
+the losses read back once per logging interval). Each configuration runs in a fresh subprocess at two batch sizes (smaller
 first). Memory on the CPU is the subprocess's peak resident set size during that batch size's steps
 (VmHWM, reset before each batch size through /proc/self/clear_refs) minus its resident size after
 the imports; on a GPU it is torch.cuda.max_memory_allocated. The per-image cost is the slope
@@ -18,21 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import report  # noqa: E402
 
 NAME = "train_step"
-RESULT_PREFIX = "BENCH_RESULT "
 GIB = 2**30
 
 # key: (label, UNet (bench.models name or preset), space, precision, batch sizes)
@@ -80,7 +74,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rereport", action="store_true",
                         help="Measure nothing: rebuild the tables and the ready scripts' memory verdicts from the "
                              "saved results (e.g. after a script's comment changed).")
-    parser.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
     args = report.parse_benchmark_args(parser, argv)
     if args.configs is None:
         args.configs = list(QUICK_CONFIGS) if args.quick else list(DEFAULT_CONFIGS)
@@ -95,14 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def process_status_bytes(field: str) -> int | None:
-    """VmRSS (resident now) or VmHWM (peak resident) of this process from /proc/self/status, in bytes."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    """VmRSS (resident now) or VmHWM (peak resident) of this process, in bytes."""
+    kib = report.proc_kib("/proc/self/status", field)
+    return None if kib is None else kib * 1024
 
 
 def reset_peak_rss() -> bool:
@@ -116,32 +104,24 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def resident_now() -> int:
-    return process_status_bytes("VmRSS") or peak_rss()
-
-
 def peak_rss() -> int:
     """Peak resident set size since the last reset (getrusage's ru_maxrss, in KiB, never resets)."""
     return process_status_bytes("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure_in_this_process(spec: dict) -> dict:
+def measure(spec: dict) -> dict:
     """Train a fresh model for a few steps at each batch size; time and peak memory per batch size."""
     import torch
     from diffusers import UNet2DModel  # noqa: F401  (imported before the baseline is taken)
 
-    from bench import models
+    from bench import harness
     from uldm.models import count_parameters
 
-    baseline = resident_now()  # python, torch and diffusers loaded, no model yet
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
+    baseline = process_status_bytes("VmRSS") or peak_rss()  # python, torch and diffusers loaded, no model yet
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = models.build_unet(spec["unet"]).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-6)
-    step = models.make_training_step(model, optimizer, models.sample_shape(model), device,
-                                     autocast_dtype=torch.bfloat16 if spec["precision"] == "bf16" else None)
-
+    variant = harness.Variant(precision=spec["precision"])
+    model, forward = harness.prepare_model(spec["unet"], variant, device)
+    step = harness.TrainingStep(model, forward, variant, device)
     measurements = []
     peak_resets = True
     for batch_size in spec["batch_sizes"]:
@@ -149,19 +129,10 @@ def measure_in_this_process(spec: dict) -> dict:
             torch.cuda.reset_peak_memory_stats()
         else:
             peak_resets = reset_peak_rss() and peak_resets
-        for _ in range(spec["warmup_steps"]):
-            step(batch_size)
-        report.synchronize()
-        start = time.perf_counter()
-        for _ in range(spec["steps"]):
-            step(batch_size)
-        report.synchronize()
-        seconds = (time.perf_counter() - start) / spec["steps"]
-        if device.type == "cuda":
-            memory = torch.cuda.max_memory_allocated()
-        else:
-            # Where the peak cannot be reset it only grows; the larger batch, measured second, then sets it.
-            memory = peak_rss() - baseline
+        step.run(batch_size, spec["warmup_steps"])
+        seconds = harness.seconds(lambda: step.run(batch_size, spec["steps"])) / spec["steps"]
+        # Where the peak cannot be reset it only grows; the larger batch, measured second, then sets it.
+        memory = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss() - baseline
         measurements.append({"batch_size": batch_size, "seconds_per_step": seconds, "memory_bytes": memory})
     return {"parameters": count_parameters(model), "measurements": measurements,
             "memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS minus baseline",
@@ -172,30 +143,18 @@ def measure_in_this_process(spec: dict) -> dict:
 # ---------------------------------------------------------------------------------- in the parent
 
 
-def start_worker(spec: dict) -> subprocess.Popen:
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
-    return subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def worker_result(process: subprocess.Popen, spec: dict) -> dict:
-    stdout, stderr = process.communicate()
-    lines = [line for line in stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    if process.returncode != 0 or not lines:
-        raise RuntimeError(f"Measuring {spec['label']} failed (exit {process.returncode}):\n{stderr[-3000:]}")
-    return json.loads(lines[-1][len(RESULT_PREFIX):])
-
-
 def measure_in_fresh_processes(specs: list[dict], side_by_side: bool) -> list[dict]:
     """One fresh process per configuration, one after the other (side by side only for --quick smoke runs,
     where the figures do not matter and the start-up of python, torch and diffusers dominates)."""
+    from bench import harness
+
     if side_by_side:
-        processes = [start_worker(spec) for spec in specs]
-        return [worker_result(process, spec) for process, spec in zip(processes, specs)]
+        processes = [harness.start_worker("bench_train_step:measure", spec) for spec in specs]
+        return [harness.worker_result(process, spec["label"]) for process, spec in zip(processes, specs)]
     measured = []
     for spec in specs:
         print(f"Measuring {spec['label']} at batch sizes {spec['batch_sizes']} in a fresh process...", flush=True)
-        measured.append(worker_result(start_worker(spec), spec))
+        measured.append(harness.in_fresh_process("bench_train_step:measure", spec, spec["label"]))
     return measured
 
 
@@ -243,16 +202,13 @@ def script_estimates(configs: dict) -> list[dict]:
     return estimates
 
 
-def main(argv: list[str] | None = None) -> dict | None:
+def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     with report.quick_mode_threads(args):
         return run(args)
 
 
-def run(args: argparse.Namespace) -> dict | None:
-    if args.worker:
-        print(RESULT_PREFIX + json.dumps(measure_in_this_process(json.loads(args.worker))), flush=True)
-        return None
+def run(args: argparse.Namespace) -> dict:
     if args.rereport:
         return rereport(args)
 

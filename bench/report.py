@@ -58,15 +58,21 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def meminfo_gib(key: str) -> float | None:
-    """A /proc/meminfo entry (e.g. "MemTotal", "MemAvailable") in GiB; None where there is no such file or entry."""
+def proc_kib(path: str, key: str) -> int | None:
+    """A "key: value kB" entry of a /proc file (e.g. /proc/meminfo's MemTotal, /proc/self/status's VmHWM) in
+    KiB; None where there is no such file or entry."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
+        for line in Path(path).read_text().splitlines():
             if line.startswith(f"{key}:"):
-                return round(int(line.split()[1]) / 2**20, 1)
+                return int(line.split()[1])
     except OSError:
         pass
     return None
+
+
+def meminfo_gib(key: str) -> float | None:
+    kib = proc_kib("/proc/meminfo", key)
+    return None if kib is None else round(kib / 2**20, 1)
 
 
 def machine_info() -> dict[str, Any]:

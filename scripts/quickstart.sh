@@ -93,7 +93,7 @@ fresh "$OUT/ldm"
   "${FID[@]}" --output_dir "$OUT/ldm"
 cp "$OUT/ldm/loss_curve.png" "$OUT/loss_ldm.png"
 echo "FID/KID of $FID_IMAGES samples against the $NUM_IMAGES training faces during training; features: $FID_NOTE"
-"$PYTHON" -c 'import sys; from uldm.fid_validation import fid_history; print(fid_history(sys.argv[1]))' "$OUT/ldm"
+"$PYTHON" -c 'import sys; from uldm.metrics.fid_validation import fid_history; print(fid_history(sys.argv[1]))' "$OUT/ldm"
 
 step 4/6 "Sampling the base model"
 sample_grid "$OUT/ldm" 3_base_samples

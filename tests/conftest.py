@@ -6,6 +6,7 @@ Nothing here downloads anything; every model is randomly initialised from config
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 import sys
@@ -152,6 +153,14 @@ def latent_training_args(images, vae_dir, output_dir, **overrides) -> list[str]:
         "output_dir": output_dir,
     }
     return to_argv({**options, **overrides})
+
+
+def strip_checksums(checkpoint: Path) -> None:
+    """Make a checkpoint look like one written before checksums were recorded (of its files and of its state)."""
+    state_file = checkpoint / "training_state.json"
+    state = json.loads(state_file.read_text())
+    del state["files"], state["state_sha256"]
+    state_file.write_text(json.dumps(state))
 
 
 def make_command_recorder(bin_dir: Path, record: Path, names=("accelerate",)) -> Path:

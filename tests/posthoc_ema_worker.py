@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from uldm.posthoc_ema import PowerFunctionEMA  # noqa: E402
+from uldm.training.posthoc_ema import PowerFunctionEMA  # noqa: E402
 
 
 def main(out: Path) -> None:

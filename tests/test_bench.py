@@ -11,7 +11,7 @@ import torch
 
 import pytest
 
-from bench import bench_compile, bench_gpu, bench_train_step, report, run_all
+from bench import bench_compile, bench_gpu, bench_train_step, harness, report, run_all
 
 COMMON_KEYS = {"name", "title", "quick", "machine", "started", "duration_s", "load_at_start", "load_at_end",
                "settings", "results", "tables", "targets", "notes"}
@@ -81,7 +81,7 @@ def test_every_benchmark_runs_quickly_and_writes_results_and_report(tmp_path):
     assert compiled["compile"]["compiled_first_step_s"] > compiled["compile"]["compiled_step_s"]
     assert compiled["restart"]["first_step_s"] < compiled["compile"]["compiled_first_step_s"]
     assert_positive(compiled["channels_last"], "contiguous_step_s", "channels_last_step_s")
-    assert set(compiled["optimizer"]["step_s"]) == set(bench_compile.OPTIMIZERS)
+    assert set(compiled["optimizer"]["step_s"]) == set(harness.OPTIMIZERS)
     assert all(d <= bench_compile.WEIGHTS_RTOL for d in compiled["optimizer"]["weights_relative_difference"].values())
     assert compiled["ema"]["average_relative_difference"] <= bench_compile.WEIGHTS_RTOL
     data = read_result(results_dir, "data")["results"]

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_script
-from uldm import checkpoints as ckpt
+from conftest import run_script, strip_checksums
 from uldm.errors import InputError
+from uldm.training import checkpoints as ckpt
 
 
 def make_checkpoint(root, step, complete=True):
@@ -225,9 +225,7 @@ def test_a_damaged_newest_checkpoint_is_named_and_latest_falls_back_to_an_intact
                latent_training_args(train_images, tiny_vae_dir, out, max_train_steps=4, checkpointing_steps=2))
     weights = out / "checkpoint-4" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    state = json.loads((out / "checkpoint-2" / "training_state.json").read_text())
-    del state["files"]
-    (out / "checkpoint-2" / "training_state.json").write_text(json.dumps(state))
+    strip_checksums(out / "checkpoint-2")
     kept = {name: folder_bytes(out / name) for name in ("checkpoint-2", "checkpoint-4")}
 
     longer = latent_training_args(train_images, tiny_vae_dir, out, max_train_steps=6, checkpointing_steps=2)
@@ -247,6 +245,46 @@ def test_a_damaged_newest_checkpoint_is_named_and_latest_falls_back_to_an_intact
     assert f"Resuming from {out / 'checkpoint-2'}, the newest intact checkpoint." in caplog.text
     assert [row["step"] for row in read_metrics(out)] == [1, 2, 3, 4, 5, 6], "steps 3 and 4 were trained again"
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    assert ckpt.checkpoint_problems(out / "checkpoint-4") == [], "the damaged checkpoint-4 was written anew"
+
+
+def test_an_edited_training_state_is_damage_not_a_resume_at_another_step(train_images, tiny_vae_dir, tmp_path,
+                                                                         capsys, caplog):
+    """Issue 20: one digit changed in training_state.json ("global_step": 4 -> 5) used to resume silently at
+    step 5. The file's own checksum and the folder's step catch it; an older checkpoint (no checksums) is still
+    held to its folder's step."""
+    from conftest import latent_training_args
+    from uldm.training import read_metrics
+
+    out = tmp_path / "out"
+    run_script("train_unconditional_latent",
+               latent_training_args(train_images, tiny_vae_dir, out, max_train_steps=4, checkpointing_steps=2))
+    state_file = out / "checkpoint-4" / "training_state.json"
+    state_file.write_text(state_file.read_text().replace('"global_step": 4', '"global_step": 5'))
+    assert ckpt.checkpoint_problems(out / "checkpoint-4") == [
+        "training_state.json does not match its sha256 checksum (changed or damaged since it was saved)",
+        "training_state.json says global_step 5, but the folder is checkpoint-4",
+    ]
+    old_style = tmp_path / "old" / "checkpoint-3"
+    shutil.copytree(out / "checkpoint-2", old_style)
+    strip_checksums(old_style)
+    assert ckpt.checkpoint_problems(old_style) == [
+        "training_state.json says global_step 2, but the folder is checkpoint-3"]
+    shutil.move(old_style, old_style.with_name("checkpoint-2"))
+    assert ckpt.checkpoint_problems(old_style.with_name("checkpoint-2")) == [], "an intact old-style checkpoint passes"
+
+    longer = latent_training_args(train_images, tiny_vae_dir, out, max_train_steps=6, checkpointing_steps=2)
+    with pytest.raises(SystemExit) as stop:
+        run_script("train_unconditional_latent", longer + ["--resume_from_checkpoint", out / "checkpoint-4"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: {out / 'checkpoint-4'} is damaged: training_state.json does not match its sha256 checksum" in err
+
+    with caplog.at_level(logging.WARNING):
+        run_script("train_unconditional_latent", longer + ["--resume_from_checkpoint", "latest"])
+    assert f"Skipping {out / 'checkpoint-4'}, it is damaged: training_state.json does not match" in caplog.text
+    assert f"Resuming from {out / 'checkpoint-2'}, the newest intact checkpoint." in caplog.text
+    assert [row["step"] for row in read_metrics(out)] == [1, 2, 3, 4, 5, 6], "steps 3 and 4 were trained again"
     assert ckpt.checkpoint_problems(out / "checkpoint-4") == [], "the damaged checkpoint-4 was written anew"
 
 

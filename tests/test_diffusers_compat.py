@@ -466,12 +466,13 @@ def test_8bit_adam_without_bitsandbytes_is_refused_before_dreambooth_generates_c
 
 
 def test_offset_noise_adds_a_constant_per_sample_and_channel_and_keeps_the_timesteps():
-    from uldm.diffusion import build_noise_scheduler, noisy_latents_and_target
+    from uldm.diffusion import LossConfig, build_noise_scheduler, noisy_latents_and_target
 
     scheduler = build_noise_scheduler()
     latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     _, steps, plain = noisy_latents_and_target(scheduler, latents, torch.Generator().manual_seed(0))
-    noisy, steps_offset, target = noisy_latents_and_target(scheduler, latents, torch.Generator().manual_seed(0), 0.1)
+    noisy, steps_offset, target = noisy_latents_and_target(scheduler, latents, torch.Generator().manual_seed(0),
+                                                            LossConfig(offset_noise=0.1))
     assert torch.equal(steps, steps_offset)
     offset = target - plain  # epsilon prediction: the target is the noise
     assert offset.abs().max() > 0.01

@@ -139,7 +139,7 @@ def test_validation_scores_dino_and_clip_i_of_the_samples_and_the_card_shows_the
     from uldm.latents import pipeline_scaling
     from uldm.images import list_image_files
     from uldm.sampling import build_pipeline
-    from uldm.subject_similarity import InstanceEmbeddings
+    from uldm.metrics.subject_similarity import InstanceEmbeddings
     from uldm.validation import fixed_validation_noise
     from uldm.vae import latent_shape
 
@@ -208,7 +208,7 @@ def test_class_images_cut_short_are_completed_with_the_same_indices():
 
 def test_min_snr_weights_apply_to_each_half_of_the_batch():
     """diffusers #5791: a B-sized weight on the 2B losses crashed, and the prior half was never weighted."""
-    from uldm.diffusion import build_noise_scheduler, min_snr_weights
+    from uldm.diffusion import LossConfig, build_noise_scheduler, min_snr_weights
     from uldm.dreambooth import DreamBoothLoss
 
     scheduler = build_noise_scheduler()
@@ -219,7 +219,8 @@ def test_min_snr_weights_apply_to_each_half_of_the_batch():
     weights = min_snr_weights(scheduler, timesteps, 5.0)
     assert not torch.allclose(weights[3:], torch.ones(3)), "the check needs weights that differ from 1"
 
-    loss, logs = DreamBoothLoss(scheduler, prior_loss_weight=0.5, snr_gamma=5.0)(prediction, target, timesteps, 3)
+    min_snr = LossConfig(snr_gamma=5.0)
+    loss, logs = DreamBoothLoss(scheduler, prior_loss_weight=0.5, levers=min_snr)(prediction, target, timesteps, 3)
     assert logs["instance_loss"].item() == pytest.approx((weights[:3] * mse[:3]).mean().item(), rel=1e-6)
     assert logs["prior_loss"].item() == pytest.approx((weights[3:] * mse[3:]).mean().item(), rel=1e-6)
     assert loss.item() == pytest.approx(logs["instance_loss"].item() + 0.5 * logs["prior_loss"].item(), rel=1e-6)
@@ -228,6 +229,89 @@ def test_min_snr_weights_apply_to_each_half_of_the_batch():
     assert plain_logs["prior_loss"].item() == pytest.approx(mse[3:].mean().item(), rel=1e-6)
     alone, alone_logs = DreamBoothLoss(scheduler)(prediction[:3], target[:3], timesteps[:3], 3)
     assert "prior_loss" not in alone_logs and alone.item() == pytest.approx(mse[:3].mean().item(), rel=1e-6)
+
+
+def test_p2_weights_on_a_zero_snr_schedule_apply_to_each_half_of_the_batch():
+    """Any lever's weights combine with prior preservation as Min-SNR's do: per sample, each half by its own
+    timesteps (here P2 on v-prediction, whose pure-noise timestep keeps weight 1)."""
+    from uldm.diffusion import LossConfig, build_noise_scheduler, loss_weights, p2_weights
+    from uldm.dreambooth import DreamBoothLoss
+
+    scheduler = build_noise_scheduler(prediction_type="v_prediction", levers=LossConfig(rescale_betas_zero_snr=True))
+    levers = LossConfig(p2_gamma=1.0, p2_k=2.0)
+    generator = torch.Generator().manual_seed(0)
+    prediction, target = torch.randn(6, 4, 8, 8, generator=generator), torch.randn(6, 4, 8, 8, generator=generator)
+    timesteps = torch.tensor([5, 400, 999, 10, 500, 990])
+    mse = (prediction - target).pow(2).mean(dim=(1, 2, 3))
+    weights = loss_weights(scheduler, timesteps, levers)
+    torch.testing.assert_close(weights[[0, 1, 3, 4, 5]], p2_weights(scheduler, timesteps, 1.0, 2.0)[[0, 1, 3, 4, 5]])
+    assert weights[2] == 1.0 and not torch.allclose(weights[3:], weights[:3])
+
+    loss, logs = DreamBoothLoss(scheduler, prior_loss_weight=0.5, levers=levers)(prediction, target, timesteps, 3)
+    assert logs["instance_loss"].item() == pytest.approx((weights[:3] * mse[:3]).mean().item(), rel=1e-6)
+    assert logs["prior_loss"].item() == pytest.approx((weights[3:] * mse[3:]).mean().item(), rel=1e-6)
+    assert loss.item() == pytest.approx(logs["instance_loss"].item() + 0.5 * logs["prior_loss"].item(), rel=1e-6)
+
+
+@pytest.fixture(scope="session")
+def v_prediction_base(base_dir, tmp_path_factory) -> Path:
+    """The tiny base with v-prediction, on a noise schedule without zero terminal SNR."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("v_base") / "pipeline"
+    shutil.copytree(base_dir, folder)
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "prediction_type": "v_prediction"}))
+    return folder
+
+
+def test_every_loss_lever_reaches_dreambooth(v_prediction_base, instance_dir, tmp_path, monkeypatch):
+    """The latent trainer's argument group and loss path: zero terminal SNR (the base's schedule rescaled, then
+    saved), P2 weights, logit-normal timesteps with diffusers' sign, offset noise; with prior preservation."""
+    import uldm.diffusion
+    from pipeline_latent_uncond import UnconditionalLatentPipeline
+    from uldm.diffusion import LossConfig
+
+    levers = {"rescale_betas_zero_snr": True, "p2_gamma": 1.0, "p2_k": 2.0, "weighting_scheme": "logit_normal",
+              "logit_mean": 1.0, "logit_std": 0.05, "offset_noise": 0.05}
+    seen = []
+    original_loss_weights = uldm.diffusion.loss_weights
+
+    def recorded_loss_weights(noise_scheduler, timesteps, config):
+        seen.append((noise_scheduler, timesteps, config))
+        return original_loss_weights(noise_scheduler, timesteps, config)
+
+    monkeypatch.setattr(uldm.diffusion, "loss_weights", recorded_loss_weights)
+    class_dir, out = tmp_path / "class", tmp_path / "out"
+    make_blob_images(class_dir, 2, size=RESOLUTION, seed=5)
+    run_script(SCRIPT, db_args(v_prediction_base, instance_dir, out, with_prior_preservation=True,
+                               class_data_dir=class_dir, num_class_images=2, prior_loss_weight=0.5,
+                               num_validation_images=2, **levers))
+
+    assert len(seen) == 4 and all(config == LossConfig(**levers) for _, _, config in seen)
+    for scheduler, timesteps, _ in seen:
+        assert scheduler.alphas_cumprod[-1] == 0 and scheduler.config.prediction_type == "v_prediction"
+        assert len(timesteps) == 8 and ((timesteps > 200) & (timesteps < 340)).all(), timesteps  # 1000 x sigmoid(-1)
+    for row in read_metrics(out, having="loss"):
+        assert row["loss"] == pytest.approx(row["instance_loss"] + 0.5 * row["prior_loss"], rel=1e-5)
+    saved = UnconditionalLatentPipeline.from_pretrained(out).scheduler.config
+    assert (saved["rescale_betas_zero_snr"], saved["timestep_spacing"], saved["prediction_type"]) == (
+        True, "trailing", "v_prediction")
+    arguments = json.loads((out / "training_args.json").read_text())
+    assert {name: arguments[name] for name in levers} == levers
+    card = ModelCard.load(out / "README.md").text
+    assert "P2, 1 / (2 + SNR)^1" in card and "logit-normal, mean 1, std 0.05" in card and "zero terminal SNR" in card
+
+
+def test_schedule_levers_dreambooth_cannot_carry_are_refused(base_dir, v_prediction_base, instance_dir, tmp_path,
+                                                             expect_input_error):
+    out = tmp_path / "out"
+    message = expect_input_error(run_script, SCRIPT, db_args(base_dir, instance_dir, out, rescale_betas_zero_snr=True))
+    assert "Use --prediction_type v_prediction" in message and "DreamBooth: a base model trained so" in message
+    message = expect_input_error(run_script, SCRIPT, db_args(v_prediction_base, instance_dir, out, use_lora=True,
+                                                             rescale_betas_zero_snr=True))
+    assert "a LoRA adapter (--use_lora) cannot carry" in message
+    assert not out.exists()
 
 
 def test_lora_resumes_exactly_and_its_small_adapter_reproduces_the_samples(base_dir, instance_dir, tmp_path,

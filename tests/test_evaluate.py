@@ -1,5 +1,5 @@
-"""evaluate.py, uldm/fid.py and uldm/identity.py: FID/KID with a tiny feature extractor, reference preprocessing,
-the reference feature cache, dlib identity scores, and the missing-Inception-weights error.
+"""evaluate.py, uldm/metrics/fid.py and uldm/metrics/identity.py: FID/KID with a tiny feature extractor, reference
+preprocessing, the reference feature cache, dlib identity scores, and the missing-Inception-weights error.
 
 Nothing is downloaded: FID/KID run on a fixed random conv net built here, and the face photos
 come from scikit-image (the astronaut, LFW crops, the cat).
@@ -21,7 +21,7 @@ from torch import nn
 
 import evaluate
 from conftest import make_blob_images
-from uldm import fid, identity
+from uldm.metrics import fid, identity
 from uldm.data import Preprocessing
 
 

@@ -1,6 +1,6 @@
-"""FID/KID during training (uldm/fid_validation.py, --validation_fid_images), the offline feature extractors of
-uldm/fid.py, the loss-curve figure's FID panel, and --keep_best_checkpoint (uldm/checkpoints.py's protected
-checkpoint, TrainingLoop's best step).
+"""FID/KID during training (uldm/metrics/fid_validation.py, --validation_fid_images), the offline feature
+extractors of uldm/metrics/fid.py, the loss-curve figure's FID panel, and --keep_best_checkpoint
+(uldm/training/checkpoints.py's protected checkpoint, TrainingLoop's best step).
 
 The runs use a first stage set by hand (conftest's `build_pooling_autoencoder`: latents are the image pooled
 4x4, decoding repeats them), so samples show what the UNet learned, and --prediction_type sample, whose
@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 
 from conftest import build_pooling_autoencoder, build_tiny_unet, latent_training_args, make_blob_images, run_script
-from uldm import checkpoints as ckpt
-from uldm import fid
-from uldm.fid_validation import FidScorer, gather_in_order, shard_indices
+from uldm.training import checkpoints as ckpt
+from uldm.metrics import fid
+from uldm.metrics.fid_validation import FidScorer, gather_in_order, shard_indices
 from uldm.training import read_metrics
 
 SCRIPT = "train_unconditional_latent"

@@ -3,6 +3,8 @@ saved model, inherited by sampling and DreamBooth), and the combinations that ar
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
 import math
 
@@ -11,6 +13,7 @@ import torch
 from huggingface_hub import ModelCard
 
 from conftest import latent_training_args, run_script, to_argv
+from uldm.args import config_from, loss_config
 from uldm.diffusion import (
     LossConfig,
     build_noise_scheduler,
@@ -65,15 +68,15 @@ def test_weighted_losses_are_one_objective_whatever_the_prediction_type(predicti
     def weighted(sched, predicted):
         target = training_target(sched, clean, noise, TIMESTEPS)
         errors = (predicted - target).pow(2).mean(dim=(1, 2, 3))
-        return errors * loss_weights(sched, TIMESTEPS, **lever)
+        return errors * loss_weights(sched, TIMESTEPS, LossConfig(**lever))
 
     torch.testing.assert_close(weighted(scheduler, prediction), weighted(reference, guessed_noise), rtol=2e-3, atol=1e-7)
 
 
 def test_the_last_timestep_of_a_zero_snr_schedule_keeps_the_plain_loss():
-    scheduler = build_noise_scheduler(prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    scheduler = build_noise_scheduler(prediction_type="v_prediction", levers=LossConfig(rescale_betas_zero_snr=True))
     for lever in ({"snr_gamma": 5.0}, {"p2_gamma": 1.0}):
-        weights = loss_weights(scheduler, TIMESTEPS, **lever)
+        weights = loss_weights(scheduler, TIMESTEPS, LossConfig(**lever))
         assert torch.isfinite(weights).all()
         assert weights[-1] == 1.0  # t = 999, SNR 0: the formulas give 0, which would leave it untrained
         assert 0 < weights[-2] < 1e-2  # t = 900: the formula (small, SNR is nearly 0 there)
@@ -96,8 +99,9 @@ def test_logit_normal_timesteps_have_the_logit_normal_distribution():
     levers = LossConfig(weighting_scheme="logit_normal", logit_mean=mean, logit_std=std)
     drawn = sample_timesteps(scheduler, count, torch.Generator().manual_seed(0), "cpu", levers)
     assert drawn.min() >= 0 and drawn.max() <= 999
-    # The logit of the drawn fraction has the asked mean and std (to within the 1/1000 bins).
-    logits = torch.logit((drawn.double() + 0.5) / 1000)
+    # The logit of the drawn position in the descending timestep list (diffusers' sign) has the asked mean and
+    # std (to within the 1/1000 bins).
+    logits = torch.logit(1 - (drawn.double() + 0.5) / 1000)
     assert abs(logits.mean().item() - mean) < 0.01 and abs(logits.std().item() - std) < 0.01
     # Counts in 20 bins of 50 timesteps against the exact probabilities: a chi-square test.
     expected = logit_normal_timestep_probabilities(1000, mean, std).reshape(20, 50).sum(dim=1) * count
@@ -111,10 +115,27 @@ def test_logit_normal_timesteps_have_the_logit_normal_distribution():
 def test_noisy_latents_use_the_levers_timesteps():
     scheduler = build_noise_scheduler()
     latents = torch.zeros(4096, 1, 1, 1)
-    levers = LossConfig(weighting_scheme="logit_normal", logit_mean=-3.0, logit_std=0.1)
+    levers = LossConfig(weighting_scheme="logit_normal", logit_mean=3.0, logit_std=0.1)
     _, timesteps, _ = noisy_latents_and_target(scheduler, latents, torch.Generator().manual_seed(0), levers=levers)
-    expected = 1000 / (1 + math.exp(3))  # sigmoid(-3) * 1000 = 47.4
+    expected = 1000 / (1 + math.exp(3))  # (1 - sigmoid(3)) * 1000 = 47.4: diffusers' sign
     assert abs(timesteps.double().mean().item() - expected) < 2
+
+
+def test_logit_mean_has_the_sign_of_diffusers_sd3_scripts():
+    """diffusers (compute_density_for_timestep_sampling) draws u = sigmoid(N(mean, std)) and trains on entry
+    int(u * T) of its descending timestep list: --logit_mean 1 trains near timestep 303 of 1000 on average
+    (the SD3 paper's sign would give 696), and the same command line means the same here."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    count = 100_000
+    levers = loss_config(parsed(SCRIPT, "--weighting_scheme", "logit_normal", "--logit_mean", 1))
+    drawn = sample_timesteps(build_noise_scheduler(), count, torch.Generator().manual_seed(0), "cpu", levers)
+    assert abs(drawn.double().mean().item() - 303) < 5
+    u = compute_density_for_timestep_sampling("logit_normal", count, logit_mean=1.0, logit_std=1.0,
+                                              generator=torch.Generator().manual_seed(1))
+    theirs = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000).timesteps[(u * 1000).long()]
+    assert abs(drawn.double().mean().item() - theirs.double().mean().item()) < 3
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,7 +152,7 @@ def zero_snr_model(tmp_path_factory, train_images, tiny_vae_dir):
 
 
 def test_zero_snr_betas_end_in_pure_noise():
-    scheduler = build_noise_scheduler(prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    scheduler = build_noise_scheduler(prediction_type="v_prediction", levers=LossConfig(rescale_betas_zero_snr=True))
     assert scheduler.alphas_cumprod[-1] == 0
     assert scheduler.alphas_cumprod[-2] > 0
     assert scheduler.config.timestep_spacing == "trailing"
@@ -163,7 +184,7 @@ def test_dreambooth_on_a_zero_snr_base_keeps_v_prediction_and_the_rescaled_betas
     from pipeline_latent_uncond import UnconditionalLatentPipeline
     from uldm.dreambooth import load_base_pipeline, training_noise_scheduler
 
-    scheduler = training_noise_scheduler(load_base_pipeline(str(zero_snr_model)))
+    scheduler = training_noise_scheduler(load_base_pipeline(str(zero_snr_model)).scheduler)
     assert scheduler.config.prediction_type == "v_prediction"
     assert scheduler.alphas_cumprod[-1] == 0
     out = tmp_path / "dreambooth"
@@ -181,7 +202,27 @@ def test_dreambooth_on_a_zero_snr_base_keeps_v_prediction_and_the_rescaled_betas
 
 
 # --------------------------------------------------------------------------------------------
-# The command line: recorded, and the refusals
+# The command line: one group of levers for every trainer, recorded, and the refusals
+
+TRAINERS = {SCRIPT: ["--vae_name_or_path", "none"],
+            "train_dreambooth_unconditional": ["--pretrained_model_name_or_path", "base", "--instance_data_dir", "me"]}
+# A value other than the default for every lever: a new lever must be added here, and then reaches every trainer.
+LEVERS_ON = {"snr_gamma": 5.0, "p2_gamma": 1.0, "p2_k": 2.0, "weighting_scheme": "logit_normal", "logit_mean": 1.0,
+             "logit_std": 0.5, "offset_noise": 0.05, "rescale_betas_zero_snr": True}
+
+
+def parsed(script: str, *argv):
+    return importlib.import_module(script).parse_args([*TRAINERS[script], "--output_dir", "out", *map(str, argv)])
+
+
+@pytest.mark.parametrize("script", TRAINERS)
+def test_every_lever_is_a_flag_of_every_trainer(script):
+    assert set(LEVERS_ON) == {field.name for field in dataclasses.fields(LossConfig)}
+    defaults = parsed(script)
+    assert all(hasattr(defaults, name) for name in LEVERS_ON)
+    assert config_from(LossConfig, defaults) == LossConfig()
+    assert config_from(LossConfig, parsed(script, *to_argv(LEVERS_ON))) == LossConfig(**LEVERS_ON)
+
 
 
 def test_training_only_levers_are_recorded_in_the_arguments_and_the_model_card(train_images, tiny_vae_dir, tmp_path):

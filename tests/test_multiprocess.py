@@ -199,9 +199,9 @@ def check_fid_is_the_one_process_fid(out: Path, train_images: Path) -> None:
     import torch
 
     from pipeline_latent_uncond import UnconditionalLatentPipeline
-    from uldm import fid
+    from uldm.metrics import fid
     from uldm.data import ImageFolderDataset, Preprocessing
-    from uldm.fid_validation import FidScorer
+    from uldm.metrics.fid_validation import FidScorer
     from uldm.images import list_image_files
 
     rows = read_metrics(out, having="fid")

@@ -8,7 +8,7 @@ import subprocess
 import time
 
 from conftest import REPO_ROOT, subprocess_env, torchrun_command
-from uldm import checkpoints as ckpt
+from uldm.training import checkpoints as ckpt
 from uldm.training import read_metrics
 
 # Runs a script with torch.save failing with ENOSPC on rank 1 for the files of checkpoint-4 (its

@@ -53,7 +53,7 @@ def test_the_pixel_sampler_gives_what_ddpm_pipeline_gives(pixel_model):
     """PixelSampler (validation, sample.py) runs the same denoising loop as diffusers' DDPMPipeline."""
     from diffusers import DDPMPipeline
 
-    from uldm.pixel_space import PixelSampler
+    from uldm.first_stage import PixelSampler
 
     pipeline = DDPMPipeline.from_pretrained(pixel_model)
     expected = pipeline(batch_size=2, num_inference_steps=4, generator=torch.Generator().manual_seed(1),
@@ -68,7 +68,7 @@ def test_the_pixel_sampler_starts_euler_from_the_first_steps_sigma(pixel_model):
     1000-step table's, far above the first sampling step's (the order the latent pipeline keeps too)."""
     from diffusers import EulerDiscreteScheduler
 
-    from uldm.pixel_space import PixelSampler
+    from uldm.first_stage import PixelSampler
 
     sampler = PixelSampler.from_pretrained(pixel_model)
     sampler.scheduler = EulerDiscreteScheduler.from_config(sampler.scheduler.config, timestep_spacing="leading")
@@ -92,7 +92,7 @@ def test_the_pixel_sampler_starts_euler_from_the_first_steps_sigma(pixel_model):
 @pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save")
 def test_sample_and_evaluate_work_with_a_pixel_model(pixel_model, train_images, tmp_path):
     import evaluate
-    from uldm.fid import RandomConvFeatures
+    from uldm.metrics.fid import RandomConvFeatures
 
     samples = tmp_path / "samples"
     for scheduler in ("dpmsolver++", "euler"):  # euler needs scale_model_input, which DDPMPipeline never calls

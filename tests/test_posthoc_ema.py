@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import build_tiny_kl_vae, build_tiny_unet
 from uldm.errors import InputError
-from uldm.posthoc_ema import (
+from uldm.training.posthoc_ema import (
     MAX_SIGMA_REL, PowerFunctionEMA, Snapshot, gamma_to_sigma_rel, list_snapshots, sigma_rel_to_gamma, solve_coefficients,
     synthesize_state_dicts,
 )
@@ -297,7 +297,7 @@ def test_script_writes_a_loadable_pipeline_per_sigma_rel(saved_run, tmp_path):
 
 
 def test_score_seam_keeps_only_the_best(saved_run, tmp_path):
-    from uldm.posthoc_ema import write_synthesized_pipelines
+    from uldm.training.posthoc_ema import write_synthesized_pipelines
 
     run_dir, _ = saved_run
     scores = {0.05: 3.0, 0.08: 1.0, 0.12: 2.0}
@@ -325,8 +325,8 @@ def test_sweep_scores_each_ema_by_fid_and_keeps_the_lowest(saved_run, tmp_path, 
 
     from conftest import make_blob_images
     from pipeline_latent_uncond import UnconditionalLatentPipeline
-    from uldm import fid
-    from uldm.fid_validation import FidScorer, PipelineFid
+    from uldm.metrics import fid
+    from uldm.metrics.fid_validation import FidScorer, PipelineFid
 
     run_dir = tmp_path / "run"
     shutil.copytree(saved_run[0], run_dir)
@@ -428,7 +428,7 @@ def test_training_script_options_build_the_tracker(tmp_path):
     import argparse
 
     from uldm.args import add_posthoc_ema_args, config_from
-    from uldm.posthoc_ema import PosthocEmaConfig, build_posthoc_ema
+    from uldm.training.posthoc_ema import PosthocEmaConfig, build_posthoc_ema
     from uldm.testing import reset_accelerate_state
 
     parser = argparse.ArgumentParser()

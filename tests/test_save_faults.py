@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from uldm import checkpoints as ckpt
+from conftest import strip_checksums
 from uldm import saving
 from uldm.errors import InputError, SaveError
+from uldm.training import checkpoints as ckpt
 
 DiskUsage = namedtuple("DiskUsage", "total used free")
 
@@ -278,13 +279,6 @@ def flip_a_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def strip_manifest(folder: Path) -> None:
-    """Make a checkpoint look like one written before checksums were recorded."""
-    state = json.loads((folder / "training_state.json").read_text())
-    del state["files"]
-    (folder / "training_state.json").write_text(json.dumps(state))
-
-
 def test_damage_is_found_and_named_with_or_without_a_manifest(accelerator, tmp_path):
     model, _ = prepared_model(accelerator)
     save_steps(accelerator, model, tmp_path, [1, 2, 3, 4])
@@ -302,11 +296,11 @@ def test_damage_is_found_and_named_with_or_without_a_manifest(accelerator, tmp_p
 
     # Without a manifest: what the formats allow (the safetensors header, the CRCs of torch's zip files).
     for folder in (one, three):
-        strip_manifest(folder)
+        strip_checksums(folder)
     assert ckpt.checkpoint_problems(one)[0].startswith("model.safetensors cannot be read (SafetensorError")
     assert ckpt.checkpoint_problems(three)[0].startswith("optimizer.bin is damaged (its part ")
     save_steps(accelerator, model, tmp_path, [5])
-    strip_manifest(tmp_path / "checkpoint-5")
+    strip_checksums(tmp_path / "checkpoint-5")
     assert ckpt.checkpoint_problems(tmp_path / "checkpoint-5") == [], "an intact old-style checkpoint passes"
     (tmp_path / "checkpoint-5" / "model.safetensors").unlink()
     assert ckpt.checkpoint_problems(tmp_path / "checkpoint-5") == ["the model weights (model.safetensors) are missing"]
@@ -355,7 +349,7 @@ def test_latest_falls_back_past_damaged_checkpoints_naming_the_files(accelerator
 def test_an_old_style_checkpoint_without_checksums_still_resumes(accelerator, tmp_path):
     model, _ = prepared_model(accelerator)
     save_steps(accelerator, model, tmp_path, [1, 2])
-    strip_manifest(tmp_path / "checkpoint-2")
+    strip_checksums(tmp_path / "checkpoint-2")
     with torch.no_grad():
         model.weight.fill_(99)
     assert ckpt.restore_checkpoint(accelerator, "latest", tmp_path) == tmp_path / "checkpoint-2"

@@ -1,4 +1,4 @@
-"""uldm/subject_similarity.py and evaluate.py's --dino_model/--clip_model: DINO, CLIP-I and diversity.
+"""uldm/metrics/subject_similarity.py and evaluate.py's --dino_model/--clip_model: DINO, CLIP-I and diversity.
 
 Nothing is downloaded: the encoders are tiny random ViT / CLIP models built here from configs and
 saved with save_pretrained. Their weights are drawn wider than transformers' default
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import evaluate
-from uldm import subject_similarity as ss
+from uldm.metrics import subject_similarity as ss
 from uldm.errors import InputError
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)

@@ -7,19 +7,24 @@ Each idea has one home:
 
 * `args`: command-line groups with diffusers' names; parsed arguments -> configs (the only module
   that reads an argparse namespace). `presets`: the JSON presets under configs/.
-* `training`, `checkpoints`: the loop every trainer shares (LoopConfig, OptimizerConfig, EmaConfig;
-  the Validation callback with its schedule; metrics.jsonl; crash-safe checkpoints; exact resume).
-* `data`, `images`: training images and their preprocessing (DataConfig); `latents`: the latent space
-  (scale rule from pipeline_latent_uncond.py, encoding, posterior samples, flips, the std);
-  `vae`: loading first stages; `latent_cache`: storing/reading cached latents (CacheConfig);
-  `diffusion`: noise schedule, timesteps, targets and losses, and their levers (LossConfig);
-  `pixel_space`: training and sampling with no first stage (a DDPMPipeline).
+* `training/`: the loop every trainer shares, one module per reason to change: `config` (LoopConfig,
+  OptimizerConfig, EmaConfig, TrainingConfig), `launch` (the accelerator, the engines' refusals, FSDP2's
+  gathered weights), `builders` (optimiser, LR schedule, EMA, steps), `records` (signals, metrics.jsonl,
+  read-backs), `loop` (TrainingLoop; the Validation callback with its schedule), `checkpoints` (crash-safe,
+  verified checkpoints, exact resume, the keep-best policy; what a checkpoint holds: `CheckpointContents`),
+  `posthoc_ema` (EDM2's post-hoc EMA).
+* `data`, `images`: training images and their preprocessing (DataConfig); `first_stage`: the space a model
+  works in, latent (a VAE and its scale) or pixel (no first stage, a DDPMPipeline), behind one interface, and
+  loading any saved model; `latents`: the latent space (scale rule from pipeline_latent_uncond.py, encoding,
+  posterior samples, flips, the std); `vae`: loading first stages; `latent_cache`: storing/reading cached
+  latents (CacheConfig); `diffusion`: noise schedule, timesteps, targets and losses, and their levers (LossConfig).
 * `sampling`: building/saving pipelines, schedulers by name, sample folders; `validation`: grids from
   fixed noise (ValidationConfig).
-* `dreambooth`, `autoencoder`, `posthoc_ema`, `face_align`, `demo_data`: one job each.
-* `fid`, `identity`, `subject_similarity`, `distances`: measuring samples; `fid_validation`: FID/KID of a
-  model (in training, and of each EMA in synthesize_ema.py --sweep).
-* `model_card`, `hub`: sharing results. `errors`: the error scripts print (exit 2). `testing`: test support.
+* `dreambooth`, `autoencoder`, `face_align`, `demo_data`: one job each.
+* `metrics/`: `fid`, `identity`, `subject_similarity`, `distances`: measuring samples; `fid_validation`:
+  FID/KID of a model (in training, and of each EMA in synthesize_ema.py --sweep).
+* `model_card`, `hub`: sharing results. `saving`: writes that survive a full disk (and what to do when one
+  fails). `errors`: the error scripts print (exit 2). `testing`: test support.
 """
 
 __version__ = "0.1.0"

@@ -11,7 +11,7 @@ import logging
 import os
 from typing import TypeVar
 
-from .checkpoints import PREVIOUS_RUN_PREFIX
+from .training.checkpoints import PREVIOUS_RUN_PREFIX
 from .errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def add_ema_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_posthoc_ema_args(parser: argparse.ArgumentParser) -> None:
-    from .posthoc_ema import DEFAULT_SIGMA_RELS, SNAPSHOT_DIR_NAME, SNAPSHOTS_PER_RUN
+    from .training.posthoc_ema import DEFAULT_SIGMA_RELS, SNAPSHOT_DIR_NAME, SNAPSHOTS_PER_RUN
 
     group = parser.add_argument_group("post-hoc EMA (EDM2): choose the EMA length after training")
     group.add_argument("--use_posthoc_ema", action="store_true",
@@ -146,6 +146,7 @@ def resolve_prediction_type(args: argparse.Namespace) -> None:
 
 
 def add_noise_args(parser: argparse.ArgumentParser) -> None:
+    """The noise schedule of a new model (a fine-tune takes its base model's); its levers: add_loss_lever_args."""
     group = parser.add_argument_group("diffusion")
     group.add_argument("--ddpm_num_steps", type=int, default=1000)
     group.add_argument("--ddpm_beta_schedule", type=str, default="scaled_linear",
@@ -159,15 +160,6 @@ def add_noise_args(parser: argparse.ArgumentParser) -> None:
                             f"--pretrained_model_name_or_path, else {DEFAULT_PREDICTION_TYPE}, the one deliberate "
                             f"difference from diffusers' train_unconditional.py (epsilon): it measured far ahead on "
                             f"the demo (docs/benchmarks.md). --prediction_type epsilon restores diffusers' behaviour.")
-    group.add_argument("--snr_gamma", type=float, default=None,
-                       help="Min-SNR weighting gamma (5.0 is the paper's choice); off by default.")
-    add_offset_noise_arg(group)
-
-
-def add_offset_noise_arg(group) -> None:
-    group.add_argument("--offset_noise", type=float, nargs="?", const=0.1, default=0.0,
-                       help="Fine-tuning against a modified noise: adds 0.1 (or the value given) x a per-channel "
-                            "constant to the noise (https://www.crosslabs.org//blog/diffusion-with-offset-noise).")
 
 
 def add_variant_arg(group) -> None:
@@ -182,12 +174,25 @@ def _timestep_density(value: str) -> str:
 
 
 def add_loss_lever_args(parser: argparse.ArgumentParser) -> None:
-    """Loss and noise levers beyond Min-SNR (`uldm.diffusion.LossConfig`); diffusers' names where it has them."""
-    group = parser.add_argument_group("loss and noise levers")
+    """Every loss and noise lever (`uldm.diffusion.LossConfig`, built by `loss_config`), the same for every
+    trainer; diffusers' names where it has them."""
+    group = parser.add_argument_group(
+        "loss and noise levers", "Off by default. The loss weights are per sample, so with DreamBooth's prior "
+                                 "preservation each half of the batch is weighted by its own timesteps.")
+    group.add_argument("--snr_gamma", type=float, default=None,
+                       help="Min-SNR weighting gamma (5.0 is the paper's choice); off by default.")
+    group.add_argument("--offset_noise", type=float, nargs="?", const=0.1, default=0.0,
+                       help="Fine-tuning against a modified noise: adds 0.1 (or the value given) x a per-channel "
+                            "constant to the noise (https://www.crosslabs.org//blog/diffusion-with-offset-noise).")
     group.add_argument("--rescale_betas_zero_snr", action="store_true",
                        help="Zero terminal SNR (Lin et al. 2023): the last timestep is pure noise; needs "
-                            "--prediction_type v_prediction. Saved in the scheduler config with 'trailing' spacing, "
-                            "so sampling and DreamBooth use it.")
+                            "--prediction_type v_prediction (or sample). Saved in the scheduler config with "
+                            "'trailing' spacing, so sampling and fine-tunes of the model use it. DreamBooth trains "
+                            "on its base model's schedule: a base saved with zero terminal SNR keeps it without "
+                            "this flag; with it, a base without it (v or sample prediction) is fine-tuned, "
+                            "validated (step 0 too) and saved on the rescaled schedule, as Lin et al. fine-tune "
+                            "Stable Diffusion; refused with --use_lora, since an adapter is loaded onto the base's "
+                            "scheduler.")
     group.add_argument("--p2_gamma", type=float, default=None,
                        help="P2 weighting (Choi et al. 2022): the epsilon loss times 1 / (p2_k + SNR)^p2_gamma "
                             "(the same objective for v and sample prediction); the paper uses 1 or 0.5. Off by default.")
@@ -195,8 +200,12 @@ def add_loss_lever_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--weighting_scheme", "--timestep_sampling", type=_timestep_density, default="none",
                        choices=["none", "logit_normal"],
                        help="Timestep density, with the name and meaning of diffusers' SD3 scripts: 'none' "
-                            "(= 'uniform') or 'logit_normal' (t = T * sigmoid(N(logit_mean, logit_std^2))).")
-    group.add_argument("--logit_mean", type=float, default=0.0, help="Mean of the logit-normal density.")
+                            "(= 'uniform') or 'logit_normal' (u = sigmoid(N(logit_mean, logit_std^2)) is a position "
+                            "in the descending timestep list: t = T - 1 - floor(T * u)).")
+    group.add_argument("--logit_mean", type=float, default=0.0,
+                       help="Mean of the logit-normal density, with diffusers' sign (a drop-in for its SD3 scripts' "
+                            "--logit_mean): a positive mean favours the less noisy timesteps, --logit_mean 1 gives a "
+                            "mean timestep near 303 of 1000. The SD3 paper's m has the opposite sign.")
     group.add_argument("--logit_std", type=float, default=1.0, help="Std of the logit-normal density.")
 
 
@@ -240,7 +249,7 @@ def scheduler_name(name: str) -> str:
 def add_fid_args(parser: argparse.ArgumentParser, in_training: bool = True) -> None:
     """FID/KID of samples: at each validation of a training run (`in_training`, with --keep_best_checkpoint), or of
     each candidate of a sweep (then with the sampler's options too: a training script has them in its logging group)."""
-    from .fid import FEATURE_EXTRACTORS
+    from .metrics.fid import FEATURE_EXTRACTORS
 
     group = parser.add_argument_group("FID/KID of samples")
     group.add_argument("--validation_fid_images", type=int, default=0,
@@ -279,7 +288,7 @@ def check_fid_args(args) -> None:
     if 0 < getattr(args, "validation_fid_images", 0) < 2:
         raise InputError("--validation_fid_images must be at least 2 (FID needs a covariance); a few hundred follow a run.")
     if getattr(args, "fid_reference", None):
-        from .fid_validation import check_reference_option
+        from .metrics.fid_validation import check_reference_option
 
         check_reference_option(args.fid_reference)
     if getattr(args, "keep_best_checkpoint", False):
@@ -291,7 +300,7 @@ def check_fid_args(args) -> None:
 
 
 def add_subject_metric_args(parser: argparse.ArgumentParser) -> None:
-    """DreamBooth's subject fidelity at each validation (uldm.subject_similarity; names as in evaluate.py)."""
+    """DreamBooth's subject fidelity at each validation (uldm.metrics.subject_similarity; names as in evaluate.py)."""
     group = parser.add_argument_group("subject fidelity at each validation (DreamBooth paper's DINO / CLIP-I / diversity)")
     group.add_argument("--validation_dino_model", type=str, default=None,
                        help="DINO ViT folder or hub id (e.g. facebook/dino-vits16): log DINO similarity of the "
@@ -460,7 +469,7 @@ def training_config(args: argparse.Namespace):
     """The loop, optimiser and EMA configuration of a training script, and its arguments for the records
     (training_args.json, trackers, model card) without secrets such as --hub_token."""
     from .hub import public_arguments
-    from .posthoc_ema import PosthocEmaConfig
+    from .training.posthoc_ema import PosthocEmaConfig
     from .training import ComputeConfig, EmaConfig, LoopConfig, OptimizerConfig, TrainingConfig
 
     posthoc = None
@@ -476,11 +485,11 @@ def training_config(args: argparse.Namespace):
     )
 
 
-def loss_config(args: argparse.Namespace):
-    """The run's loss levers, checked against its prediction type and noise schedule (before anything runs)."""
+def loss_config(args: argparse.Namespace, scheduler_config=None):
+    """The run's loss and noise levers, checked (before anything runs) against the noise schedule they act on:
+    `scheduler_config` (a fine-tune's base model's), else the one of the arguments."""
     from .diffusion import LossConfig, check_loss_levers
 
     levers = config_from(LossConfig, args)
-    check_loss_levers({"prediction_type": getattr(args, "prediction_type", "epsilon"),
-                       "rescale_betas_zero_snr": getattr(args, "rescale_betas_zero_snr", False)}, levers)
+    check_loss_levers(scheduler_config or {"prediction_type": args.prediction_type}, levers)
     return levers

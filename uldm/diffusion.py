@@ -1,13 +1,17 @@
 """DDPM training: the noise schedule, the timesteps, the regression target and the weighted loss.
 
-The loss and noise levers (`LossConfig`, `check_loss_levers`):
+The loss and noise levers, one `LossConfig` from the command line (`uldm.args.add_loss_lever_args`) to the
+loss, the same for every trainer: a new lever is a field here, a flag there, and its use below.
 
-* zero terminal SNR (Lin et al. 2023, arXiv 2305.08891): `build_noise_scheduler(rescale_betas_zero_snr=True)`
-  rescales the betas so that the last timestep is pure noise (alphas_cumprod[-1] == 0) and sets
-  "trailing" timestep spacing, so every sampler built from the saved config starts at that timestep.
-  Both travel in the scheduler config, so sampling and DreamBooth inherit them.
+* zero terminal SNR (Lin et al. 2023, arXiv 2305.08891): `schedule_levers` rescales the betas so that the
+  last timestep is pure noise (alphas_cumprod[-1] == 0) and sets "trailing" timestep spacing, so every
+  sampler built from the saved config starts at that timestep. Both travel in the scheduler config, so
+  sampling and fine-tunes of the model inherit them.
 * the timestep density (`weighting_scheme`, diffusers' name from its SD3 scripts): uniform ("none") or
-  logit-normal (SD3, Esser et al. 2024), t = floor(T * sigmoid(N(logit_mean, logit_std^2))).
+  logit-normal (SD3, Esser et al. 2024) with diffusers' sign: u = sigmoid(N(logit_mean, logit_std^2)) is a
+  position in the descending timestep list, t = T - 1 - floor(T * u), so a positive mean favours the
+  less noisy timesteps (the SD3 paper's m has the opposite sign).
+* offset noise (`with_offset_noise`), added to the noise the model is trained to remove.
 * the per-timestep loss weight: Min-SNR-gamma (Hang et al. 2023) or P2 (Choi et al. 2022, arXiv
   2204.00227). Both are defined for the epsilon loss of their papers and carried over to v and sample
   prediction so that the objective stays the same function of the model (see `loss_weights`).
@@ -37,27 +41,46 @@ WEIGHTING_SCHEMES = ("none", "logit_normal")
 
 @dataclass(frozen=True)
 class LossConfig:
-    """How timesteps are drawn and how each sample's loss is weighted (training only: not part of the model;
-    recorded in training_args.json and the model card)."""
+    """Every loss and noise lever: how timesteps are drawn, how the noise is made, how each sample's loss is
+    weighted, and the noise schedule's changes (`schedule_levers`, the only part saved with the model).
+    Recorded in training_args.json and the model card."""
 
     snr_gamma: float | None = None  # Min-SNR-gamma
     p2_gamma: float | None = None  # P2 weighting 1 / (p2_k + SNR)^p2_gamma of the epsilon loss
     p2_k: float = 1.0
     weighting_scheme: str = "none"  # timestep density: "none" (uniform) or "logit_normal"
-    logit_mean: float = 0.0
+    logit_mean: float = 0.0  # diffusers' sign: positive favours the less noisy timesteps
     logit_std: float = 1.0
+    offset_noise: float = 0.0
+    rescale_betas_zero_snr: bool = False
+
+
+NO_LEVERS = LossConfig()
+
+
+def schedule_levers(levers: LossConfig) -> dict:
+    """The scheduler-config entries of the levers that change the noise schedule. They are saved with the model,
+    so every sampler built from its config (`uldm.sampling.make_scheduler`) and every fine-tune inherits them."""
+    return {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"} if levers.rescale_betas_zero_snr else {}
+
+
+def with_schedule_levers(scheduler, levers: LossConfig):
+    """`scheduler` (a base model's) on the levers' noise schedule; itself where it has that schedule already."""
+    changes = schedule_levers(levers)
+    if all(scheduler.config.get(key) == value for key, value in changes.items()):
+        return scheduler
+    return type(scheduler).from_config({**scheduler.config, **changes})
 
 
 def build_noise_scheduler(num_train_timesteps: int = 1000, beta_schedule: str = "scaled_linear",
                           beta_start: float = 0.0015, beta_end: float = 0.0195,
-                          prediction_type: str = "epsilon", rescale_betas_zero_snr: bool = False,
+                          prediction_type: str = "epsilon", levers: LossConfig = NO_LEVERS,
                           clip_sample: bool = False):
-    """A DDPMScheduler for training; `clip_sample=False` by default, since latents are not bounded to [-1, 1].
+    """A DDPMScheduler for training, on the levers' noise schedule (`schedule_levers`); `clip_sample=False` by
+    default, since latents are not bounded to [-1, 1].
 
     LDM's "linear" schedule is linspace(sqrt(b0), sqrt(b1))^2, which diffusers calls
-    `scaled_linear`; the face models use b0=0.0015, b1=0.0195. With `rescale_betas_zero_snr` the last
-    timestep is pure noise, and the config asks for "trailing" spacing, which every sampler built from it
-    (`uldm.sampling.make_scheduler`) inherits: their first step is then that last timestep (Lin et al.).
+    `scaled_linear`; the face models use b0=0.0015, b1=0.0195.
     """
     from diffusers import DDPMScheduler
 
@@ -65,7 +88,6 @@ def build_noise_scheduler(num_train_timesteps: int = 1000, beta_schedule: str = 
         raise InputError(f"--ddpm_beta_schedule must be one of {BETA_SCHEDULES}, not {beta_schedule!r}.")
     if prediction_type not in PREDICTION_TYPES:
         raise InputError(f"--prediction_type must be one of {PREDICTION_TYPES}, not {prediction_type!r}.")
-    zero_snr = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"} if rescale_betas_zero_snr else {}
     return DDPMScheduler(
         num_train_timesteps=num_train_timesteps,
         beta_schedule=beta_schedule,
@@ -73,7 +95,7 @@ def build_noise_scheduler(num_train_timesteps: int = 1000, beta_schedule: str = 
         beta_end=beta_end,
         prediction_type=prediction_type,
         clip_sample=clip_sample,
-        **zero_snr,
+        **schedule_levers(levers),
     )
 
 
@@ -82,15 +104,17 @@ def has_zero_terminal_snr(scheduler_config) -> bool:
 
 
 def check_loss_levers(scheduler_config, levers: LossConfig) -> None:
-    """Refuse the combinations that cannot work, saying why and what to change."""
+    """Refuse the combinations that cannot work, saying why and what to change. `scheduler_config` is the
+    schedule the levers act on (the run's, or a base model's for a fine-tune)."""
     prediction_type = scheduler_config.get("prediction_type", "epsilon")
-    if has_zero_terminal_snr(scheduler_config) and prediction_type == "epsilon":
+    if has_zero_terminal_snr({**scheduler_config, **schedule_levers(levers)}) and prediction_type == "epsilon":
         extra = (" With --snr_gamma the Min-SNR weight min(SNR, gamma) / SNR would moreover be infinite "
                  "(0 / 0) there.") if levers.snr_gamma else ""
         raise InputError(
             "--rescale_betas_zero_snr makes the last timestep pure noise (SNR 0), where epsilon prediction "
             "learns nothing: the noise equals the input, and the image cannot be recovered from a predicted "
-            f"noise.{extra} Use --prediction_type v_prediction (as Lin et al. do) or sample."
+            f"noise.{extra} Use --prediction_type v_prediction (as Lin et al. do) or sample (DreamBooth: a base "
+            "model trained so)."
         )
     if levers.snr_gamma and levers.p2_gamma is not None:
         raise InputError(
@@ -133,23 +157,27 @@ def describe_levers(scheduler_config, levers: LossConfig | None) -> dict[str, st
 
 
 def sample_timesteps(noise_scheduler, batch_size: int, generator: torch.Generator, device,
-                     levers: LossConfig | None = None) -> torch.Tensor:
-    """Training timesteps drawn from `generator`: uniform, or t = floor(T * sigmoid(u)) with
-    u ~ N(logit_mean, logit_std^2) (diffusers' SD3 density, on DDPM's discrete timesteps)."""
+                     levers: LossConfig = NO_LEVERS) -> torch.Tensor:
+    """Training timesteps drawn from `generator`: uniform, or logit-normal as diffusers' SD3 scripts draw them
+    (compute_density_for_timestep_sampling): u = sigmoid(N(logit_mean, logit_std^2)) picks position
+    floor(T * u) of the descending timestep list, here t = T - 1 - floor(T * u). Diffusers' sign, so that its
+    command lines mean the same here: --logit_mean 1 gives a mean timestep near 303 of 1000."""
     num_timesteps = noise_scheduler.config.num_train_timesteps
-    if levers is None or levers.weighting_scheme == "none":
+    if levers.weighting_scheme == "none":
         return torch.randint(0, num_timesteps, (batch_size,), generator=generator, device=device).long()
     normal = torch.randn((batch_size,), generator=generator, device=device)
     fraction = torch.sigmoid(normal * levers.logit_std + levers.logit_mean)
-    return (fraction * num_timesteps).long().clamp_(0, num_timesteps - 1)
+    position = (fraction * num_timesteps).long().clamp_(0, num_timesteps - 1)
+    return num_timesteps - 1 - position
 
 
 def logit_normal_timestep_probabilities(num_timesteps: int, mean: float, std: float) -> torch.Tensor:
-    """P(t = i) of the logit-normal draw: Phi((logit((i + 1) / T) - mean) / std) - Phi((logit(i / T) - mean) / std)."""
+    """P(t = i) of the logit-normal draw (`sample_timesteps`): the probability of position T - 1 - i,
+    Phi((logit((T - i) / T) - mean) / std) - Phi((logit((T - 1 - i) / T) - mean) / std)."""
     edges = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
     logits = torch.logit(edges)  # -inf and +inf at the ends
     cdf = 0.5 * (1 + torch.erf((logits - mean) / (std * math.sqrt(2))))
-    return cdf[1:] - cdf[:-1]
+    return (cdf[1:] - cdf[:-1]).flip(0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,8 +238,7 @@ def _p2_weights(snr: torch.Tensor, p2_gamma: float, p2_k: float, prediction_type
     return weights_for_prediction_type(snr / (p2_k + snr) ** p2_gamma, snr, prediction_type)
 
 
-def loss_weights(noise_scheduler, timesteps: torch.Tensor, snr_gamma: float | None = None,
-                 p2_gamma: float | None = None, p2_k: float = 1.0) -> torch.Tensor | None:
+def loss_weights(noise_scheduler, timesteps: torch.Tensor, levers: LossConfig = NO_LEVERS) -> torch.Tensor | None:
     """Min-SNR or P2 weights per sample (None: unweighted).
 
     Where the SNR is exactly 0 (the last timestep of a zero-terminal-SNR schedule) both give the x0 loss
@@ -219,29 +246,28 @@ def loss_weights(noise_scheduler, timesteps: torch.Tensor, snr_gamma: float | No
     timestep is where sampling starts, so it keeps the unweighted loss (weight 1): v and sample prediction
     then learn the mean image, as Lin et al. need. (Epsilon prediction with zero SNR is refused.)
     """
-    if not snr_gamma and p2_gamma is None:
+    if not levers.snr_gamma and levers.p2_gamma is None:
         return None
     snr = signal_to_noise(noise_scheduler, timesteps)  # once per step: it copies the alpha tables to the device
     prediction_type = noise_scheduler.config.prediction_type
-    if snr_gamma:
-        weights = _min_snr_weights(snr, snr_gamma, prediction_type)
+    if levers.snr_gamma:
+        weights = _min_snr_weights(snr, levers.snr_gamma, prediction_type)
     else:
-        weights = _p2_weights(snr, p2_gamma, p2_k, prediction_type)
+        weights = _p2_weights(snr, levers.p2_gamma, levers.p2_k, prediction_type)
     if prediction_type != "epsilon":
         weights = torch.where(snr == 0, torch.ones_like(weights), weights)
     return weights
 
 
 def per_sample_loss(model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
-                    noise_scheduler, snr_gamma: float | None = None, p2_gamma: float | None = None,
-                    p2_k: float = 1.0) -> torch.Tensor:
-    """MSE per sample (shape [B]), Min-SNR or P2 weighted per sample when `snr_gamma` / `p2_gamma` is given.
+                    noise_scheduler, levers: LossConfig = NO_LEVERS) -> torch.Tensor:
+    """MSE per sample (shape [B]), weighted per sample by the levers' weighting (`loss_weights`).
 
     Per-sample weights keep batches that concatenate two groups (DreamBooth's instance and
     prior halves) correct: each half gets its own timesteps' weights.
     """
     losses = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    weights = loss_weights(noise_scheduler, timesteps, snr_gamma, p2_gamma, p2_k)
+    weights = loss_weights(noise_scheduler, timesteps, levers)
     if weights is not None:
         losses = losses * weights.to(losses.dtype)
     return losses
@@ -260,16 +286,15 @@ def with_offset_noise(noise: torch.Tensor, offset_noise: float, generator: torch
 def weighted_loss(model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, noise_scheduler,
                   levers: LossConfig) -> torch.Tensor:
     """The batch's mean loss with the levers' weighting."""
-    return per_sample_loss(model_pred, target, timesteps, noise_scheduler, levers.snr_gamma, levers.p2_gamma,
-                           levers.p2_k).mean()
+    return per_sample_loss(model_pred, target, timesteps, noise_scheduler, levers).mean()
 
 
 def noisy_latents_and_target(noise_scheduler, latents: torch.Tensor, generator: torch.Generator,
-                             offset_noise: float = 0.0, *, levers: LossConfig | None = None):
-    """Draw noise (with `offset_noise`, see with_offset_noise) and timesteps (with the levers' density) from
-    `generator`; return (noisy latents, timesteps, target). The timesteps do not depend on `offset_noise`."""
+                             levers: LossConfig = NO_LEVERS):
+    """Draw noise (with the levers' offset noise, see with_offset_noise) and timesteps (with their density) from
+    `generator`; return (noisy latents, timesteps, target). The timesteps do not depend on the offset noise."""
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     timesteps = sample_timesteps(noise_scheduler, latents.shape[0], generator, latents.device, levers)
-    noise = with_offset_noise(noise, offset_noise, generator)
+    noise = with_offset_noise(noise, levers.offset_noise, generator)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     return noisy, timesteps, training_target(noise_scheduler, latents, noise, timesteps)

@@ -4,9 +4,10 @@ loss and the subject/diversity measures (LoRA adapters: uldm.lora).
 With no text prompt the only handle is the data. Fine-tuning on a few instance photos pulls the
 whole distribution towards the subject; the prior-preservation loss on images sampled from the
 base model ("class images") keeps its diversity. Each batch holds B instance and B class examples
-and goes through the UNet in one forward pass; the per-sample losses are split into the two halves,
-each half with its own Min-SNR weights (diffusers' train_dreambooth.py applies a B-sized weight to
-the 2B losses and crashes, #5791, and never weights the prior half).
+and goes through the UNet in one forward pass; the per-sample losses (`uldm.diffusion.per_sample_loss`,
+with every loss lever of the latent trainer) are split into the two halves, each half with its own
+timesteps' weights (diffusers' train_dreambooth.py applies a B-sized Min-SNR weight to the 2B losses
+and crashes, #5791, and never weights the prior half).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from torch.utils.data import Dataset
 
 from pipeline_latent_uncond import UnconditionalLatentPipeline
 
-from .diffusion import per_sample_loss
-from .distances import mean_pairwise_distance, nearest_distances
+from .diffusion import NO_LEVERS, LossConfig, per_sample_loss, schedule_levers, with_schedule_levers
+from .metrics.distances import mean_pairwise_distance, nearest_distances
 from .errors import InputError
 from .images import list_image_files
 from .sampling import with_sampler, write_samples
@@ -83,11 +84,24 @@ def check_resolution(requested: int | None, pipeline: UnconditionalLatentPipelin
     return resolution
 
 
-def training_noise_scheduler(pipeline: UnconditionalLatentPipeline):
-    """A DDPMScheduler with the base model's noise schedule and prediction type (clip_sample off for latents)."""
+def fine_tuned_scheduler(pipeline: UnconditionalLatentPipeline, levers: LossConfig, use_lora: bool):
+    """The base model's sampler on the levers' noise schedule: the fine-tune trains, validates and is saved with
+    it. A LoRA adapter is loaded onto the base model and its scheduler, so it cannot carry a new schedule."""
+    scheduler = with_schedule_levers(pipeline.scheduler, levers)
+    if use_lora and scheduler is not pipeline.scheduler:
+        changes = ", ".join(f"{key}={value}" for key, value in schedule_levers(levers).items())
+        raise InputError(
+            f"The levers change the base model's noise schedule ({changes}), which a LoRA adapter (--use_lora) "
+            "cannot carry: it is loaded onto the base model, with the base's scheduler. Fine-tune the whole UNet "
+            "(leave out --use_lora), or start from a base model trained with that schedule.")
+    return scheduler
+
+
+def training_noise_scheduler(scheduler):
+    """A DDPMScheduler with `scheduler`'s noise schedule and prediction type (clip_sample off for latents)."""
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler.from_config(pipeline.scheduler.config, clip_sample=False)
+    return DDPMScheduler.from_config(scheduler.config, clip_sample=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,16 +234,16 @@ class DreamBoothDataset(Dataset):
 @dataclass
 class DreamBoothLoss:
     """instance_loss + prior_loss_weight * prior_loss over a batch whose first `num_instance` rows are
-    instance examples and the rest class examples; Min-SNR weights (if any) are per sample, so each
-    half is weighted by its own timesteps."""
+    instance examples and the rest class examples; the levers' loss weights (if any) are per sample, so
+    each half is weighted by its own timesteps."""
 
     noise_scheduler: object
     prior_loss_weight: float = 1.0
-    snr_gamma: float | None = None
+    levers: LossConfig = NO_LEVERS
 
     def __call__(self, prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
                  num_instance: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        losses = per_sample_loss(prediction, target, timesteps, self.noise_scheduler, self.snr_gamma)
+        losses = per_sample_loss(prediction, target, timesteps, self.noise_scheduler, self.levers)
         instance_loss = losses[:num_instance].mean()
         if num_instance == len(losses):
             return instance_loss, {"instance_loss": instance_loss.detach()}

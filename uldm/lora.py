@@ -113,10 +113,11 @@ def load_pipeline_or_adapter(path: str | os.PathLike, fuse_lora: bool = False,
     return pipeline
 
 
-def register_adapter_only_checkpoints(accelerator) -> None:
-    """Checkpoints of a LoRA run keep only the adapter weights of the model (MBs instead of the whole
-    UNet); loading restores them exactly and leaves the frozen base weights as loaded. Not under FSDP,
-    whose checkpoints bypass these hooks (a LoRA run needs no sharding: DDP)."""
+def adapter_only_checkpoint_hooks(accelerator) -> tuple:
+    """accelerate's (save_state, load_state) pre-hooks with which checkpoints of a LoRA run keep only the adapter
+    weights of the model (MBs instead of the whole UNet); loading restores them exactly and leaves the frozen base
+    weights as loaded. For `build_training_loop(checkpoint_model_hooks=...)`. Not under FSDP, whose checkpoints
+    bypass these hooks (a LoRA run needs no sharding: DDP)."""
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type == DistributedType.FSDP:
@@ -143,5 +144,4 @@ def register_adapter_only_checkpoints(accelerator) -> None:
                     "Resume with the same --use_lora/--rank/--lora_target_modules it was saved with."
                 )
 
-    accelerator.register_save_state_pre_hook(keep_only_adapter)
-    accelerator.register_load_state_pre_hook(load_adapter)
+    return keep_only_adapter, load_adapter

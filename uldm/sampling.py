@@ -33,11 +33,10 @@ from diffusers.utils import make_image_grid as diffusers_make_image_grid
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .checkpoints import final_save_remedy
 from .images import _temporary_path, list_image_files, save_image_atomically  # the latter also imported from here by sample.py
 from .errors import InputError, SaveError
 from .saving import (
-    describe_cause, free_space, is_write_failure, processes_stop_together, save_failure_message,
+    describe_cause, final_save_remedy, free_space, is_write_failure, processes_stop_together, save_failure_message,
     save_pretrained_atomically,
 )
 
@@ -102,10 +101,14 @@ def save_pipeline(unet, vae, scaling, scheduler, output_dir: str | os.PathLike) 
     training_dtype = vae.dtype
     vae.to(torch.float32)
     try:
-        save_pretrained_atomically(build_pipeline(unet, vae, scaling, scheduler=scheduler),
-                                   output_dir, "the trained pipeline", remedy=partial(final_save_remedy, output_dir))
+        save_trained_pipeline(build_pipeline(unet, vae, scaling, scheduler=scheduler), output_dir)
     finally:
         vae.to(training_dtype)
+
+
+def save_trained_pipeline(pipeline, output_dir: str | os.PathLike) -> None:
+    """A training run's result, put in place only once whole; a failure says what to do with the checkpoints."""
+    save_pretrained_atomically(pipeline, output_dir, "the trained pipeline", remedy=partial(final_save_remedy, output_dir))
 
 
 def generators_for_indices(

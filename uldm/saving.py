@@ -179,6 +179,19 @@ def save_failure_message(what: str, where: str | os.PathLike, error: BaseExcepti
     return " ".join(part for part in parts if part)
 
 
+def final_save_remedy(output_dir: str | os.PathLike) -> str:
+    """What to do when the trained model could not be written at the end of a run: resume from the newest
+    checkpoint (at the end of a run with --checkpointing_steps, that of the last step: nothing is trained again)."""
+    from .training.checkpoints import latest_checkpoint  # checkpoints save through this module
+
+    latest = latest_checkpoint(output_dir)
+    if latest is not None:
+        return (f"Free some space there, then run the same command plus --resume_from_checkpoint latest: it loads "
+                f"{latest.name} and writes the model again (training only the steps after it, if any).")
+    return ("Free some space there and run again (without --checkpointing_steps there is no checkpoint "
+            "to write the model from).")
+
+
 # --------------------------------------------------------------------------------------------
 # Every process stops together
 

@@ -32,8 +32,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from .errors import InputError
-from .saving import save_safetensors_atomically
+from ..errors import InputError
+from ..saving import save_safetensors_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -654,7 +654,7 @@ def load_pipeline(pipeline_dir: Path, pipeline_class):
 
 def _save_pipeline_atomically(pipeline, folder: Path, synthesized: SynthesizedEMA) -> Path:
     """The pipeline and its posthoc_ema.json, put in place of `folder` only once whole (uldm.saving)."""
-    from .saving import save_folder_atomically
+    from ..saving import save_folder_atomically
 
     def write(temporary: Path) -> None:
         pipeline.save_pretrained(str(temporary))

@@ -28,10 +28,10 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.functional import pil_to_tensor
 from tqdm.auto import tqdm
 
-from .data import HFImageDataset, ImageDataset, ImageFolderDataset, Preprocessing, load_hf_dataset, stable_random
-from .errors import InputError
-from .images import list_image_files, load_rgb_image
-from .saving import save_safetensors_atomically
+from ..data import HFImageDataset, ImageDataset, ImageFolderDataset, Preprocessing, load_hf_dataset, stable_random
+from ..errors import InputError
+from ..images import list_image_files, load_rgb_image
+from ..saving import save_safetensors_atomically
 
 # Bump when the reference preprocessing changes, so that old feature caches are not reused.
 PREPROCESSING_VERSION = 2

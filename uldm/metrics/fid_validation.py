@@ -4,7 +4,7 @@ choosing among its EMAs (`synthesize_ema.py --sweep`).
 A `FidScorer` draws `num_images` samples with a fast sampler, image i always from seed + i (so two
 scores differ only because the model did), spread over the processes of a run; the features are
 gathered in image order, so the score is the same with 1 or 8 processes. The reference features are
-extracted once (also spread over the processes) and cached by `uldm.fid`'s reference cache, keyed by
+extracted once (also spread over the processes) and cached by `uldm.metrics.fid`'s reference cache, keyed by
 the images, their preprocessing and the extractor: a resumed run, a second run on the same data and
 the sweep after training reuse them. The reference defaults to the training images preprocessed as in
 training (`fid.ReferenceImages` of the training data set), as LDM scores its FIDs.
@@ -26,9 +26,9 @@ from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from . import fid
-from .errors import InputError
-from .sampling import batches, generators_for_indices
-from .saving import decided_by_main_process
+from ..errors import InputError
+from ..sampling import batches, generators_for_indices
+from ..saving import decided_by_main_process
 
 logger = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ class FidScorer:
 
     def score_training_model(self, loop, make_pipeline: Callable[[Any], Any]) -> dict[str, float] | None:
         """Score the model of a TrainingLoop as validation samples it (EMA weights, eval mode, autocast)."""
-        from .validation import sampling_model
+        from ..validation import sampling_model
 
         with sampling_model(loop) as model:
             return self.score(make_pipeline(model), loop.accelerator)
@@ -255,7 +255,7 @@ def build_fid_scorer(config: FidConfig, extractor: nn.Module, reference, acceler
 
 def fid_history(output_dir: str | os.PathLike) -> str:
     """The FID/KID rows of a run's metrics.jsonl as a small table (the quick start prints it)."""
-    from .training import read_metrics
+    from ..training import read_metrics
 
     rows = read_metrics(output_dir, having="fid")
     lines = ["   step      FID       KID"]
@@ -276,7 +276,7 @@ class PipelineFid:
         self.results: list[dict[str, float]] = []
 
     def __call__(self, pipeline) -> float:
-        from .sampling import with_sampler
+        from ..sampling import with_sampler
 
         pipeline.to(self.device)
         sampler = with_sampler(pipeline, self.scheduler_name)

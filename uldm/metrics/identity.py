@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .distances import mean_pairwise_distance, pairwise_distances
-from .face_align import LANDMARK_MODEL, face_detector, face_model_path, landmark_predictor
-from .images import load_rgb_image
+from ..face_align import LANDMARK_MODEL, face_detector, face_model_path, landmark_predictor
+from ..images import load_rgb_image
 
 SAME_PERSON_DISTANCE = 0.6
 FACE_DESCRIPTOR_MODEL = "dlib_face_recognition_resnet_model_v1.dat"

@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from uldm.errors import InputError
-from uldm.images import load_rgb_image, to_rgb
+from ..errors import InputError
+from ..images import load_rgb_image, to_rgb
 
 DINO_MODEL = "facebook/dino-vits16"  # the paper's ViT-S/16 DINO
 CLIP_MODEL = "openai/clip-vit-large-patch14"

@@ -1,13 +1,13 @@
 #!/usr/bin/env python
 """Not a benchmark: the experiment behind docs/fsdp_notes.md, kept so that it can be run again.
 
-A tiny UNet2DModel (configs/unet/tiny.json) trained through accelerate the way uldm/training.py does
+A tiny UNet2DModel (configs/unet/tiny.json) trained through accelerate the way uldm/training/ does
 (AdamW, a LambdaLR registered for checkpointing, diffusers' EMAModel, accelerator.clip_grad_norm_,
 save_state/load_state, get_state_dict), in 2 CPU processes with gloo. accelerate 1.15 never selects FSDP
 for CPU processes, so --force_fsdp 1|2 forces it (uldm.testing.force_fsdp_on_cpu) to run accelerate's real FSDP
 code paths on the CPU. Each process prints one line "RESULT {json}" at the start and one at the end.
 
-    run() { ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 --master_port $1 bench/fsdp_probe.py "${@:2}"; }
+    run() { ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 --master_port $1 docs/fsdp_probe.py "${@:2}"; }
     run 29701 --out /tmp/fsdp/ddp --ema full                                    # DDP reference
     run 29702 --out /tmp/fsdp/f2 --ema full --force_fsdp 2                      # FSDP2, EMA of the full weights
     run 29703 --out /tmp/fsdp/f2r --ema full --force_fsdp 2 --resume /tmp/fsdp/f2/checkpoint-2

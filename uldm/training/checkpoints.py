@@ -10,10 +10,14 @@ Faults (see also `uldm.saving`):
 * A save that fails (full disk, quota, any write error) on any process removes the temporary folder
   at once and stops every process with one `SaveError`; the previous checkpoint stays as it was.
 * `training_state.json` records each file's size and SHA-256 (computed once the files are written;
-  its cost is in docs/benchmarks.md). Resuming verifies them: `latest` skips a damaged checkpoint with
+  its cost is in docs/benchmarks.md), and a SHA-256 of its own content; its global_step must be the step
+  of the folder's name. Resuming verifies them: `latest` skips a damaged checkpoint with
   a warning naming the file and takes the newest intact one; an explicit path that is damaged is an
   InputError naming the file. Checkpoints from before the checksums are checked as far as their
-  formats allow (safetensors headers and sizes, the CRCs of torch's zip files).
+  formats allow (safetensors headers and sizes, the CRCs of torch's zip files, the step in the name).
+
+What a checkpoint holds is named in one place, `CheckpointContents`; the keep-best policy
+(`BestCheckpoint`, --keep_best_checkpoint) decides which one pruning spares.
 """
 
 from __future__ import annotations
@@ -21,19 +25,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
-from .errors import InputError
-from .saving import (
+from ..errors import InputError
+from ..saving import (
     decided_by_main_process, folder_size, human_size, processes_stop_together, warn_if_low_on_space,
     write_json_atomically,
 )
+from .records import METRICS_FILE, read_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +47,7 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "training_state.json"
 TEMP_PREFIX = ".tmp-checkpoint-"
 FILES_KEY = "files"  # in training_state.json: {relative path: {"size": bytes, "sha256": hex}}
+STATE_CHECKSUM_KEY = "state_sha256"  # in training_state.json: `state_checksum` of the rest of it
 CHECKSUM = "sha256"  # hardware-accelerated on most CPUs; `sha256sum` checks a file by hand
 
 
@@ -56,15 +63,86 @@ class TrainingState:
     num_processes: int = 1
 
     def save(self, folder: str | os.PathLike, files: dict | None = None) -> None:
-        """Write training_state.json, with the manifest `files` of the checkpoint's other files if given."""
+        """Write training_state.json, with the manifest `files` of the checkpoint's other files if given, and the
+        checksum of all that (so that an edited digit reads as damage, not as another place to resume from)."""
         data = asdict(self) if files is None else {**asdict(self), FILES_KEY: files}
-        write_json_atomically(Path(folder) / STATE_FILE, data)
+        write_json_atomically(Path(folder) / STATE_FILE, {**data, STATE_CHECKSUM_KEY: state_checksum(data)})
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "TrainingState":
         data = json.loads((Path(folder) / STATE_FILE).read_text())
         known = {key: value for key, value in data.items() if key in cls.__dataclass_fields__}
         return cls(**known)
+
+    def go_on_from(self, saved: "TrainingState", name: str) -> None:
+        """Continue from `saved` (the state of checkpoint `name`): at its exact next batch when the batch size,
+        accumulation and number of processes are this run's, else from the same number of images seen."""
+        self.global_step = saved.global_step
+        self.samples_seen = saved.samples_seen
+        if self._layout() == saved._layout():
+            self.micro_batches = saved.micro_batches
+            return
+        self.micro_batches = math.ceil(saved.samples_seen / (self.train_batch_size * self.num_processes))
+        logger.warning(
+            "The batch size, accumulation or number of processes changed since %s; training goes on "
+            "from the same number of images seen, but the batches will not be the ones an "
+            "uninterrupted run would have seen.", name,
+        )
+
+    def _layout(self) -> tuple[int, int, int]:
+        return self.train_batch_size, self.gradient_accumulation_steps, self.num_processes
+
+
+def state_checksum(data: dict) -> str:
+    """SHA-256 of training_state.json's content but the checksum itself, as canonical JSON (sorted keys, no
+    spaces): independent of how the file is indented."""
+    content = {key: value for key, value in data.items() if key != STATE_CHECKSUM_KEY}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+@dataclass
+class CheckpointContents:
+    """Everything a checkpoint holds, named in one place (the loop registers it with `register` and saves
+    it with `save`).
+
+    accelerate's save_state writes the prepared model(s) and optimiser(s) (their weights passing through
+    `model_hooks`, if given: LoRA keeps only the adapter), the RNG states, and the `registered()` objects,
+    numbered in that order (custom_checkpoint_<i>.pkl). The main process then copies in `extra_files`
+    and writes `state` last (training_state.json, with the manifest and checksums).
+
+    To add a field: a number saying where training stands becomes a field of `TrainingState` (older
+    checkpoints load with its default). An object with state_dict()/load_state_dict() becomes a field here,
+    appended to `registered()` after the others (so earlier checkpoints keep their file numbers; they lack
+    the new file and do not resume into a run that has it), and is given by `build_training_loop`, where the
+    other objects are built. A file becomes one more of `extra_files`.
+    """
+
+    state: TrainingState
+    lr_scheduler: Any
+    ema: Any = None  # diffusers' EMAModel, or None
+    posthoc_ema: Any = None  # uldm.training.posthoc_ema.PowerFunctionEMA, or None
+    model_hooks: tuple[Callable, Callable] | None = None  # (save_state pre-hook, load_state pre-hook)
+    extra_files: tuple[Path, ...] = ()  # copied in as they are, when they exist (the run's arguments)
+
+    def registered(self) -> list:
+        return [obj for obj in (self.lr_scheduler, self.ema, self.posthoc_ema) if obj is not None]
+
+    def register(self, accelerator) -> None:
+        for obj in self.registered():
+            accelerator.register_for_checkpointing(obj)
+        if self.model_hooks is not None:
+            save_hook, load_hook = self.model_hooks
+            accelerator.register_save_state_pre_hook(save_hook)
+            accelerator.register_load_state_pre_hook(load_hook)
+
+    def copy_extra_files(self, folder: Path) -> None:
+        for path in self.extra_files:
+            if path.is_file():
+                shutil.copyfile(path, folder / path.name)
+
+    def save(self, accelerator, output_dir: str | os.PathLike, total_limit: int | None) -> Path:
+        """`save_checkpoint` of all of it; every process must call it."""
+        return save_checkpoint(accelerator, output_dir, self.state, total_limit, write_extra=self.copy_extra_files)
 
 
 def checkpoint_step(path: str | os.PathLike) -> int | None:
@@ -266,23 +344,38 @@ def _format_problem(path: Path) -> str | None:
     return None
 
 
+def state_problems(folder: Path, data: dict) -> list[str]:
+    """What is wrong with training_state.json's content `data`: its own checksum (absent in older checkpoints)
+    and its global_step, which must be the step in the folder's name (where there is one)."""
+    problems = []
+    recorded = data.get(STATE_CHECKSUM_KEY)
+    if recorded is not None and recorded != state_checksum(data):
+        problems.append(f"{STATE_FILE} does not match its {CHECKSUM} checksum (changed or damaged since it was saved)")
+    step = checkpoint_step(folder)
+    if step is not None and data.get("global_step") != step:
+        problems.append(f"{STATE_FILE} says global_step {data.get('global_step')}, but the folder is {folder.name}")
+    return problems
+
+
 def checkpoint_problems(folder: str | os.PathLike) -> list[str]:
     """What is wrong with a complete checkpoint folder, each naming the file; [] when it is intact.
 
-    With a manifest: every recorded file exists, has its size and its checksum. Without one (older
-    checkpoints): the model weights exist and every file parses as far as its format can be checked."""
+    training_state.json first (`state_problems`). With a manifest: every recorded file exists, has its size and
+    its checksum. Without one (older checkpoints): the model weights exist and every file parses as far as its
+    format can be checked."""
     folder = Path(folder)
     try:
-        manifest = read_manifest(folder)
+        data = json.loads((folder / STATE_FILE).read_text())
     except (OSError, ValueError) as error:
         return [f"{STATE_FILE} cannot be read ({error})"]
+    problems = state_problems(folder, data)
+    manifest = data.get(FILES_KEY)
     if manifest is None:
         files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != STATE_FILE)
-        problems = [problem for problem in map(_format_problem, files) if problem]
+        problems += [problem for problem in map(_format_problem, files) if problem]
         if not any(p.name.startswith(("model", "pytorch_model")) for p in files):
             problems.append("the model weights (model.safetensors) are missing")
         return problems
-    problems = []
     for relative, record in manifest.items():
         path = folder / relative
         if not path.is_file():
@@ -384,7 +477,7 @@ def unloadable_file(folder: str | os.PathLike) -> str | None:
 def _load_on_every_process(accelerator, path: Path) -> list[tuple[int, tuple[str, str]]]:
     """accelerate.load_state on every process; [(rank, (kind, text))] of those that failed, where kind
     is "damaged" (a file does not load) or "mismatch" (the files load, but not into this run)."""
-    from .saving import agree_on_failures
+    from ..saving import agree_on_failures
 
     try:
         accelerator.load_state(str(path))
@@ -447,17 +540,6 @@ def restore_checkpoint(accelerator, resume_from_checkpoint: str | None, output_d
     return None
 
 
-def final_save_remedy(output_dir: str | os.PathLike) -> str:
-    """What to do when the trained model could not be written at the end of a run: resume from the newest
-    checkpoint (at the end of a run with --checkpointing_steps, that of the last step: nothing is trained again)."""
-    latest = latest_checkpoint(output_dir)
-    if latest is not None:
-        return (f"Free some space there, then run the same command plus --resume_from_checkpoint latest: it loads "
-                f"{latest.name} and writes the model again (training only the steps after it, if any).")
-    return ("Free some space there and run again (without --checkpointing_steps there is no checkpoint "
-            "to write the model from).")
-
-
 # --------------------------------------------------------------------------------------------
 # Checkpoints kept whatever the limit (--keep_best_checkpoint)
 
@@ -486,3 +568,55 @@ def protected_steps(output_dir: str | os.PathLike) -> set[int]:
     except (ValueError, KeyError, TypeError) as error:
         logger.warning("Ignoring %s (%s): no checkpoint is protected from pruning.", path, error)
         return set()
+
+
+class BestCheckpoint:
+    """Validation.keep_best's policy: the checkpoint of the best (lowest) value of the metric `key` so far is
+    protected from pruning (saved at that step if none was due there); `best` is its (step, value)."""
+
+    def __init__(self, key: str | None, output_dir: str | os.PathLike, total_limit: int | None):
+        self.key = key
+        self.output_dir = Path(output_dir)
+        self.total_limit = total_limit
+        self.best: tuple[int, float] | None = None
+
+    def find(self, global_step: int) -> None:
+        """On (re)start, main process: the best validation so far in metrics.jsonl, among the steps up to where
+        training goes on whose checkpoint exists; its record is rewritten to match."""
+        key = self.key
+        if key is None:
+            return
+        rows = read_metrics(self.output_dir, having=key) if (self.output_dir / METRICS_FILE).exists() else []
+        rows = [row for row in rows if 0 < row["step"] <= global_step
+                and isinstance(row[key], (int, float)) and math.isfinite(row[key])
+                and (self.output_dir / f"checkpoint-{row['step']}").is_dir()]
+        if rows:
+            row = min(rows, key=lambda row: row[key])
+            self.best = (row["step"], row[key])
+            protect_checkpoint(self.output_dir, row["step"], **{key: row[key]})
+        else:
+            unprotect_checkpoints(self.output_dir)
+
+    def after_validation(self, accelerator, step: int, metrics: dict | None, save: Callable[[], Any]) -> None:
+        """A new best value in `metrics` (the validation of `step`; None if it did not run there) protects this
+        step's checkpoint, calling `save()` first if none was due at this step. Every process takes part (the
+        save is collective); the main process decides."""
+        if self.key is None or step == 0:
+            return
+
+        def decide() -> tuple[bool, bool, float | None]:
+            value = (metrics or {}).get(self.key)
+            new_best = value is not None and math.isfinite(value) and (self.best is None or value < self.best[1])
+            return new_best, (self.output_dir / f"checkpoint-{step}").is_dir(), value
+
+        new_best, has_checkpoint, value = decided_by_main_process(accelerator, decide)
+        if not new_best:
+            return
+        if not has_checkpoint:
+            save()
+        if accelerator.is_main_process:
+            self.best = (step, value)
+            protect_checkpoint(self.output_dir, step, **{self.key: value})
+            prune_checkpoints(self.output_dir, self.total_limit)  # the previous best may go now
+            logger.info("Best %s so far (%.4g) at step %d: checkpoint-%d is kept from pruning.",
+                        self.key, value, step, step)
