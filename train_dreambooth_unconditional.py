@@ -10,8 +10,8 @@ With no text prompt, the data is the only handle: training on the instance photo
 distribution towards the subject, and the prior-preservation loss on images sampled from the base
 model (generated into --class_data_dir when missing) keeps its diversity. The VAE is frozen; the
 UNet is fully fine-tuned, or gets a LoRA adapter with --use_lora (only the adapter is saved).
-The output loads like the base model (`UnconditionalLatentPipeline.from_pretrained(output_dir)`), or,
-with --use_lora, as diffusers users load LoRA: `from_pretrained(base)`, then `.load_lora_weights(output_dir)`.
+The output loads like the base model (`uldm.pipeline_loading.load_pipeline(output_dir)`), or, with
+--use_lora, as diffusers users load LoRA: load the base, then `.load_lora_weights(output_dir)`.
 
 Defaults follow diffusers' train_dreambooth.py: 800 steps, learning rate 5e-6 (1e-4 with --use_lora),
 constant schedule, AdamW(0.9, 0.999, weight decay 1e-2). Validation grids (fixed noise; step 0 is the
@@ -309,8 +309,8 @@ from diffusers import DiffusionPipeline
 
 pipe = DiffusionPipeline.from_pretrained("{base}", trust_remote_code=True)
 # or, inside this toolkit's repository (runs no code from the folder; needed for a CompVis LDM base):
-# from pipeline_latent_uncond import UnconditionalLatentPipeline
-# pipe = UnconditionalLatentPipeline.from_pretrained("{base}")
+# from uldm.pipeline_loading import load_pipeline
+# pipe = load_pipeline("{base}")
 pipe.load_lora_weights("{location}")
 images = pipe(batch_size=4, num_inference_steps=50).images
 

@@ -68,7 +68,7 @@ def test_the_origin_reports_command_runs_unchanged_and_saves_images_and_model_ev
         few_images, tiny_vae_dir, tmp_path, monkeypatch, caplog):
     """The origin report's command (scaled down: tiny models, 8 images, 4 epochs) with the other flags of diffusers'
     train_unconditional.py: grids and pipelines of epochs 2 and 4, told apart by step and by their model card."""
-    from pipeline_latent_uncond import UnconditionalLatentPipeline
+    from uldm.pipeline_loading import load_pipeline
 
     out = tmp_path / "outputs"
     saves = keep_each_save(monkeypatch, LATENT, tmp_path / "saves")
@@ -104,7 +104,7 @@ def test_the_origin_reports_command_runs_unchanged_and_saves_images_and_model_ev
     assert any(not torch.equal(first[k], last[k]) for k in first), "epoch 4's weights replace epoch 2's"
     assert all(torch.equal(last[k], v) for k, v in load_file(out / UNET_WEIGHTS).items())
     for save in saves:
-        pipeline = UnconditionalLatentPipeline.from_pretrained(save)
+        pipeline = load_pipeline(save)
         assert pipeline(batch_size=1, num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "no half-finished save left behind"
     assert sorted(p.name for p in out.glob("card_*.png")) == ["card_validation_0000008.png"], "only the card's image"
@@ -189,7 +189,7 @@ def test_a_diffusers_dreambooth_command_without_prompts_runs_with_its_flags(vari
                                                                             expect_input_error):
     from diffusers.optimization import get_scheduler
 
-    from pipeline_latent_uncond import UnconditionalLatentPipeline
+    from uldm.pipeline_loading import load_pipeline
 
     instance, class_dir, out = tmp_path / "me", tmp_path / "class", tmp_path / "dreambooth-me"
     make_blob_images(instance, 5, seed=3)
@@ -224,7 +224,7 @@ def test_a_diffusers_dreambooth_command_without_prompts_runs_with_its_flags(vari
     assert (recorded["offset_noise"], recorded["num_epochs"], recorded["validation_scheduler"]) == (
         0.1, 2, "dpmsolver++")
 
-    tuned = UnconditionalLatentPipeline.from_pretrained(out)
+    tuned = load_pipeline(out)
     assert tuned(batch_size=1, num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
     card = ModelCard.load(out / "README.md")
     assert "dreambooth" in card.data.tags and card.data.base_model is None, "a local base is named in the text only"

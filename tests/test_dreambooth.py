@@ -103,13 +103,13 @@ def subject_latent_distance(pipeline, instance_dir: Path, num_samples: int = 8) 
 
 
 def test_fine_tuning_moves_samples_towards_the_subject_and_saves_a_loadable_pipeline(base_dir, instance_dir, tmp_path):
-    from pipeline_latent_uncond import UnconditionalLatentPipeline
+    from uldm.pipeline_loading import load_pipeline
 
     out = tmp_path / "full"
     run_script(SCRIPT, db_args(base_dir, instance_dir, out, max_train_steps=30, validation_steps=15))
 
-    base = UnconditionalLatentPipeline.from_pretrained(base_dir)
-    tuned = UnconditionalLatentPipeline.from_pretrained(out)
+    base = load_pipeline(base_dir)
+    tuned = load_pipeline(out)
     assert tuned.latent_scale == pytest.approx(base.latent_scale)
     # the base is an epsilon model (the trainers' default before v_prediction): it is fine-tuned and saved as one
     assert base.scheduler.config.prediction_type == tuned.scheduler.config.prediction_type == "epsilon"
@@ -135,7 +135,7 @@ def test_fine_tuning_moves_samples_towards_the_subject_and_saves_a_loadable_pipe
 def test_validation_scores_dino_and_clip_i_of_the_samples_and_the_card_shows_them(base_dir, instance_dir, tmp_path):
     from test_subject_similarity import save_tiny_clip, save_tiny_vit
 
-    from pipeline_latent_uncond import UnconditionalLatentPipeline
+    from uldm.pipeline_loading import load_pipeline
     from uldm.latents import pipeline_scaling
     from uldm.images import list_image_files
     from uldm.sampling import build_pipeline
@@ -154,7 +154,7 @@ def test_validation_scores_dino_and_clip_i_of_the_samples_and_the_card_shows_the
         assert -1 <= row["dino"] <= 1 and 0 <= row["div_dino"] <= 2
 
     # Step 0 scores the base model's samples from the validation noise against the photos.
-    base = UnconditionalLatentPipeline.from_pretrained(base_dir)
+    base = load_pipeline(base_dir)
     noise = fixed_validation_noise(4, latent_shape(base.vae, RESOLUTION), seed=0, device="cpu")
     sampler = build_pipeline(base.unet, base.vae, pipeline_scaling(base), base.scheduler.config, "dpmsolver++")
     with torch.no_grad():
@@ -316,7 +316,7 @@ def test_schedule_levers_dreambooth_cannot_carry_are_refused(base_dir, v_predict
 
 def test_lora_resumes_exactly_and_its_small_adapter_reproduces_the_samples(base_dir, instance_dir, tmp_path,
                                                                              sigterm_after_step):
-    from pipeline_latent_uncond import UnconditionalLatentPipeline
+    from uldm.pipeline_loading import load_pipeline
     from uldm.lora import load_pipeline_or_adapter
     from uldm.sampling import make_scheduler
     from uldm.validation import fixed_validation_noise, image_grid
@@ -365,8 +365,8 @@ def test_lora_resumes_exactly_and_its_small_adapter_reproduces_the_samples(base_
         return np.asarray(image_grid(images), dtype=np.int16)
 
     final_grid = np.asarray(Image.open(straight / "samples" / "validation_0000004.png"), dtype=np.int16)
-    base_grid = grid_of(UnconditionalLatentPipeline.from_pretrained(base_dir))
-    with_lora = UnconditionalLatentPipeline.from_pretrained(base_dir)
+    base_grid = grid_of(load_pipeline(base_dir))
+    with_lora = load_pipeline(base_dir)
     with_lora.load_lora_weights(straight)
     assert with_lora.unet.peft_config["default_0"].r == 4  # the rank comes back from the file's metadata
     with_adapter = grid_of(with_lora)

@@ -126,7 +126,7 @@ def tensorboard_scalars(log_dir, tag: str) -> list[tuple[int, float]]:
 
 
 def test_fid_is_logged_at_each_validation_and_falls_as_the_model_learns(pooling_vae_dir, tmp_path):
-    from pipeline_latent_uncond import UnconditionalLatentPipeline
+    from uldm.pipeline_loading import load_pipeline
 
     images, out = tmp_path / "images", tmp_path / "out"
     make_blob_images(images, 24)
@@ -143,7 +143,7 @@ def test_fid_is_logged_at_each_validation_and_falls_as_the_model_learns(pooling_
     (cached,) = (out / "fid_reference").glob("reference-*.safetensors")
     reference = fid.load_stored_features(cached, fid.RandomConvFeatures())
     assert reference.shape[0] == 24
-    pipeline = UnconditionalLatentPipeline.from_pretrained(out)
+    pipeline = load_pipeline(out)
     pipeline.set_progress_bar_config(disable=True)
     scorer = FidScorer(fid.RandomConvFeatures(), reference, num_images=24, num_inference_steps=5)
     assert scorer.score(pipeline)["fid"] == pytest.approx(fids[-1], rel=1e-4)

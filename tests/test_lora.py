@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 from conftest import REPO_ROOT, build_tiny_kl_vae, build_tiny_unet
 from pipeline_latent_uncond import UnconditionalLatentPipeline
+from uldm.pipeline_loading import load_pipeline
 
 peft = pytest.importorskip("peft")
 
@@ -151,8 +152,7 @@ def test_fuse_unfuse_unload_and_saving_the_fused_pipeline(adapter, tmp_path):
     assert not any(isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer) for m in fused.unet.modules())
     np.testing.assert_allclose(sample(fused), at_half, atol=1e-5)
     fused.save_pretrained(tmp_path / "merged")
-    np.testing.assert_allclose(sample(UnconditionalLatentPipeline.from_pretrained(tmp_path / "merged")), at_half,
-                               atol=1e-5)
+    np.testing.assert_allclose(sample(load_pipeline(tmp_path / "merged")), at_half, atol=1e-5)
     with pytest.raises(ValueError, match="text_encoder is not found"):
         fused.fuse_lora(components=["text_encoder"])
 

@@ -160,13 +160,13 @@ def test_zero_snr_betas_end_in_pure_noise():
 
 
 def test_a_zero_snr_model_is_saved_and_sampled_with_trailing_spacing(zero_snr_model, tmp_path):
-    from pipeline_latent_uncond import UnconditionalLatentPipeline
+    from uldm.pipeline_loading import load_pipeline
     from uldm.sampling import SCHEDULER_NAMES, make_scheduler
 
     config = json.loads((zero_snr_model / "scheduler" / "scheduler_config.json").read_text())
     assert (config["rescale_betas_zero_snr"], config["timestep_spacing"], config["prediction_type"]) == (
         True, "trailing", "v_prediction")
-    pipeline = UnconditionalLatentPipeline.from_pretrained(zero_snr_model)
+    pipeline = load_pipeline(zero_snr_model)
     for name in SCHEDULER_NAMES:  # every sampler of sample.py --scheduler starts at the pure-noise timestep
         scheduler = make_scheduler(name, pipeline.scheduler.config)
         scheduler.set_timesteps(10)
@@ -181,7 +181,7 @@ def test_a_zero_snr_model_is_saved_and_sampled_with_trailing_spacing(zero_snr_mo
 
 def test_dreambooth_on_a_zero_snr_base_keeps_v_prediction_and_the_rescaled_betas(zero_snr_model, train_images,
                                                                                   tmp_path):
-    from pipeline_latent_uncond import UnconditionalLatentPipeline
+    from uldm.pipeline_loading import load_pipeline
     from uldm.dreambooth import load_base_pipeline, training_noise_scheduler
 
     scheduler = training_noise_scheduler(load_base_pipeline(str(zero_snr_model)).scheduler)
@@ -193,7 +193,7 @@ def test_dreambooth_on_a_zero_snr_base_keeps_v_prediction_and_the_rescaled_betas
         "train_batch_size": 2, "max_train_steps": 2, "learning_rate": 1e-4, "validation_steps": 0,
         "num_validation_images": 2, "validation_inference_steps": 2, "checkpointing_steps": 0,
         "report_to": "none", "snr_gamma": 5.0}))
-    saved = UnconditionalLatentPipeline.from_pretrained(out).scheduler.config
+    saved = load_pipeline(out).scheduler.config
     assert (saved["rescale_betas_zero_snr"], saved["timestep_spacing"], saved["prediction_type"]) == (
         True, "trailing", "v_prediction")
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()

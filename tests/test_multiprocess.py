@@ -90,7 +90,7 @@ def test_fsdp2_trains_as_ddp_resumes_exactly_and_saves_a_loadable_pipeline(train
 
     from safetensors.torch import load_file
 
-    from pipeline_latent_uncond import UnconditionalLatentPipeline
+    from uldm.pipeline_loading import load_pipeline
 
     fsdp, resumed, ddp = tmp_path / "fsdp", tmp_path / "resumed", tmp_path / "ddp"
     force = {"ULDM_TEST_FORCE_FSDP": "2"}
@@ -120,7 +120,7 @@ def test_fsdp2_trains_as_ddp_resumes_exactly_and_saves_a_loadable_pipeline(train
     assert worst(weights(fsdp), weights(resumed)) == 0.0  # the saved EMA
     assert worst(weights(fsdp), weights(ddp)) < 1e-5  # reduction order differs
     assert (fsdp / "samples" / "validation_0000002.png").is_file() and (fsdp / "samples" / "validation_0000004.png").is_file()
-    pipeline = UnconditionalLatentPipeline.from_pretrained(fsdp)
+    pipeline = load_pipeline(fsdp)
     images = pipeline(batch_size=1, num_inference_steps=2, output_type="np").images
     assert images.shape == (1, 32, 32, 3)
 
@@ -198,7 +198,7 @@ def check_fid_is_the_one_process_fid(out: Path, train_images: Path) -> None:
     import pytest
     import torch
 
-    from pipeline_latent_uncond import UnconditionalLatentPipeline
+    from uldm.pipeline_loading import load_pipeline
     from uldm.metrics import fid
     from uldm.data import ImageFolderDataset, Preprocessing
     from uldm.metrics.fid_validation import FidScorer
@@ -212,7 +212,7 @@ def check_fid_is_the_one_process_fid(out: Path, train_images: Path) -> None:
                                                        Preprocessing(32, center_crop=True)))
     alone = fid.extract_features(reference, fid.RandomConvFeatures(), batch_size=5)
     torch.testing.assert_close(shared, alone, rtol=1e-5, atol=1e-6)
-    pipeline = UnconditionalLatentPipeline.from_pretrained(out)  # the EMA weights of step 6, as validated
+    pipeline = load_pipeline(out)  # the EMA weights of step 6, as validated
     pipeline.set_progress_bar_config(disable=True)
     scorer = FidScorer(fid.RandomConvFeatures(), alone, num_images=7, num_inference_steps=2, batch_size=3)
     assert scorer.score(pipeline)["fid"] == pytest.approx(rows[-1]["fid"], rel=1e-4)

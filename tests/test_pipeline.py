@@ -24,6 +24,7 @@ from diffusers import (
 
 from conftest import REPO_ROOT, build_tiny_kl_vae, build_tiny_unet, build_tiny_vq_vae
 from pipeline_latent_uncond import UnconditionalLatentPipeline
+from uldm.pipeline_loading import load_pipeline
 
 STEPS = 2
 SCHEDULERS = [
@@ -335,19 +336,28 @@ def test_saved_folder_loads_and_samples_in_a_clean_process_and_our_loader_never_
     np.testing.assert_allclose(np.load(out), expected, atol=1e-5)  # other thread count
 
     # Would raise if it ran the copy; trust_remote_code (diffusers' permission) has nothing to allow here.
-    loaded = UnconditionalLatentPipeline.from_pretrained(poisoned, trust_remote_code=True)
+    loaded = load_pipeline(poisoned, trust_remote_code=True)
     loaded.set_progress_bar_config(disable=True)
     assert type(loaded) is UnconditionalLatentPipeline and loaded.latent_scale == 0.7
     assert not [name for name in sys.modules if name.startswith("diffusers_modules")]
     np.testing.assert_allclose(sample_np(loaded, seed=0), expected, atol=1e-5)  # same weights, other memory
 
 
+def test_the_class_own_from_pretrained_is_diffusers_and_loads_a_saved_folder_as_this_class(tmp_path):
+    """diffusers' loader, asked of the class itself, uses the class at hand (as for diffusers' own pipelines)
+    instead of importing the folder's copy of the file, which it would refuse without trust_remote_code."""
+    pipe = make_kl_pipeline(DDIMScheduler, latent_scaling_factor=0.7)
+    folder = saved_pipeline(tmp_path, pipe)
+    (folder / "pipeline_latent_uncond.py").write_text('raise RuntimeError("marker: folder code executed")\n')
+    assert "from_pretrained" not in vars(UnconditionalLatentPipeline)
+    loaded = UnconditionalLatentPipeline.from_pretrained(folder)
+    assert type(loaded) is UnconditionalLatentPipeline and loaded.latent_scale == 0.7
+    np.testing.assert_allclose(sample_np(loaded, seed=0), sample_np(pipe, seed=0), atol=1e-5)
+
 def test_from_pretrained_options_override_saved_values(tmp_path):
     folder = saved_pipeline(tmp_path)
     custom_scheduler = DDPMScheduler(clip_sample=False)
-    loaded = UnconditionalLatentPipeline.from_pretrained(
-        folder, latent_scaling_factor=0.25, scheduler=custom_scheduler, torch_dtype=torch.bfloat16
-    )
+    loaded = load_pipeline(folder, latent_scaling_factor=0.25, scheduler=custom_scheduler, torch_dtype=torch.bfloat16)
     assert loaded.latent_scale == 0.25 and loaded.scheduler is custom_scheduler
     assert loaded.unet.dtype == torch.bfloat16 and loaded.vae.dtype == torch.bfloat16
 
@@ -376,7 +386,7 @@ def write_compvis_ldm_folder(folder: Path) -> tuple[UNet2DModel, VQModel]:
 def test_compvis_ldm_layout_loads_with_scale_one_and_decodes_latents_unscaled(tmp_path):
     folder = tmp_path / "ldm-celebahq-like"
     write_compvis_ldm_folder(folder)
-    pipe = UnconditionalLatentPipeline.from_pretrained(folder)
+    pipe = load_pipeline(folder)
     pipe.set_progress_bar_config(disable=True)
     assert isinstance(pipe.vae, VQModel) and isinstance(pipe.scheduler, DDIMScheduler)
     assert pipe.vae.config.scaling_factor == pytest.approx(0.18215)  # what LDMPipeline would divide by
@@ -400,19 +410,19 @@ def test_loader_refuses_folders_that_are_not_unconditional_latent_pipelines(tmp_
         "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "PNDMScheduler"],
     }))
     with pytest.raises(ValueError, match=r"StableDiffusionPipeline.*text_encoder.*not an unconditional"):
-        UnconditionalLatentPipeline.from_pretrained(text_to_image)
+        load_pipeline(text_to_image)
 
     foreign_class = saved_pipeline(tmp_path)
     index = json.loads((foreign_class / "model_index.json").read_text())
     index["unet"] = ["my_package", "UNet2DModel"]
     (foreign_class / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match="only classes from the diffusers library"):
-        UnconditionalLatentPipeline.from_pretrained(foreign_class)
+        load_pipeline(foreign_class)
 
     with pytest.raises(FileNotFoundError, match="not a saved pipeline folder"):
-        UnconditionalLatentPipeline.from_pretrained(tmp_path)
+        load_pipeline(tmp_path)
     with pytest.raises(FileNotFoundError, match="is not a folder"):
-        UnconditionalLatentPipeline.from_pretrained(str(tmp_path / "missing" / "deeper" / "model"))
+        load_pipeline(str(tmp_path / "missing" / "deeper" / "model"))
 
 
 def test_unreachable_hub_id_says_the_machine_may_be_offline():
@@ -421,4 +431,4 @@ def test_unreachable_hub_id_says_the_machine_may_be_offline():
     # conftest forces offline mode before the hub libraries load: the made-up id is never looked up online.
     assert huggingface_hub.constants.HF_HUB_OFFLINE
     with pytest.raises(OSError, match=r"(?s)may be offline.*--local-dir.*HF_HUB_OFFLINE=1"):
-        UnconditionalLatentPipeline.from_pretrained("someone/no-such-unconditional-model")
+        load_pipeline("someone/no-such-unconditional-model")

@@ -1,5 +1,5 @@
-"""UnconditionalLatentPipeline keeps diffusers' pipeline contract: from_pretrained takes the options of
-DiffusionPipeline.from_pretrained and errs and logs like it (without running code from the folder),
+"""UnconditionalLatentPipeline keeps diffusers' pipeline contract: uldm.pipeline_loading.load_pipeline takes the
+options of DiffusionPipeline.from_pretrained and errs and logs like it (without running code from the folder),
 save_pretrained takes diffusers' options, components and config round-trip.
 
 What diffusers' PipelineTesterMixin (tests/pipelines/test_pipelines_common.py) checks, and where it is
@@ -29,7 +29,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from conftest import build_tiny_kl_vae, build_tiny_unet
-from pipeline_latent_uncond import NotAPipelineError, UnconditionalLatentPipeline
+from pipeline_latent_uncond import UnconditionalLatentPipeline
+from uldm.pipeline_loading import NotAPipelineError, load_pipeline
 
 LOADER_LOG = "diffusers.pipelines.pipeline_utils"
 
@@ -88,7 +89,7 @@ def test_pickled_pipeline_loads_back_identical_and_the_loader_logs_every_compone
     pipe.save_pretrained(folder, safe_serialization=False)
     assert sorted(p.name for p in (folder / "unet").iterdir()) == ["config.json", "diffusion_pytorch_model.bin"]
     with captured_log(LOADER_LOG) as records:
-        loaded = UnconditionalLatentPipeline.from_pretrained(folder)
+        loaded = load_pipeline(folder)
     log = messages(records)
     for name, class_name in (("unet", "UNet2DModel"), ("vae", "AutoencoderKL"), ("scheduler", "DDIMScheduler")):
         assert f"Loaded {name} as {class_name} from `{name}` subfolder of {folder}." in log
@@ -102,7 +103,7 @@ def test_variant_is_saved_per_model_and_loaded_per_model(tmp_path):
     for model in ("unet", "vae"):
         assert (folder / model / "diffusion_pytorch_model.fp16.bin").is_file()
     assert not (folder / "unet" / "diffusion_pytorch_model.bin").exists()
-    loaded = UnconditionalLatentPipeline.from_pretrained(folder, variant="fp16")
+    loaded = load_pipeline(folder, variant="fp16")
     for name in ("unet", "vae"):
         original, back = dict(getattr(pipe, name).named_parameters()), dict(getattr(loaded, name).named_parameters())
         assert original.keys() == back.keys()
@@ -111,7 +112,7 @@ def test_variant_is_saved_per_model_and_loaded_per_model(tmp_path):
     # diffusers' rule: each model takes the variant where it has one, the plain weights otherwise.
     build_tiny_kl_vae(seed=5, scaling_factor=0.18215).save_pretrained(folder / "vae", safe_serialization=False)
     (folder / "vae" / "diffusion_pytorch_model.fp16.bin").unlink()
-    mixed = UnconditionalLatentPipeline.from_pretrained(folder, variant="fp16")
+    mixed = load_pipeline(folder, variant="fp16")
     assert torch.equal(mixed.unet.conv_in.weight, pipe.unet.conv_in.weight)
     assert torch.equal(mixed.vae.encoder.conv_in.weight, build_tiny_kl_vae(seed=5).encoder.conv_in.weight)
 
@@ -119,14 +120,14 @@ def test_variant_is_saved_per_model_and_loaded_per_model(tmp_path):
 def test_variant_that_no_model_has_gives_diffusers_error(saved):
     folder, _ = saved
     with pytest.raises(ValueError, match=r"You are trying to load the model files of the `variant=fp16`"):
-        UnconditionalLatentPipeline.from_pretrained(folder, variant="fp16")
+        load_pipeline(folder, variant="fp16")
 
 
 def test_use_safetensors_refuses_pickled_weights(tmp_path):
     folder = tmp_path / "pickled"
     tiny_pipeline().save_pretrained(folder, safe_serialization=False)
     with pytest.raises(OSError, match="diffusion_pytorch_model.safetensors"):
-        UnconditionalLatentPipeline.from_pretrained(folder, use_safetensors=True)
+        load_pipeline(folder, use_safetensors=True)
 
 
 def test_push_to_hub_uploads_the_folder_with_its_pipeline_file(tmp_path, monkeypatch):
@@ -157,7 +158,7 @@ def test_push_to_hub_uploads_the_folder_with_its_pipeline_file(tmp_path, monkeyp
 
 def test_components_and_parameters_rebuild_the_pipeline(saved):
     folder, expected = saved
-    pipe = UnconditionalLatentPipeline.from_pretrained(folder)
+    pipe = load_pipeline(folder)
     assert set(pipe.components) == {"unet", "vae", "scheduler"}
     assert pipe.parameters == {"latent_scaling_factor": pytest.approx(0.18215), "latent_shift_factor": 0.0}
     rebuilt = UnconditionalLatentPipeline(**pipe.components, **pipe.parameters)
@@ -181,15 +182,15 @@ def test_to_dtype_moves_every_model():
 
 def test_dtype_for_all_models_and_its_older_name_torch_dtype(saved):
     folder, expected = saved
-    as_bf16 = UnconditionalLatentPipeline.from_pretrained(folder, dtype=torch.bfloat16)
+    as_bf16 = load_pipeline(folder, dtype=torch.bfloat16)
     assert model_dtypes(as_bf16) == {"unet": torch.bfloat16, "vae": torch.bfloat16}
-    older_name = UnconditionalLatentPipeline.from_pretrained(folder, torch_dtype=torch.bfloat16)
+    older_name = load_pipeline(folder, torch_dtype=torch.bfloat16)
     assert model_dtypes(older_name) == {"unet": torch.bfloat16, "vae": torch.bfloat16}
     assert np.abs(sample(as_bf16) - expected).max() < 0.1  # the same model, in lower precision
     with pytest.raises(ValueError, match="both `dtype` and `torch_dtype`"):
-        UnconditionalLatentPipeline.from_pretrained(folder, dtype=torch.float16, torch_dtype=torch.float16)
+        load_pipeline(folder, dtype=torch.float16, torch_dtype=torch.float16)
     with captured_log(LOADER_LOG, logging.WARNING) as records:
-        not_a_dtype = UnconditionalLatentPipeline.from_pretrained(folder, dtype="half")
+        not_a_dtype = load_pipeline(folder, dtype="half")
     assert "is not a `torch.dtype`. Defaulting to `torch.float32`" in messages(records)
     assert model_dtypes(not_a_dtype) == {"unet": torch.float32, "vae": torch.float32}
 
@@ -197,9 +198,9 @@ def test_dtype_for_all_models_and_its_older_name_torch_dtype(saved):
 def test_dtype_per_component_with_a_default(saved):
     folder, _ = saved
     per_component = {"unet": torch.bfloat16, "default": torch.float16}
-    mixed = UnconditionalLatentPipeline.from_pretrained(folder, dtype=per_component)
+    mixed = load_pipeline(folder, dtype=per_component)
     assert model_dtypes(mixed) == {"unet": torch.bfloat16, "vae": torch.float16}
-    no_default = UnconditionalLatentPipeline.from_pretrained(folder, dtype={"vae": torch.bfloat16})
+    no_default = load_pipeline(folder, dtype={"vae": torch.bfloat16})
     assert model_dtypes(no_default) == {"unet": torch.float32, "vae": torch.bfloat16}
 
 
@@ -208,36 +209,35 @@ def test_dtype_per_component_with_a_default(saved):
 
 def test_device_map_to_one_device_gives_the_same_samples(saved):
     folder, expected = saved
-    on_cpu = UnconditionalLatentPipeline.from_pretrained(folder, device_map="cpu")
+    on_cpu = load_pipeline(folder, device_map="cpu")
     assert on_cpu.hf_device_map == "cpu" and on_cpu.unet.device.type == "cpu"
     np.testing.assert_allclose(sample(on_cpu), expected, atol=1e-6)
-    balanced = UnconditionalLatentPipeline.from_pretrained(folder, device_map="balanced")  # no accelerator: as is
+    balanced = load_pipeline(folder, device_map="balanced")  # no accelerator: as is
     np.testing.assert_allclose(sample(balanced), expected, atol=1e-6)
 
 
 def test_device_map_and_low_cpu_mem_usage_errors_are_diffusers(saved):
     folder, expected = saved
     with pytest.raises(NotImplementedError, match="auto not supported. Supported strategies are: balanced"):
-        UnconditionalLatentPipeline.from_pretrained(folder, device_map="auto")
+        load_pipeline(folder, device_map="auto")
     with pytest.raises(ValueError, match="`device_map` must be a string"):
-        UnconditionalLatentPipeline.from_pretrained(folder, device_map={"unet": "cpu"})
+        load_pipeline(folder, device_map={"unet": "cpu"})
     with pytest.raises(ValueError, match="cannot set `low_cpu_mem_usage` to False while using device_map"):
-        UnconditionalLatentPipeline.from_pretrained(folder, device_map="cpu", low_cpu_mem_usage=False)
-    slow = UnconditionalLatentPipeline.from_pretrained(folder, low_cpu_mem_usage=False)
+        load_pipeline(folder, device_map="cpu", low_cpu_mem_usage=False)
+    slow = load_pipeline(folder, low_cpu_mem_usage=False)
     np.testing.assert_allclose(sample(slow), expected, atol=1e-6)
 
 
 def test_options_that_name_code_or_files_diffusers_dropped_are_refused_and_unknown_ones_warned_about(saved):
     folder, expected = saved
     with pytest.raises(ValueError, match="custom_pipeline='my_pipeline' names code to run"):
-        UnconditionalLatentPipeline.from_pretrained(folder, custom_pipeline="my_pipeline")
+        load_pipeline(folder, custom_pipeline="my_pipeline")
     with pytest.raises(ValueError, match="DDUF files is no longer supported"):
-        UnconditionalLatentPipeline.from_pretrained(folder, dduf_file="model.dduf")
+        load_pipeline(folder, dduf_file="model.dduf")
     with pytest.raises(ValueError, match="must be an instance of `PipelineQuantizationConfig`"):
-        UnconditionalLatentPipeline.from_pretrained(folder, quantization_config={"load_in_8bit": True})
+        load_pipeline(folder, quantization_config={"load_in_8bit": True})
     with captured_log(LOADER_LOG, logging.WARNING) as records:
-        pipe = UnconditionalLatentPipeline.from_pretrained(folder, not_an_option=1, trust_remote_code=True,
-                                                           disable_mmap=True, force_download=True)
+        pipe = load_pipeline(folder, not_an_option=1, trust_remote_code=True, disable_mmap=True, force_download=True)
     assert "Keyword arguments {'not_an_option': 1} are not expected by UnconditionalLatentPipeline and will be " \
            "ignored." in messages(records)
     np.testing.assert_allclose(sample(pipe), expected, atol=1e-6)
@@ -248,7 +248,7 @@ def test_components_passed_in_are_used_as_they_are(saved):
     vae = build_tiny_kl_vae(seed=3, scaling_factor=0.18215)
     scheduler = DDPMScheduler(clip_sample=False)
     with captured_log(LOADER_LOG) as records:
-        pipe = UnconditionalLatentPipeline.from_pretrained(folder, vae=vae, scheduler=scheduler, dtype=torch.bfloat16)
+        pipe = load_pipeline(folder, vae=vae, scheduler=scheduler, dtype=torch.bfloat16)
     assert pipe.vae is vae and pipe.scheduler is scheduler and pipe.vae.dtype == torch.float32
     assert pipe.unet.dtype == torch.bfloat16
     assert "Loaded unet as" in messages(records) and "Loaded vae as" not in messages(records)
@@ -257,15 +257,15 @@ def test_components_passed_in_are_used_as_they_are(saved):
 def test_a_pipeline_in_a_subfolder_loads(tmp_path, saved):
     folder, expected = saved
     shutil.copytree(folder, tmp_path / "repo" / "pipelines" / "tiny")
-    pipe = UnconditionalLatentPipeline.from_pretrained(tmp_path / "repo", subfolder="pipelines/tiny")
+    pipe = load_pipeline(tmp_path / "repo", subfolder="pipelines/tiny")
     np.testing.assert_allclose(sample(pipe), expected, atol=1e-6)
 
 
 def test_missing_folder_is_both_diffusers_value_error_and_a_file_not_found_error(tmp_path):
     with pytest.raises(ValueError, match="is not a folder"):
-        UnconditionalLatentPipeline.from_pretrained(str(tmp_path / "a" / "b" / "c"))
+        load_pipeline(str(tmp_path / "a" / "b" / "c"))
     with pytest.raises(NotAPipelineError) as error:
-        UnconditionalLatentPipeline.from_pretrained(tmp_path)
+        load_pipeline(tmp_path)
     assert isinstance(error.value, FileNotFoundError) and isinstance(error.value, ValueError)
 
 
@@ -288,17 +288,16 @@ def fake_hub_cache(cache_dir: Path, repo_id: str, pipeline_folder: Path, subfold
 def test_hub_id_loads_from_the_cache_offline_without_running_its_code(tmp_path, saved):
     folder, expected = saved
     fake_hub_cache(tmp_path / "cache", "someone/tiny-uldm", folder)
-    pipe = UnconditionalLatentPipeline.from_pretrained("someone/tiny-uldm", cache_dir=tmp_path / "cache")
+    pipe = load_pipeline("someone/tiny-uldm", cache_dir=tmp_path / "cache")
     assert type(pipe) is UnconditionalLatentPipeline and pipe.name_or_path == "someone/tiny-uldm"
     np.testing.assert_allclose(sample(pipe), expected, atol=1e-6)
 
     fake_hub_cache(tmp_path / "cache2", "someone/collection", folder, subfolder="tiny")
-    in_subfolder = UnconditionalLatentPipeline.from_pretrained("someone/collection", subfolder="tiny",
-                                                               cache_dir=tmp_path / "cache2", local_files_only=True)
+    in_subfolder = load_pipeline("someone/collection", subfolder="tiny", cache_dir=tmp_path / "cache2",
+                                 local_files_only=True)
     np.testing.assert_allclose(sample(in_subfolder), expected, atol=1e-6)
     with pytest.raises(OSError, match="may be offline"):
-        UnconditionalLatentPipeline.from_pretrained("someone/tiny-uldm", cache_dir=tmp_path / "cache",
-                                                    revision="no-such-branch")
+        load_pipeline("someone/tiny-uldm", cache_dir=tmp_path / "cache", revision="no-such-branch")
 
 
 def test_online_download_fetches_one_format_and_variant_and_never_a_python_file(saved, monkeypatch):
@@ -325,15 +324,14 @@ def test_online_download_fetches_one_format_and_variant_and_never_a_python_file(
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     configs = ["model_index.json", "scheduler/scheduler_config.json", "unet/config.json", "vae/config.json"]
 
-    pipe = UnconditionalLatentPipeline.from_pretrained("someone/tiny-uldm")
+    pipe = load_pipeline("someone/tiny-uldm")
     np.testing.assert_allclose(sample(pipe), expected, atol=1e-6)
     assert requests[-1] == (sorted(configs + [f"unet/{weights}.safetensors", f"vae/{weights}.safetensors"]),
                             ["*.py", "*.pyc"], False)
     with pytest.raises(ValueError, match="variant=fp16"):  # the saved folder has no fp16 files
-        UnconditionalLatentPipeline.from_pretrained("someone/tiny-uldm", variant="fp16")
+        load_pipeline("someone/tiny-uldm", variant="fp16")
     assert requests[-1][0] == sorted(configs + [f"unet/{weights}.fp16.safetensors", f"vae/{weights}.safetensors"])
     with pytest.raises(OSError, match=r"diffusion_pytorch_model\.bin"):  # and it has no .bin files
-        UnconditionalLatentPipeline.from_pretrained("someone/tiny-uldm", use_safetensors=False,
-                                                    vae=build_tiny_kl_vae(scaling_factor=0.18215))
+        load_pipeline("someone/tiny-uldm", use_safetensors=False, vae=build_tiny_kl_vae(scaling_factor=0.18215))
     assert requests[-1][0] == sorted(["model_index.json", "scheduler/scheduler_config.json", "unet/config.json",
                                       f"unet/{weights}.bin"])

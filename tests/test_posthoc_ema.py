@@ -270,16 +270,16 @@ def run_synthesize(argv):
 
 def test_script_writes_a_loadable_pipeline_per_sigma_rel(saved_run, tmp_path):
     """(e)"""
-    from pipeline_latent_uncond import UnconditionalLatentPipeline
+    from uldm.pipeline_loading import load_pipeline
 
     run_dir, tracker = saved_run
     out = tmp_path / "phema"
     run_synthesize([run_dir, "--sigma_rel", 0.05, 0.08, "--output_dir", out])
-    original = UnconditionalLatentPipeline.from_pretrained(run_dir)
+    original = load_pipeline(run_dir)
     (expected_08,) = synthesize_state_dicts(list_snapshots(run_dir / "ema_snapshots"), [0.08])
     for sigma_rel, expected in ((0.05, tracker.averaged_state_dict(0.05)), (0.08, expected_08.state_dict)):
         folder = out / f"sigma_rel_{sigma_rel:g}"
-        pipeline = UnconditionalLatentPipeline.from_pretrained(folder)
+        pipeline = load_pipeline(folder)
         torch.testing.assert_close(flat(pipeline.unet.state_dict()), flat(expected), rtol=1e-6, atol=1e-7)
         assert not torch.equal(flat(pipeline.unet.state_dict()), flat(original.unet.state_dict()))
         assert torch.equal(flat(pipeline.vae.state_dict()), flat(original.vae.state_dict()))
@@ -324,7 +324,7 @@ def test_sweep_scores_each_ema_by_fid_and_keeps_the_lowest(saved_run, tmp_path, 
     import shutil
 
     from conftest import make_blob_images
-    from pipeline_latent_uncond import UnconditionalLatentPipeline
+    from uldm.pipeline_loading import load_pipeline
     from uldm.metrics import fid
     from uldm.metrics.fid_validation import FidScorer, PipelineFid
 
@@ -353,7 +353,7 @@ def test_sweep_scores_each_ema_by_fid_and_keeps_the_lowest(saved_run, tmp_path, 
     (cached,) = (run_dir / "fid_reference").glob("reference-*.safetensors")
     reference = fid.load_stored_features(cached, fid.RandomConvFeatures())
     assert len(reference) == 16
-    kept = UnconditionalLatentPipeline.from_pretrained(out / f"sigma_rel_{best:g}")
+    kept = load_pipeline(out / f"sigma_rel_{best:g}")
     kept.set_progress_bar_config(disable=True)
     scorer = FidScorer(fid.RandomConvFeatures(), reference, num_images=12, num_inference_steps=2)
     assert PipelineFid(scorer, "dpmsolver++")(kept) == pytest.approx(scores[best], rel=1e-4)

@@ -17,6 +17,7 @@ import sample as sample_script
 from conftest import REPO_ROOT, build_tiny_kl_vae, build_tiny_unet, subprocess_env, venv_bin
 from pipeline_latent_uncond import UnconditionalLatentPipeline
 from uldm.diffusion import build_noise_scheduler
+from uldm.pipeline_loading import load_pipeline
 from uldm.sampling import (
     SCHEDULER_NAMES,
     generators_for_indices,
@@ -221,7 +222,7 @@ def test_npz_refuses_an_incomplete_folder(tmp_path):
 def test_a_lora_output_is_sampled_as_its_base_with_the_adapter(saved_pipeline, one_process_run, tmp_path):
     from uldm.lora import add_lora_adapter, lora_target_modules, save_lora_result
 
-    unet = UnconditionalLatentPipeline.from_pretrained(saved_pipeline).unet
+    unet = load_pipeline(saved_pipeline).unet
     add_lora_adapter(unet, rank=2, alpha=None, target_modules=lora_target_modules("attention+conv"))
     with torch.no_grad():
         for name, parameter in unet.named_parameters():

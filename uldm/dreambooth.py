@@ -30,6 +30,7 @@ from .diffusion import NO_LEVERS, LossConfig, per_sample_loss, schedule_levers, 
 from .metrics.distances import mean_pairwise_distance, nearest_distances
 from .errors import InputError
 from .images import list_image_files
+from .pipeline_loading import load_pipeline
 from .sampling import with_sampler, write_samples
 from .vae import downsample_factor
 
@@ -51,7 +52,7 @@ def load_base_pipeline(name_or_path: str, revision: str | None = None,
     if torch_dtype is not None:
         options["dtype"] = torch_dtype  # diffusers >= 0.40 name; torch_dtype is deprecated there
     try:
-        pipeline = UnconditionalLatentPipeline.from_pretrained(name_or_path, **options)
+        pipeline = load_pipeline(name_or_path, **options)
     except (OSError, ValueError, TypeError) as error:
         raise InputError(
             f"Could not load the base model '{name_or_path}': {error}\n"

@@ -5,7 +5,7 @@ The result is written by the pipeline's `save_lora_weights` (`pytorch_lora_weigh
 `unet.<module>.lora_A.weight`, the adapter's LoraConfig in the file's metadata, including the base model
 it was trained on), so it loads the way diffusers users load LoRA:
 
-    pipe = UnconditionalLatentPipeline.from_pretrained(base)
+    pipe = DiffusionPipeline.from_pretrained(base, trust_remote_code=True)  # here: pipeline_loading.load_pipeline(base)
     pipe.load_lora_weights(output_dir)
 
 diffusers 0.42's UNet2DModel has no adapter mixin; the pipeline provides that API
@@ -28,6 +28,7 @@ from pipeline_latent_uncond import (
 )
 
 from .errors import InputError
+from .pipeline_loading import load_pipeline
 
 # The adapter a training run injects (peft's default name); checkpoints and the result refer to it.
 ADAPTER_NAME = "default"
@@ -98,14 +99,14 @@ def load_pipeline_or_adapter(path: str | os.PathLike, fuse_lora: bool = False,
                              **options) -> UnconditionalLatentPipeline:
     """A DreamBooth result: a pipeline folder, or a LoRA adapter folder (its base model is loaded, then the
     adapter; fuse_lora=True folds it in and removes the LoRA layers, leaving a plain pipeline that saves and
-    loads without peft). `options` go to from_pretrained."""
+    loads without peft). `options` go to `uldm.pipeline_loading.load_pipeline`."""
     if not holds_lora_adapter(path):
-        return UnconditionalLatentPipeline.from_pretrained(path, **options)
+        return load_pipeline(path, **options)
     base = lora_base_model(path)
     if not base:
         raise InputError(f"The LoRA adapter in {path} does not name its base model (base_model_name_or_path); load "
-                         "the base with from_pretrained and call load_lora_weights on it.")
-    pipeline = UnconditionalLatentPipeline.from_pretrained(base, **options)
+                         "the base with load_pipeline and call load_lora_weights on it.")
+    pipeline = load_pipeline(base, **options)
     pipeline.load_lora_weights(str(path))
     if fuse_lora:
         pipeline.fuse_lora()

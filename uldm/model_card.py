@@ -26,9 +26,9 @@ images = pipe(batch_size=4, num_inference_steps=50).images
 Or, without running code from the model folder (inside this toolkit's repository):
 
 ```python
-from pipeline_latent_uncond import UnconditionalLatentPipeline
+from uldm.pipeline_loading import load_pipeline
 
-pipe = UnconditionalLatentPipeline.from_pretrained("{location}")
+pipe = load_pipeline("{location}")
 ```
 """
 

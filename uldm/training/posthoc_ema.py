@@ -591,8 +591,6 @@ def write_synthesized_pipelines(
     scored in memory; with `keep_only_best` only the best one is written. The scores go to
     `<output_dir>/posthoc_ema.json` either way. `targets_per_pass` bounds the memory (one float64
     copy of the UNet per target) at the cost of reading the snapshots once per pass."""
-    from pipeline_latent_uncond import UnconditionalLatentPipeline
-
     if keep_only_best and score is None:
         raise ValueError("keep_only_best needs a score function.")
     sigma_rels = list(dict.fromkeys(check_sigma_rel(s) for s in sigma_rels))
@@ -609,7 +607,7 @@ def write_synthesized_pipelines(
         )
     used, target_step = snapshots_for_step(snapshots, at_step)
     profile_fits(used, sigma_rels, target_step, max_fit_error)  # every target checked before any is made or scored
-    pipeline = load_pipeline(pipeline_dir, UnconditionalLatentPipeline)
+    pipeline = load_pipeline(pipeline_dir)
     # Before any weights are read: do the snapshots (the latest one stands for all) fit this UNet?
     check_shapes_fit(snapshot_shapes(snapshots[-1].path), pipeline.unet, f"The snapshots in {snapshot_dir}")
     results: list[SynthesizedPipeline] = []
@@ -639,15 +637,17 @@ def write_synthesized_pipelines(
     return results
 
 
-def load_pipeline(pipeline_dir: Path, pipeline_class):
+def load_pipeline(pipeline_dir: Path):
     """The saved pipeline (loaded without running code from the folder), or an InputError saying why not."""
+    from . import pipeline_loading  # diffusers is imported only by the jobs that load a pipeline
+
     if not (pipeline_dir / "model_index.json").is_file():
         raise InputError(
             f"{pipeline_dir} is not a saved pipeline (no model_index.json). Give the output folder of a finished "
             "training run (or any pipeline with the same UNet), and --snapshot_dir if its snapshots are elsewhere."
         )
     try:
-        return pipeline_class.from_pretrained(str(pipeline_dir))
+        return pipeline_loading.load_pipeline(str(pipeline_dir))
     except (OSError, ValueError) as error:
         raise InputError(f"Cannot load the pipeline in {pipeline_dir}: {error}") from error
 
