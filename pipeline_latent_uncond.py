@@ -641,6 +641,14 @@ class UnconditionalLatentPipeline(DiffusionPipeline, UNet2DLoraLoaderMixin):
         self.register_to_config(guidance_scale=float(guidance_scale) if guide is not None else 1.0,
                                 guidance_interval_low=low, guidance_interval_high=high)
 
+    @property
+    def default_guidance_interval(self) -> tuple[float, float] | None:
+        """The config's guidance interval (guidance_interval_low/_high) as `__call__` takes it; None: every step."""
+        low, high = self.config.guidance_interval_low, self.config.guidance_interval_high
+        if (low, high) == (None, None):
+            return None
+        return (low or 0.0, float("inf") if high is None else high)
+
     # ----------------------------------------------------------------------------------------- latents
 
     @property
@@ -780,9 +788,7 @@ class UnconditionalLatentPipeline(DiffusionPipeline, UNet2DLoraLoaderMixin):
         )
         guide = guide if guide is not None else self.guide if self.guide is not None else self._guide_function
         guidance_scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
-        low, high = self.config.guidance_interval_low, self.config.guidance_interval_high
-        if guidance_interval is None and (low, high) != (None, None):
-            guidance_interval = (low or 0.0, float("inf") if high is None else high)
+        guidance_interval = self.default_guidance_interval if guidance_interval is None else guidance_interval
         check_guide(self.unet, guide)
         device = self._execution_device
         # Timesteps first: for Euler-type schedulers init_noise_sigma depends on them (with "leading" spacing

@@ -37,6 +37,7 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?"
 _PASSABLE_COMPONENTS = ("unet", "vae", "scheduler", "vqvae", "guide")
 _OPTIONAL_COMPONENTS = {"guide": "guide"}  # saved only when the pipeline carries one (a guiding UNet)
 _CONFIG_OVERRIDES = ("latent_scaling_factor", "latent_shift_factor")
+_GUIDANCE_CONFIG = ("guidance_scale", "guidance_interval_low", "guidance_interval_high")  # with a saved guide
 
 # The records of diffusers' pipeline loader: users who set diffusers' verbosity see these messages.
 _loader_logger = diffusers_logging.get_logger("diffusers.pipelines.pipeline_utils")
@@ -105,6 +106,7 @@ def load_pipeline(pretrained_model_name_or_path: str | os.PathLike, **kwargs) ->
         "latent_scaling_factor": 1.0 if is_compvis_ldm else model_index.get("latent_scaling_factor"),
         "latent_shift_factor": 0.0 if is_compvis_ldm else model_index.get("latent_shift_factor"),
     }
+    config_values.update({name: model_index[name] for name in _GUIDANCE_CONFIG if name in model_index})
     config_values.update({name: value for name, value in overrides.items() if value is not None})
     pipeline = UnconditionalLatentPipeline(**passed, **loaded, **config_values)
     pipeline.register_to_config(_name_or_path=source)
