@@ -154,8 +154,10 @@ def check_guide(unet, guide) -> None:
                              "the same latents, or the base of a fine-tune).")
 
 
-def guided_model(unet, guide=None, guidance_scale: float = 1.0, guidance_interval=None, scheduler=None) -> Callable:
-    """The model of each denoising step: `unet`, or with a guide `g + w * (m - g)`, w = guidance_scale.
+def guided_model(unet, guide=None, guidance_scale: float | Callable[[], float] = 1.0, guidance_interval=None,
+                 scheduler=None) -> Callable:
+    """The model of each denoising step: `unet`, or with a guide `g + w * (m - g)`, w = guidance_scale (a number,
+    or a function read at every step, so that a step-end callback may change it as diffusers' pipelines allow).
 
     Autoguidance (Karras et al. 2024) guides a model with a weaker version of itself (an earlier checkpoint,
     a smaller model); guiding a fine-tune with its base (domain guidance) makes the subject's strength a dial.
@@ -169,16 +171,17 @@ def guided_model(unet, guide=None, guidance_scale: float = 1.0, guidance_interva
         return result.sample if hasattr(result, "sample") else result
 
     def guided(model_input, t):
-        guiding = guide is not None and guidance_scale != 1.0
+        weight = guidance_scale() if callable(guidance_scale) else guidance_scale
+        guiding = guide is not None and weight != 1.0
         if guiding and guidance_interval is not None:
             low, high = guidance_interval
             guiding = low < noise_level(scheduler, t) <= high
         if not guiding:
             return output(unet, model_input, t)
         guide_output = output(guide, model_input, t)
-        if guidance_scale == 0.0:
+        if weight == 0.0:
             return guide_output
-        return guide_output + guidance_scale * (output(unet, model_input, t) - guide_output)
+        return guide_output + weight * (output(unet, model_input, t) - guide_output)
 
     return guided
 
@@ -739,6 +742,12 @@ class UnconditionalLatentPipeline(DiffusionPipeline, UNet2DLoraLoaderMixin):
         return scheduler_step_kwargs(self.scheduler, generator, eta)
 
     @property
+    def guidance_scale(self) -> float:
+        """The guidance weight of the call under way or last made (diffusers' convention: a step-end callback
+        may change `_guidance_scale`); before any call, the pipeline's default (`config.guidance_scale`)."""
+        return getattr(self, "_guidance_scale", self.config.guidance_scale)
+
+    @property
     def num_timesteps(self) -> int:
         return self._num_timesteps
 
@@ -787,7 +796,7 @@ class UnconditionalLatentPipeline(DiffusionPipeline, UNet2DLoraLoaderMixin):
             batch_size, num_inference_steps, generator, latents, output_type, callback_on_step_end_tensor_inputs
         )
         guide = guide if guide is not None else self.guide if self.guide is not None else self._guide_function
-        guidance_scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
+        self._guidance_scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
         guidance_interval = self.default_guidance_interval if guidance_interval is None else guidance_interval
         check_guide(self.unet, guide)
         device = self._execution_device
@@ -809,7 +818,7 @@ class UnconditionalLatentPipeline(DiffusionPipeline, UNet2DLoraLoaderMixin):
                 progress_bar.update()
                 return latents
 
-            model = guided_model(self.unet, guide, guidance_scale, guidance_interval, self.scheduler)
+            model = guided_model(self.unet, guide, lambda: self._guidance_scale, guidance_interval, self.scheduler)
             latents = denoise(model, self.scheduler, latents, extra_step_kwargs, on_step)
 
         if output_type == "latent":
