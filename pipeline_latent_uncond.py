@@ -136,15 +136,67 @@ def scheduler_step_kwargs(scheduler, generator, eta: float) -> dict[str, Any]:
     return {name: value for name, value in (("eta", eta), ("generator", generator)) if name in accepted}
 
 
-def denoise(unet, scheduler, noise: torch.Tensor, step_kwargs: dict, on_step: Callable | None = None) -> torch.Tensor:
+def noise_level(scheduler, t) -> float:
+    """The noise level sigma = sqrt((1 - alpha_bar_t) / alpha_bar_t) of training timestep t (EDM's sigma)."""
+    alpha_bar = scheduler.alphas_cumprod[int(t)].double()
+    return float(((1 - alpha_bar) / alpha_bar).sqrt())
+
+
+def check_guide(unet, guide) -> None:
+    """A guide must denoise the same samples: the same latent channels and size as the UNet it guides."""
+    if guide is None or not hasattr(guide, "config"):  # a callable (e.g. the UNet with its LoRA switched off)
+        return
+    for name in ("in_channels", "out_channels", "sample_size"):
+        ours, theirs = unet.config.get(name), guide.config.get(name)
+        if ours != theirs:
+            raise ValueError(f"The guide's UNet has {name} {theirs}, the guided UNet {ours}: a guide must be a "
+                             "model of the same latent space (an earlier checkpoint, a smaller model trained on "
+                             "the same latents, or the base of a fine-tune).")
+
+
+def guided_model(unet, guide=None, guidance_scale: float | Callable[[], float] = 1.0, guidance_interval=None,
+                 scheduler=None) -> Callable:
+    """The model of each denoising step: `unet`, or with a guide `g + w * (m - g)`, w = guidance_scale (a number,
+    or a function read at every step, so that a step-end callback may change it as diffusers' pipelines allow).
+
+    Autoguidance (Karras et al. 2024) guides a model with a weaker version of itself (an earlier checkpoint,
+    a smaller model); guiding a fine-tune with its base (domain guidance) makes the subject's strength a dial.
+    The rule is the same for noise, v and sample predictions (each is linear in the denoiser's output at a
+    fixed x_t and t). w = 1 is the model alone and never runs the guide; w = 0 is the guide alone.
+    `guidance_interval=(lo, hi)` guides only steps whose noise level (see `noise_level`) lies in (lo, hi]
+    (Kynkäänniemi et al. 2024); the others use the model alone.
+    """
+    def output(model, model_input, t):
+        result = model(model_input, t)
+        return result.sample if hasattr(result, "sample") else result
+
+    def guided(model_input, t):
+        weight = guidance_scale() if callable(guidance_scale) else guidance_scale
+        guiding = guide is not None and weight != 1.0
+        if guiding and guidance_interval is not None:
+            low, high = guidance_interval
+            guiding = low < noise_level(scheduler, t) <= high
+        if not guiding:
+            return output(unet, model_input, t)
+        guide_output = output(guide, model_input, t)
+        if weight == 0.0:
+            return guide_output
+        return guide_output + weight * (output(unet, model_input, t) - guide_output)
+
+    return guided
+
+
+def denoise(model: Callable, scheduler, noise: torch.Tensor, step_kwargs: dict,
+            on_step: Callable | None = None) -> torch.Tensor:
     """Run `scheduler.timesteps` (set before) from `noise` (already times init_noise_sigma); returns the final
-    sample. `on_step(step_index, t, sample)` runs after each step and may return a replacement sample."""
+    sample. `model(x, t)` gives the model output (see `guided_model`); `on_step(step_index, t, sample)` runs
+    after each step and may return a replacement sample."""
     sample = noise
     for step_index, t in enumerate(scheduler.timesteps):
         model_input = scheduler.scale_model_input(sample, t)
         # Euler-type schedulers cast their result to the model output's dtype: under autocast that
         # would round the latents to half precision at every step.
-        model_output = unet(model_input, t).sample.to(sample.dtype)
+        model_output = model(model_input, t).to(sample.dtype)
         sample = scheduler.step(model_output, t, sample, **step_kwargs).prev_sample
         if on_step is not None:
             replaced = on_step(step_index, t, sample)
@@ -428,6 +480,26 @@ class UNet2DLoraLoaderMixin:
 
         set_adapter_layers(self.unet, enabled=True)
 
+    def lora_base_guide(self) -> Callable:
+        """The UNet with its LoRA switched off, as a guide: `pipe(guide=pipe.lora_base_guide(), guidance_scale=w)`
+        samples the fine-tune guided by its base (w > 1 more subject, w < 1 more of the base's variety) while
+        one copy of the weights is held."""
+        _require_peft("lora_base_guide")
+        if not _tuner_layers(self.unet):
+            raise ValueError("lora_base_guide() needs a LoRA loaded into the UNet (load_lora_weights first).")
+        if self.num_fused_loras:
+            raise ValueError(f"The LoRA {sorted(self.fused_loras)} is fused into the UNet's weights, so it cannot be "
+                             "switched off: unfuse_lora() first.")
+
+        def base_model(model_input, t):
+            self.disable_lora()
+            try:
+                return self.unet(model_input, t).sample
+            finally:
+                self.enable_lora()
+
+        return base_model
+
     def delete_adapters(self, adapter_names: list[str] | str):
         _require_peft("delete_adapters")
         for name in [adapter_names] if isinstance(adapter_names, str) else adapter_names:
@@ -511,13 +583,21 @@ class UnconditionalLatentPipeline(DiffusionPipeline, UNet2DLoraLoaderMixin):
         scheduler: any diffusers scheduler (DDPM, DDIM, DPMSolverMultistep, UniPC, Euler, ...).
         latent_scaling_factor: scale of the latents the UNet sees; None resolves it from the VAE.
         latent_shift_factor: shift subtracted before scaling; None resolves it from the VAE.
+        guide: optional `UNet2DModel` that guides the UNet at sampling time (see `guided_model`): a weaker
+            version of the same model (autoguidance) or the base of a fine-tune. Saved as a component.
+        guidance_scale: the default guidance weight of `__call__` (1.0: unguided).
+        guidance_interval_low, guidance_interval_high: the default guidance interval of `__call__` (noise levels;
+            None: every step). Two numbers rather than a pair, since diffusers reads pairs in model_index.json
+            as components.
 
     The resolved values are stored in the pipeline config, so `model_index.json` records the exact
     numbers used, and they come back to `__init__` on loading.
     """
 
-    model_cpu_offload_seq = "unet->vae"
+    model_cpu_offload_seq = "unet->guide->vae"
+    _optional_components = ["guide"]
     _callback_tensor_inputs = ["latents"]
+    _guide_function = None  # a guide that is no component (set_guidance with a callable)
 
     def __init__(
         self,
@@ -526,6 +606,10 @@ class UnconditionalLatentPipeline(DiffusionPipeline, UNet2DLoraLoaderMixin):
         scheduler: SchedulerMixin,
         latent_scaling_factor: float | None = None,
         latent_shift_factor: float | None = None,
+        guide: UNet2DModel | None = None,
+        guidance_scale: float = 1.0,
+        guidance_interval_low: float | None = None,
+        guidance_interval_high: float | None = None,
     ):
         super().__init__()
         if not isinstance(vae, SUPPORTED_VAE_CLASSES):
@@ -537,11 +621,36 @@ class UnconditionalLatentPipeline(DiffusionPipeline, UNet2DLoraLoaderMixin):
                 f"The UNet takes {unet.config.in_channels}-channel latents but the {type(vae).__name__} "
                 f"decodes {vae_latent_channels(vae)}-channel latents: they were not trained together."
             )
-        self.register_modules(unet=unet, vae=vae, scheduler=scheduler)
+        check_guide(unet, guide)
+        self.register_modules(unet=unet, vae=vae, scheduler=scheduler, guide=guide)
         self.register_to_config(
             latent_scaling_factor=resolve_latent_scale(vae, latent_scaling_factor),
             latent_shift_factor=resolve_latent_shift(vae, latent_shift_factor),
+            guidance_scale=float(guidance_scale),
+            guidance_interval_low=guidance_interval_low,
+            guidance_interval_high=guidance_interval_high,
         )
+
+    def set_guidance(self, guide: UNet2DModel | Callable | None, guidance_scale: float = 1.0,
+                     guidance_interval: tuple[float, float] | None = None) -> None:
+        """Make later calls guided by default: a `UNet2DModel` guide becomes the `guide` component (saved with
+        the pipeline, with the weight and interval in its config); a callable such as `lora_base_guide()` is
+        used by this pipeline object only. `set_guidance(None)` switches guidance off."""
+        check_guide(self.unet, guide)
+        is_component = guide is None or isinstance(guide, UNet2DModel)
+        self.register_modules(guide=guide if is_component else None)
+        self._guide_function = None if is_component else guide
+        low, high = (None, None) if guidance_interval is None else guidance_interval
+        self.register_to_config(guidance_scale=float(guidance_scale) if guide is not None else 1.0,
+                                guidance_interval_low=low, guidance_interval_high=high)
+
+    @property
+    def default_guidance_interval(self) -> tuple[float, float] | None:
+        """The config's guidance interval (guidance_interval_low/_high) as `__call__` takes it; None: every step."""
+        low, high = self.config.guidance_interval_low, self.config.guidance_interval_high
+        if (low, high) == (None, None):
+            return None
+        return (low or 0.0, float("inf") if high is None else high)
 
     # ----------------------------------------------------------------------------------------- latents
 
@@ -633,6 +742,12 @@ class UnconditionalLatentPipeline(DiffusionPipeline, UNet2DLoraLoaderMixin):
         return scheduler_step_kwargs(self.scheduler, generator, eta)
 
     @property
+    def guidance_scale(self) -> float:
+        """The guidance weight of the call under way or last made (diffusers' convention: a step-end callback
+        may change `_guidance_scale`); before any call, the pipeline's default (`config.guidance_scale`)."""
+        return getattr(self, "_guidance_scale", self.config.guidance_scale)
+
+    @property
     def num_timesteps(self) -> int:
         return self._num_timesteps
 
@@ -648,6 +763,9 @@ class UnconditionalLatentPipeline(DiffusionPipeline, UNet2DLoraLoaderMixin):
         return_dict: bool = True,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
+        guide: UNet2DModel | Callable | None = None,
+        guidance_scale: float | None = None,
+        guidance_interval: tuple[float, float] | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""Generate images.
 
@@ -664,12 +782,23 @@ class UnconditionalLatentPipeline(DiffusionPipeline, UNet2DLoraLoaderMixin):
             callback_on_step_end: called as `fn(pipe, step, timestep, {"latents": ...})` after each
                 step; a "latents" entry in the dict it returns replaces the latents.
             callback_on_step_end_tensor_inputs: tensors handed to the callback (only "latents").
+            guide: a model that guides this one: each step takes `g + w * (m - g)` (see `guided_model`); a
+                `UNet2DModel` of the same latent space, or a callable `(x, t) -> output` such as
+                `self.lora_base_guide()`. Default: the pipeline's own `guide` component, if any.
+            guidance_scale: w; 1.0 is unguided (the guide never runs), 0.0 the guide alone. Default: the
+                pipeline's `guidance_scale` config.
+            guidance_interval: `(low, high)`: guide only the steps whose noise level lies in (low, high].
+                Default: the pipeline's `guidance_interval_low`/`_high` config (None: every step).
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         self.check_inputs(
             batch_size, num_inference_steps, generator, latents, output_type, callback_on_step_end_tensor_inputs
         )
+        guide = guide if guide is not None else self.guide if self.guide is not None else self._guide_function
+        self._guidance_scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
+        guidance_interval = self.default_guidance_interval if guidance_interval is None else guidance_interval
+        check_guide(self.unet, guide)
         device = self._execution_device
         # Timesteps first: for Euler-type schedulers init_noise_sigma depends on them (with "leading" spacing
         # the 1000-step table's sigma_max is far above the first step's sigma).
@@ -689,7 +818,8 @@ class UnconditionalLatentPipeline(DiffusionPipeline, UNet2DLoraLoaderMixin):
                 progress_bar.update()
                 return latents
 
-            latents = denoise(self.unet, self.scheduler, latents, extra_step_kwargs, on_step)
+            model = guided_model(self.unet, guide, lambda: self._guidance_scale, guidance_interval, self.scheduler)
+            latents = denoise(model, self.scheduler, latents, extra_step_kwargs, on_step)
 
         if output_type == "latent":
             images = latents

@@ -5,6 +5,10 @@
     accelerate launch sample.py PIPELINE ...                                  # several GPUs
     ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 sample.py PIPELINE ...   # several CPU processes
 
+With --guide GUIDE --guidance_scale W each step takes guide + W * (model - guide) (docs/sampling.md,
+"Guidance"): GUIDE is a pipeline folder or hub id, a checkpoint-N folder of the same run, or 'base' for a
+DreamBooth result. A pipeline saved with a guide samples guided by default; --guidance_scale alone reweights it.
+
 PIPELINE is a folder written by UnconditionalLatentPipeline.save_pretrained (or CompVis' LDM layout),
 a DreamBooth LoRA output (its base model is loaded with the adapter), a diffusers DDPMPipeline (pixel
 space, e.g. from train_unconditional_latent.py --vae_name_or_path none), or a hub id of one of them; it
@@ -23,8 +27,10 @@ from pathlib import Path
 from accelerate import Accelerator
 from PIL import Image
 
+from uldm import args as cli
 from uldm.errors import InputError, exit_cleanly_on_input_errors
 from uldm.first_stage import load_saved_model
+from uldm.guidance import load_guide
 from uldm.sampling import (
     SCHEDULER_NAMES,
     make_image_grid,
@@ -40,7 +46,7 @@ from uldm.sampling import (
 
 # Arguments that change the pixels: a resumed run must use the same ones.
 IMAGE_DEFINING_ARGS = ("pretrained_model_name_or_path", "scheduler", "num_inference_steps", "eta", "seed",
-                       "mixed_precision")
+                       "mixed_precision", "guide", "guidance_scale", "guidance_interval")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,9 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"Also write {SAMPLE_NPZ_FILE} (uint8 N×H×W×3, key arr_0, in index order).")
     parser.add_argument("--save_grid", action="store_true", help=f"Also write {SAMPLE_GRID_FILE} of the first images.")
     parser.add_argument("--grid_rows", type=int, default=4, help="Rows (and columns) of the grid.")
+    cli.add_guidance_args(parser.add_argument_group("guidance"))
     args = parser.parse_args(argv)
-    if os.path.isdir(args.pretrained_model_name_or_path):  # so a resumed run may name the folder differently
-        args.pretrained_model_name_or_path = os.path.abspath(args.pretrained_model_name_or_path)
+    for name in ("pretrained_model_name_or_path", "guide"):  # so a resumed run may name a folder differently
+        if getattr(args, name) and os.path.isdir(getattr(args, name)):
+            setattr(args, name, os.path.abspath(getattr(args, name)))
+    cli.check_guidance_args(args)
     for name in ("num_images", "num_inference_steps", "batch_size", "grid_rows"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name} must be at least 1, got {getattr(args, name)}.")
@@ -96,10 +105,25 @@ def load_pipeline(args: argparse.Namespace, accelerator: Accelerator):
     """The sampler of the saved model's own space (uldm.first_stage.load_saved_model)."""
     with accelerator.main_process_first():  # one download into the hub cache, then everyone reads it
         pipeline = load_saved_model(args.pretrained_model_name_or_path)
-    if args.scheduler is not None:
-        pipeline.scheduler = make_scheduler(args.scheduler, pipeline.scheduler.config)
+        if args.scheduler is not None:
+            pipeline.scheduler = make_scheduler(args.scheduler, pipeline.scheduler.config)
+        set_guidance(args, pipeline)
     pipeline.set_progress_bar_config(disable=True)  # sample.py shows one bar over images instead
     return pipeline.to(accelerator.device)
+
+
+def set_guidance(args: argparse.Namespace, pipeline) -> None:
+    """--guide (checked to fit before anything is sampled), or the saved guide with another weight or interval."""
+    if args.guide:
+        guide = load_guide(args.guide, pipeline, source=args.pretrained_model_name_or_path)
+        pipeline.set_guidance(guide, args.guidance_scale, args.guidance_interval)
+    elif args.guidance_scale is not None or args.guidance_interval is not None:
+        saved = getattr(pipeline, "guide", None)
+        if saved is None:
+            raise InputError(f"{args.pretrained_model_name_or_path} carries no guide to reweight: give --guide GUIDE "
+                             "with --guidance_scale.")
+        scale = pipeline.config.guidance_scale if args.guidance_scale is None else args.guidance_scale
+        pipeline.set_guidance(saved, scale, args.guidance_interval or pipeline.default_guidance_interval)
 
 
 def write_grid(output_dir: Path, num_images: int, rows: int) -> None:

@@ -38,6 +38,7 @@ from uldm.dreambooth import (
     SubjectReferences, side_by_side, training_noise_scheduler,
 )
 from uldm.errors import InputError, exit_cleanly_on_input_errors
+from uldm.guidance import training_guidance
 from uldm.hub import HubUploader
 from uldm.latent_cache import CacheConfig
 from uldm.latents import latents_from_batch, pipeline_scaling
@@ -180,6 +181,8 @@ def main(argv=None) -> None:
         check_class_image_sizes(args.class_data_dir, args.resolution)
     config = cli.training_config(args)
     validation_config = cli.config_from(ValidationConfig, args)
+    guidance = training_guidance(validation_config, pipeline, base=args.pretrained_model_name_or_path,
+                                 lora=args.use_lora)
     accelerator = start_run(config)
     hub = HubUploader.from_config(cli.hub_config(args), accelerator.is_main_process)
 
@@ -235,10 +238,12 @@ def main(argv=None) -> None:
         to the subject and how diverse they are."""
         if not accelerator.is_main_process or not validation_config.num_validation_images:
             return None
-        latents, images = sample_from_noise(
-            loop, lambda model: build_pipeline(model, vae, scaling, sampler.config,
-                                               validation_config.validation_scheduler),
-            validation_noise, validation_config.validation_inference_steps)
+        def validation_pipeline(model):
+            sampling = build_pipeline(model, vae, scaling, sampler.config, validation_config.validation_scheduler)
+            return guidance.apply(sampling) if guidance else sampling
+
+        latents, images = sample_from_noise(loop, validation_pipeline, validation_noise,
+                                            validation_config.validation_inference_steps)
         values = references.measure(latents, images)
         logger.info("Step %d: distance to the instance images %.4f (latents %.4f), spread of the samples %.4f "
                     "(latents %.4f)", step, values["instance_distance"], values["instance_latent_distance"],

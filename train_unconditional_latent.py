@@ -26,6 +26,7 @@ from uldm.diffusion import build_noise_scheduler, describe_levers, noisy_latents
 from uldm.errors import exit_cleanly_on_input_errors
 from uldm.metrics.fid_validation import FidConfig, build_fid_scorer, build_reference, load_feature_extractor
 from uldm.first_stage import FirstStageConfig, first_stage_class, load_first_stage
+from uldm.guidance import training_guidance
 from uldm.hub import HubUploader
 from uldm.model_card import write_model_card
 from uldm.models import build_unet, count_parameters, use_xformers_if_installed
@@ -123,9 +124,15 @@ def main(argv=None) -> None:
         fid_scorer = build_fid_scorer(fid_config, fid_extractor, reference, accelerator, args.output_dir,
                                       validation_config.validation_inference_steps, args.seed)
 
-    def validation_pipeline(model):
+    def sampling_pipeline(model):
         return first_stage.pipeline(model, make_scheduler(validation_config.validation_scheduler,
                                                           noise_scheduler.config))
+
+    # Checked here, before the first step: the latent scale it must share may have been measured just now.
+    guidance = training_guidance(validation_config, sampling_pipeline(unet), base=args.pretrained_model_name_or_path)
+
+    def validation_pipeline(model):
+        return guidance.apply(sampling_pipeline(model)) if guidance else sampling_pipeline(model)
 
     def validate(step: int) -> ValidationResult | None:
         """A grid from fixed noise (main process) and, with --validation_fid_images, FID/KID (all processes)."""

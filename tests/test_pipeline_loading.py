@@ -159,7 +159,7 @@ def test_push_to_hub_uploads_the_folder_with_its_pipeline_file(tmp_path, monkeyp
 def test_components_and_parameters_rebuild_the_pipeline(saved):
     folder, expected = saved
     pipe = load_pipeline(folder)
-    assert set(pipe.components) == {"unet", "vae", "scheduler"}
+    assert set(pipe.components) == {"unet", "vae", "scheduler", "guide"}  # the guide: optional, None here
     assert pipe.parameters == {"latent_scaling_factor": pytest.approx(0.18215), "latent_shift_factor": 0.0}
     rebuilt = UnconditionalLatentPipeline(**pipe.components, **pipe.parameters)
     np.testing.assert_allclose(sample(rebuilt), expected, atol=1e-6)

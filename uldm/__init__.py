@@ -19,7 +19,8 @@ Each idea has one home:
   posterior samples, flips, the std); `vae`: loading first stages; `latent_cache`: storing/reading cached
   latents (CacheConfig); `diffusion`: noise schedule, timesteps, targets and losses, and their levers (LossConfig).
 * `sampling`: building/saving pipelines, schedulers by name, sample folders; `pipeline_loading`: loading
-  a saved pipeline without running its code; `validation`: grids from fixed noise (ValidationConfig).
+  a saved pipeline without running its code; `validation`: grids from fixed noise (ValidationConfig);
+  `guidance`: guides for two-model guidance (load_guide) and the check that a guide fits its model.
 * `dreambooth`, `autoencoder`, `face_align`, `demo_data`: one job each.
 * `metrics/`: `fid`, `identity`, `subject_similarity`, `distances`: measuring samples; `fid_validation`:
   FID/KID of a model (in training, and of each EMA in synthesize_ema.py --sweep).

@@ -232,6 +232,32 @@ def add_logging_args(parser: argparse.ArgumentParser, validation_steps: int = 10
     group.add_argument("--validation_scheduler", type=scheduler_name, default="dpmsolver++",
                        help="Sampler of the validation grids: ddim, dpmsolver++, unipc, euler or ddpm (or diffusers' "
                             "class names, e.g. DPMSolverMultistepScheduler, DDPMScheduler).")
+    add_guidance_args(group, prefix="validation_",
+                      what="the validation grids and FID samples (loaded once, checked before training starts)")
+
+
+def add_guidance_args(group, prefix: str = "", what: str = "the samples") -> None:
+    """--<prefix>guide, --<prefix>guidance_scale, --<prefix>guidance_interval (uldm.guidance; docs/sampling.md)."""
+    group.add_argument(f"--{prefix}guide", type=str, default=None, metavar="GUIDE",
+                       help=f"Guide {what} with a weaker model: output = guide + w * (model - guide). A pipeline folder "
+                            "or hub id (e.g. a smaller model trained for ~1/16 of the steps), a checkpoint-N folder of "
+                            "the same run (its EMA weights), or 'base' for a DreamBooth result (its base model; for a "
+                            "LoRA, the UNet with the adapter switched off).")
+    group.add_argument(f"--{prefix}guidance_scale", type=float, default=None, metavar="W",
+                       help="Guidance weight w: 1 is unguided, 0 the guide alone; above 1 pushes away from the guide "
+                            "(for DreamBooth's base: more subject; below 1 more of the base's variety).")
+    group.add_argument(f"--{prefix}guidance_interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                       help="Guide only the steps whose noise level sigma = sqrt((1 - alpha_bar) / alpha_bar) lies in "
+                            "(LO, HI]; default: every step.")
+
+
+def check_guidance_args(args, prefix: str = "") -> None:
+    interval = getattr(args, f"{prefix}guidance_interval", None)
+    if interval is not None and not 0 <= interval[0] < interval[1]:
+        raise InputError(f"--{prefix}guidance_interval LO HI needs 0 <= LO < HI (noise levels), not {interval}.")
+    scale = getattr(args, f"{prefix}guidance_scale", None)
+    if getattr(args, f"{prefix}guide", None) and scale is None:
+        raise InputError(f"--{prefix}guide needs --{prefix}guidance_scale W (1: unguided; the paper's models use 2-3).")
 
 
 def scheduler_name(name: str) -> str:
@@ -394,6 +420,8 @@ def refuse_text_only_flags(args: argparse.Namespace) -> None:
 def check_common_args(args) -> None:
     """Checks that argparse cannot express; messages say what to change."""
     refuse_text_only_flags(args)
+    if hasattr(args, "validation_guide"):
+        check_guidance_args(args, prefix="validation_")
     environment_rank = int(os.environ.get("LOCAL_RANK", -1))
     if hasattr(args, "local_rank") and environment_rank != -1:
         args.local_rank = environment_rank  # diffusers' rule: the launcher's value wins

@@ -23,7 +23,7 @@ from typing import ClassVar
 
 import torch
 
-from pipeline_latent_uncond import denoise, scheduler_step_kwargs
+from pipeline_latent_uncond import check_guide, denoise, guided_model, scheduler_step_kwargs
 
 from .data import DataConfig, TrainingSet, prepare_training_set
 from .errors import InputError
@@ -327,6 +327,7 @@ class PixelSampler:
         self.unet = unet
         self.scheduler = scheduler
         self._progress_bar = {"disable": True}
+        self.set_guidance(None)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **options) -> "PixelSampler":
@@ -335,8 +336,19 @@ class PixelSampler:
         pipeline = DDPMPipeline.from_pretrained(name_or_path, **options)
         return cls(pipeline.unet, pipeline.scheduler)
 
+    def set_guidance(self, guide, guidance_scale: float = 1.0,
+                     guidance_interval: tuple[float, float] | None = None) -> None:
+        """Make later calls guided by default, as `UnconditionalLatentPipeline.set_guidance` does (on this object
+        only: a DDPMPipeline folder has no place for a guide)."""
+        check_guide(self.unet, guide)
+        self.guide = guide
+        self.guidance_scale = float(guidance_scale) if guide is not None else 1.0
+        self.guidance_interval = guidance_interval
+
     def to(self, device) -> "PixelSampler":
         self.unet.to(device)
+        if isinstance(self.guide, torch.nn.Module):
+            self.guide.to(device)
         return self
 
     @property
@@ -358,7 +370,8 @@ class PixelSampler:
 
     @torch.no_grad()
     def __call__(self, batch_size: int = 1, num_inference_steps: int = 50, generator=None, eta: float = 0.0,
-                 latents: torch.Tensor | None = None, output_type: str = "pil"):
+                 latents: torch.Tensor | None = None, output_type: str = "pil", guide=None,
+                 guidance_scale: float | None = None, guidance_interval: tuple[float, float] | None = None):
         from diffusers import DiffusionPipeline, ImagePipelineOutput
         from diffusers.utils.torch_utils import randn_tensor
         from tqdm.auto import tqdm
@@ -374,7 +387,12 @@ class PixelSampler:
             def count_step(step_index, t, sample) -> None:
                 progress.update()
 
-            sample = denoise(self.unet, self.scheduler, noise, scheduler_step_kwargs(self.scheduler, generator, eta),
+            guide = self.guide if guide is None else guide  # the defaults of set_guidance
+            guidance_scale = self.guidance_scale if guidance_scale is None else guidance_scale
+            check_guide(self.unet, guide)
+            model = guided_model(self.unet, guide, guidance_scale, guidance_interval or self.guidance_interval,
+                                 self.scheduler)
+            sample = denoise(model, self.scheduler, noise, scheduler_step_kwargs(self.scheduler, generator, eta),
                              on_step=count_step)
         if output_type == "latent":
             return ImagePipelineOutput(images=sample)

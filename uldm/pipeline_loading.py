@@ -28,13 +28,16 @@ from diffusers.utils import logging as diffusers_logging
 from pipeline_latent_uncond import PIPELINE_CLASS_NAME, SUPPORTED_VAE_CLASSES, UnconditionalLatentPipeline
 
 # Which diffusers classes each component of a loadable pipeline folder may have.
-_COMPONENT_BASES = {"unet": (UNet2DModel,), "vae": SUPPORTED_VAE_CLASSES, "scheduler": (SchedulerMixin,)}
+_COMPONENT_BASES = {"unet": (UNet2DModel,), "vae": SUPPORTED_VAE_CLASSES, "scheduler": (SchedulerMixin,),
+                    "guide": (UNet2DModel,)}
 # model_index.json names this loader accepts, and how their components map onto ours.
 _OWN_LAYOUT = {"unet": "unet", "vae": "vae", "scheduler": "scheduler"}
 _COMPVIS_LDM_LAYOUT = {"unet": "unet", "vqvae": "vae", "scheduler": "scheduler"}
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
-_PASSABLE_COMPONENTS = ("unet", "vae", "scheduler", "vqvae")
+_PASSABLE_COMPONENTS = ("unet", "vae", "scheduler", "vqvae", "guide")
+_OPTIONAL_COMPONENTS = {"guide": "guide"}  # saved only when the pipeline carries one (a guiding UNet)
 _CONFIG_OVERRIDES = ("latent_scaling_factor", "latent_shift_factor")
+_GUIDANCE_CONFIG = ("guidance_scale", "guidance_interval_low", "guidance_interval_high")  # with a saved guide
 
 # The records of diffusers' pipeline loader: users who set diffusers' verbosity see these messages.
 _loader_logger = diffusers_logging.get_logger("diffusers.pipelines.pipeline_utils")
@@ -103,6 +106,7 @@ def load_pipeline(pretrained_model_name_or_path: str | os.PathLike, **kwargs) ->
         "latent_scaling_factor": 1.0 if is_compvis_ldm else model_index.get("latent_scaling_factor"),
         "latent_shift_factor": 0.0 if is_compvis_ldm else model_index.get("latent_shift_factor"),
     }
+    config_values.update({name: model_index[name] for name in _GUIDANCE_CONFIG if name in model_index})
     config_values.update({name: value for name, value in overrides.items() if value is not None})
     pipeline = UnconditionalLatentPipeline(**passed, **loaded, **config_values)
     pipeline.register_to_config(_name_or_path=source)
@@ -316,7 +320,8 @@ def _component_layout(model_index: dict, source: str) -> tuple[dict[str, str], b
     saved = {k for k, v in model_index.items() if not k.startswith("_") and isinstance(v, (list, tuple))
              and v[0] is not None}
     if class_name == PIPELINE_CLASS_NAME:
-        layout, is_compvis_ldm = _OWN_LAYOUT, False
+        optional = {name: ours for name, ours in _OPTIONAL_COMPONENTS.items() if name in saved}
+        layout, is_compvis_ldm = {**_OWN_LAYOUT, **optional}, False
     elif class_name == "LDMPipeline":
         layout, is_compvis_ldm = _COMPVIS_LDM_LAYOUT, True
     else:

@@ -128,9 +128,23 @@ def vae_fingerprint(vae, name_or_path: str, subfolder: str | None, revision: str
     if location.is_dir():
         update_with_listing(digest, sorted(location.glob("*.safetensors")) + sorted(location.glob("*.bin")), location)
     # A few weights in full catch in-place edits that keep size and time.
+    _update_with_weights(digest, vae)
+    return digest.hexdigest()[:16]
+
+
+def vae_weights_digest(vae) -> str:
+    """Identifies a VAE's weights wherever it was loaded from (a digest of the same few weights as
+    `vae_fingerprint`): two pipelines whose VAEs differ here make different latents."""
+    import hashlib
+
+    digest = hashlib.sha256(vae_kind(vae).encode())
+    _update_with_weights(digest, vae)
+    return digest.hexdigest()[:16]
+
+
+def _update_with_weights(digest, vae) -> None:
     for _, parameter in list(vae.named_parameters())[:4]:
         digest.update(parameter.detach().float().cpu().numpy().tobytes()[:4096])
-    return digest.hexdigest()[:16]
 
 
 VAE_PRECISIONS = ("auto", "fp32", "bf16", "fp16")

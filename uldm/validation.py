@@ -28,6 +28,9 @@ class ValidationConfig:
     num_validation_images: int = 16
     validation_inference_steps: int = 50
     validation_scheduler: str = "dpmsolver++"
+    validation_guide: str | None = None  # uldm.guidance: the guide spec (None: unguided)
+    validation_guidance_scale: float | None = None
+    validation_guidance_interval: tuple[float, float] | None = None
 
 
 def fixed_validation_noise(num_images: int, latent_shape: tuple[int, int, int], seed: int, device) -> torch.Tensor:

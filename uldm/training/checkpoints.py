@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import torch
+
 from ..errors import InputError
 from ..saving import (
     decided_by_main_process, folder_size, human_size, processes_stop_together, warn_if_low_on_space,
@@ -143,6 +145,57 @@ class CheckpointContents:
     def save(self, accelerator, output_dir: str | os.PathLike, total_limit: int | None) -> Path:
         """`save_checkpoint` of all of it; every process must call it."""
         return save_checkpoint(accelerator, output_dir, self.state, total_limit, write_extra=self.copy_extra_files)
+
+
+MODEL_WEIGHTS_FILE = "model.safetensors"  # accelerate's name for the (first) prepared model's weights
+EMA_STATE_KEY = "shadow_params"  # what tells diffusers' EMAModel state among the registered objects' files
+
+
+def load_checkpoint_model(folder: str | os.PathLike, model) -> str:
+    """Load into `model` (a module of the run's own config) the weights a checkpoint holds: its EMA's when it has
+    one (the weights the run samples and saves), else the raw model's. Returns which: "EMA" or "model".
+
+    The reader of what `CheckpointContents.save` writes: the model's weights file and, among the registered
+    objects' files, the EMA's. A LoRA run's checkpoint holds only the adapter (`model_hooks`): it is refused."""
+    from safetensors.torch import load_file
+
+    from ..lora import is_lora_key
+
+    folder = Path(folder)
+    if not (folder / MODEL_WEIGHTS_FILE).is_file():
+        raise InputError(f"{folder} holds no model weights ({MODEL_WEIGHTS_FILE}): not a checkpoint of "
+                         "train_unconditional_latent.py or train_dreambooth_unconditional.py (or one sharded by FSDP).")
+    weights = load_file(folder / MODEL_WEIGHTS_FILE, device="cpu")
+    if weights and all(is_lora_key(name) for name in weights):
+        raise InputError(f"{folder} is a checkpoint of a LoRA run: it holds only the adapter, not a whole UNet. "
+                         "Use the run's saved adapter (or its base, 'base') instead.")
+    averages = _checkpoint_ema(folder)
+    if averages is not None:
+        parameters = list(model.parameters())
+        if len(averages) != len(parameters) or any(a.shape != p.shape for a, p in zip(averages, parameters)):
+            raise InputError(f"The EMA weights of {folder} do not fit the model's config ({len(averages)} tensors, "
+                             f"the model has {len(parameters)}): a checkpoint of another model.")
+        with torch.no_grad():
+            for parameter, average in zip(parameters, averages):
+                parameter.copy_(average)
+        return "EMA"
+    result = model.load_state_dict(weights, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise InputError(f"The weights of {folder} do not fit the model's config (missing {result.missing_keys[:3]}, "
+                         f"unexpected {result.unexpected_keys[:3]}): a checkpoint of another model.")
+    return "model"
+
+
+def _checkpoint_ema(folder: Path) -> list | None:
+    """The EMA's averaged parameters among a checkpoint's registered objects (custom_checkpoint_<i>.pkl), if any."""
+    for path in sorted(folder.glob("custom_checkpoint_*.pkl")):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 (an object of another kind, e.g. the post-hoc EMA's lists)
+            continue
+        if isinstance(state, dict) and EMA_STATE_KEY in state:
+            return state[EMA_STATE_KEY]
+    return None
 
 
 def checkpoint_step(path: str | os.PathLike) -> int | None:
