@@ -639,7 +639,7 @@ def write_synthesized_pipelines(
 
 def load_pipeline(pipeline_dir: Path):
     """The saved pipeline (loaded without running code from the folder), or an InputError saying why not."""
-    from . import pipeline_loading  # diffusers is imported only by the jobs that load a pipeline
+    from .. import pipeline_loading  # diffusers is imported only by the jobs that load a pipeline
 
     if not (pipeline_dir / "model_index.json").is_file():
         raise InputError(
