@@ -23,17 +23,14 @@ training_args.json says (or --fid_reference); the table is printed and written t
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
 import torch
 
 from uldm import args as cli
-from uldm.data import DataConfig, build_image_dataset
 from uldm.errors import InputError, exit_cleanly_on_input_errors
-from uldm.metrics.fid_validation import (FidConfig, PipelineFid, build_fid_scorer, build_reference,
-                                 load_feature_extractor, OneProcess, sweep_table)
+from uldm.metrics.fid_validation import FidConfig, PipelineFid, sweep_scorer, sweep_table
 from uldm.training.posthoc_ema import MAX_SIGMA_REL, SNAPSHOT_DIR_NAME, check_sigma_rel, write_synthesized_pipelines
 
 logger = logging.getLogger("synthesize_ema")
@@ -69,42 +66,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def saved_training_arguments(pipeline_dir: Path) -> dict:
-    path = pipeline_dir / "training_args.json"
-    if not path.is_file():
-        raise InputError(f"{pipeline_dir} has no training_args.json, which says what the training images were and how "
-                         "they were preprocessed; the FID reference cannot be read like them. Give the training run's "
-                         "output folder, or a stored features file with --fid_reference.")
-    return json.loads(path.read_text())
-
-
-def fid_reference(config: FidConfig, pipeline_dir: Path, seed: int):
-    """--fid_reference, else the training images; folders are read as the run read its data (its resolution;
-    cached latents imply centre crops, as in training)."""
-    if config.fid_reference is not None and Path(config.fid_reference).is_file():
-        return build_reference(config, None, 0, True, seed)  # stored features: no images to read
-    saved = saved_training_arguments(pipeline_dir)
-    run_args = argparse.Namespace(**saved)
-    center_crop = cli.center_crop_of(run_args)
-    images = None
-    if config.fid_reference is None:
-        data = cli.config_from(DataConfig, run_args, center_crop=center_crop)
-        try:
-            images = build_image_dataset(data)
-        except (InputError, OSError) as error:
-            raise InputError(f"The training images of {pipeline_dir} cannot be read ({error}); give the FID "
-                             "reference with --fid_reference.") from error
-    return build_reference(config, images, saved["resolution"], center_crop, seed)
-
-
 def fid_of_each_candidate(args) -> PipelineFid:
     """The score function of the sweep, with the reference features ready (cached with the training run's)."""
-    pipeline_dir = Path(args.pretrained_model_name_or_path)
-    config = cli.config_from(FidConfig, args)  # the cache defaults to <pipeline>/fid_reference (build_fid_scorer)
-    extractor = load_feature_extractor(config)
-    reference = fid_reference(config, pipeline_dir, args.seed)
-    scorer = build_fid_scorer(config, extractor, reference, OneProcess(args.device), pipeline_dir,
-                              args.validation_inference_steps, args.seed)
+    config = cli.config_from(FidConfig, args)
+    scorer = sweep_scorer(config, args.pretrained_model_name_or_path, args.validation_inference_steps, args.seed,
+                          args.device)
     return PipelineFid(scorer, args.validation_scheduler, args.device)
 
 

@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 
 from uldm import args as cli
-from uldm.data import DataConfig, ImageFolderDataset, Preprocessing, prepare_training_set
+from uldm.data import DataConfig, Preprocessing, prepare_training_set
 from uldm.diffusion import describe_levers, noisy_latents_and_target
 from uldm.dreambooth import (
     DreamBoothDataset, DreamBoothLoss, base_resolution, check_class_image_sizes, check_resolution,
-    fine_tuned_scheduler, generate_missing_class_images, list_instance_images, load_base_pipeline,
+    fine_tuned_scheduler, generate_missing_class_images, instance_photos, list_instance_images, load_base_pipeline,
     SubjectReferences, side_by_side, training_noise_scheduler,
 )
 from uldm.errors import InputError, exit_cleanly_on_input_errors
@@ -160,12 +160,6 @@ def build_training_set(args, vae, accelerator) -> tuple[DreamBoothDataset, list[
                                        cache_config, max_items=args.num_class_images)
     dataset = DreamBoothDataset(instance_set, class_set, min_length=args.train_batch_size * accelerator.num_processes)
     return dataset, instance_files
-
-
-def instance_photos(paths: list[Path], folder: str, resolution: int, limit: int = 64) -> torch.Tensor:
-    """Up to `limit` of the (already checked) instance photos, centre-cropped, as N x 3 x R x R in [-1, 1]."""
-    dataset = ImageFolderDataset(paths[:limit], Path(folder), Preprocessing(resolution, True))
-    return torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))])
 
 
 @exit_cleanly_on_input_errors

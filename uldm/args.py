@@ -251,10 +251,13 @@ def add_guidance_args(group, prefix: str = "", what: str = "the samples") -> Non
                             "(LO, HI]; default: every step.")
 
 
-def check_guidance_args(args, prefix: str = "") -> None:
-    interval = getattr(args, f"{prefix}guidance_interval", None)
+def check_guidance_interval(interval, option: str = "--guidance_interval") -> None:
     if interval is not None and not 0 <= interval[0] < interval[1]:
-        raise InputError(f"--{prefix}guidance_interval LO HI needs 0 <= LO < HI (noise levels), not {interval}.")
+        raise InputError(f"{option} LO HI needs 0 <= LO < HI (noise levels), not {interval}.")
+
+
+def check_guidance_args(args, prefix: str = "") -> None:
+    check_guidance_interval(getattr(args, f"{prefix}guidance_interval", None), f"--{prefix}guidance_interval")
     scale = getattr(args, f"{prefix}guidance_scale", None)
     if getattr(args, f"{prefix}guide", None) and scale is None:
         raise InputError(f"--{prefix}guide needs --{prefix}guidance_scale W (1: unguided; the paper's models use 2-3).")
@@ -278,7 +281,9 @@ def add_fid_args(parser: argparse.ArgumentParser, in_training: bool = True) -> N
     from .metrics.fid import FEATURE_EXTRACTORS
 
     group = parser.add_argument_group("FID/KID of samples")
-    group.add_argument("--validation_fid_images", type=int, default=0,
+    # A sweep after training also takes the short names of a sampling job (sweep_guidance.py's documented ones).
+    alias = (lambda name: ()) if in_training else (lambda name: (name,))
+    group.add_argument("--validation_fid_images", *alias("--fid_images"), type=int, default=0,
                        help="Score this many samples (from fixed seeds, drawn with --validation_scheduler and "
                             "--validation_inference_steps) with FID and KID" + (" at each validation" if in_training else "")
                             + "; 0: off. A few hundred follow a run; published FIDs use 50000.")
@@ -288,7 +293,7 @@ def add_fid_args(parser: argparse.ArgumentParser, in_training: bool = True) -> N
                             "to N x D features.")
     group.add_argument("--inception_weights", type=str, default=None,
                        help="Local FID Inception weights (weights-inception-2015-12-05-6726825d.pth), as for evaluate.py.")
-    group.add_argument("--fid_reference", type=str, default=None,
+    group.add_argument("--fid_reference", *alias("--reference_dir"), type=str, default=None,
                        help="A folder of reference images (read like the training images) or a stored features file "
                             "(reference-*.safetensors of the cache). Default: the training images, preprocessed as in "
                             "training.")
@@ -303,9 +308,9 @@ def add_fid_args(parser: argparse.ArgumentParser, in_training: bool = True) -> N
                                 "(recorded in <output_dir>/best_checkpoint.json); a validation step with a new best FID "
                                 "and no checkpoint gets one.")
     else:
-        group.add_argument("--validation_scheduler", type=str, default="dpmsolver++",
+        group.add_argument("--validation_scheduler", "--scheduler", type=str, default="dpmsolver++",
                            help="Sampler of the FID samples: ddim, dpmsolver++, unipc, euler or ddpm.")
-        group.add_argument("--validation_inference_steps", type=int, default=25)
+        group.add_argument("--validation_inference_steps", "--num_inference_steps", type=int, default=25)
 
 
 def check_fid_args(args) -> None:

@@ -146,6 +146,14 @@ def check_class_image_sizes(class_data_dir: str | os.PathLike, resolution: int) 
     return paths
 
 
+def instance_photos(paths: list[Path], folder: str | os.PathLike, resolution: int, limit: int = 64) -> torch.Tensor:
+    """Up to `limit` of the (already checked) instance photos, centre-cropped, as N x 3 x R x R in [-1, 1]."""
+    from .data import ImageFolderDataset, Preprocessing
+
+    dataset = ImageFolderDataset(paths[:limit], Path(folder), Preprocessing(resolution, True))
+    return torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))])
+
+
 def class_image_indices_to_generate(existing: Sequence[Path], missing: int) -> list[int]:
     """The first `missing` indices whose generated file is not there yet (a cut-short run resumes)."""
     names = {path.name for path in existing}

@@ -1,4 +1,4 @@
-"""Pictures people would rather look at than read: loss curves."""
+"""Pictures people would rather look at than read: loss curves, guidance sweeps, fidelity-diversity curves."""
 
 from __future__ import annotations
 
@@ -90,3 +90,63 @@ def _plot_validation_panel(axis, rows: list[dict], title: str, left: tuple[str, 
     axis.set_ylabel(", ".join(key for key in left if _points(rows, key)[0]))
     if handles:
         axis.legend(handles=handles, fontsize=8)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(figure, output_path: str | os.PathLike) -> Path:
+    figure.tight_layout()
+    figure.savefig(Path(output_path))
+    _pyplot().close(figure)
+    return Path(output_path)
+
+
+def plot_guidance_sweep(rows: list[dict], output_path: str | os.PathLike, title: str = "") -> Path:
+    """FID against the guidance weight (one line per guide EMA length where rows have `guide_sigma_rel`), the best
+    point circled, w = 1 (unguided) marked by a vertical line."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6, 4), dpi=100)
+    for sigma_rel in dict.fromkeys(row.get("guide_sigma_rel") for row in rows):
+        line = [row for row in rows if row.get("guide_sigma_rel") == sigma_rel]
+        axis.plot([row["guidance_scale"] for row in line], [row["fid"] for row in line], marker="o",
+                  label="guide as loaded" if sigma_rel is None else f"guide sigma_rel {sigma_rel:g}")
+    best = min(rows, key=lambda row: row["fid"])
+    axis.scatter([best["guidance_scale"]], [best["fid"]], s=160, facecolors="none", edgecolors="black",
+                 label=f"best: w = {best['guidance_scale']:g}", zorder=3)
+    axis.axvline(1.0, color="gray", linestyle=":", label="w = 1: unguided")
+    axis.set_xlabel("guidance weight w")
+    axis.set_ylabel("FID (lower is better)")
+    axis.set_title(title, fontsize=9)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    return _save(figure, output_path)
+
+
+def plot_fidelity_diversity(curves: dict[str, list[dict]], output_path: str | os.PathLike, fidelity_label: str,
+                            diversity_label: str, lower_is_more_subject: bool = False) -> Path:
+    """One line per dial (`curves`: name -> points with "value", "fidelity", "diversity"), each point labelled
+    with its dial value: subject fidelity against the variety between samples, "more subject" always up."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6.5, 4.5), dpi=100)
+    for (name, points), marker in zip(curves.items(), "osD^v"):
+        if not points:
+            continue
+        xs, ys = [p["diversity"] for p in points], [p["fidelity"] for p in points]
+        axis.plot(xs, ys, marker=marker, label=name)
+        for point, x, y in zip(points, xs, ys):
+            axis.annotate(f"{point['value']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if lower_is_more_subject:
+        axis.invert_yaxis()
+    axis.set_xlabel(f"{diversity_label} (more variety ->)")
+    axis.set_ylabel(f"{fidelity_label} (more subject: up)")
+    axis.set_title("Subject fidelity against variety, per dial", fontsize=9)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    return _save(figure, output_path)

@@ -89,9 +89,13 @@ def build_pipeline(unet, vae, scaling, scheduler_config: Mapping[str, Any] | Non
 
 def with_sampler(pipeline, scheduler_name: str):
     """A saved pipeline's UNet, VAE and latent scale with a scheduler of kind `scheduler_name` on its noise
-    schedule (e.g. DPM-Solver++ for a pipeline saved with DDPM)."""
+    schedule (e.g. DPM-Solver++ for a pipeline saved with DDPM); a pixel-space sampler's UNet likewise."""
     from .latents import pipeline_scaling
 
+    if getattr(pipeline, "vae", None) is None:
+        from .first_stage import PixelSampler
+
+        return PixelSampler(pipeline.unet, make_scheduler(scheduler_name, pipeline.scheduler.config))
     return build_pipeline(pipeline.unet, pipeline.vae, pipeline_scaling(pipeline, "the pipeline"),
                           pipeline.scheduler.config, scheduler_name)
 

@@ -96,8 +96,13 @@ def sample_from_noise(loop, make_pipeline, noise: torch.Tensor, num_inference_st
     """Samples of the model in training (`sampling_model`) from fixed `noise`: (final latents, images NHWC in
     [0, 1]). `make_pipeline(unet)` builds the sampling pipeline."""
     with sampling_model(loop) as model:
-        pipeline = make_pipeline(model)
-        latents = pipeline(batch_size=len(noise), latents=noise, num_inference_steps=num_inference_steps,
-                           output_type="latent").images
-        images = pipeline.decode_latents(latents).permute(0, 2, 3, 1).float().cpu().numpy()
-    return latents, images
+        return samples_from_noise(make_pipeline(model), noise, num_inference_steps)
+
+
+@torch.no_grad()
+def samples_from_noise(pipeline, noise: torch.Tensor, num_inference_steps: int, **options) -> tuple[torch.Tensor, np.ndarray]:
+    """A pipeline's samples from `noise`: (final latents, images NHWC in [0, 1]); `options` go to the pipeline
+    (e.g. guide, guidance_scale)."""
+    latents = pipeline(batch_size=len(noise), latents=noise, num_inference_steps=num_inference_steps,
+                       output_type="latent", **options).images
+    return latents, pipeline.decode_latents(latents).permute(0, 2, 3, 1).float().cpu().numpy()

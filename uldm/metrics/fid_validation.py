@@ -13,6 +13,7 @@ training (`fid.ReferenceImages` of the training data set), as LDM scores its FID
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -267,30 +268,96 @@ def fid_history(output_dir: str | os.PathLike) -> str:
 # Choosing among candidates (synthesize_ema.py --sweep)
 
 
+def saved_training_arguments(pipeline_dir: Path) -> dict:
+    path = Path(pipeline_dir) / "training_args.json"
+    if not path.is_file():
+        raise InputError(f"{pipeline_dir} has no training_args.json, which says what the training images were and how "
+                         "they were preprocessed; the FID reference cannot be read like them. Give the training run's "
+                         "output folder, or a stored features file with --fid_reference.")
+    return json.loads(path.read_text())
+
+
+def training_run_reference(config: FidConfig, pipeline_dir: Path, seed: int):
+    """--fid_reference, else the training images of the run saved in `pipeline_dir`; folders are read as the run
+    read its data (its resolution; cached latents imply centre crops, as in training)."""
+    import argparse
+
+    from .. import args as cli
+    from ..data import DataConfig, build_image_dataset
+
+    if config.fid_reference is not None and Path(config.fid_reference).is_file():
+        return build_reference(config, None, 0, True, seed)  # stored features: no images to read
+    saved = saved_training_arguments(pipeline_dir)
+    run_args = argparse.Namespace(**saved)
+    center_crop = cli.center_crop_of(run_args)
+    images = None
+    if config.fid_reference is None:
+        data = cli.config_from(DataConfig, run_args, center_crop=center_crop)
+        try:
+            images = build_image_dataset(data)
+        except (InputError, OSError) as error:
+            raise InputError(f"The training images of {pipeline_dir} cannot be read ({error}); give the FID "
+                             "reference with --fid_reference.") from error
+    return build_reference(config, images, saved["resolution"], center_crop, seed)
+
+
+def sweep_scorer(config: FidConfig, pipeline_dir: str | os.PathLike, num_inference_steps: int, seed: int = 0,
+                 device: str | torch.device = "cpu") -> FidScorer:
+    """The FidScorer of a sweep after training, in one process: the reference of `training_run_reference`, its
+    features cached with the training run's (<pipeline_dir>/fid_reference unless --reference_stats_cache)."""
+    extractor = load_feature_extractor(config)
+    reference = training_run_reference(config, Path(pipeline_dir), seed)
+    return build_fid_scorer(config, extractor, reference, OneProcess(device), pipeline_dir, num_inference_steps, seed)
+
+
 class PipelineFid:
     """`score(pipeline) -> FID` for `posthoc_ema.write_synthesized_pipelines`: samples the pipeline's models with
-    the sampler named `scheduler_name` on `device`; every result (FID and KID) is kept in `results`."""
+    the sampler named `scheduler_name` on `device`; every result (FID and KID) is kept in `results`. With a
+    `guide`, the samples are guided by it with `guidance_scale` (and `guidance_interval`), whatever the pipeline's
+    own guidance; without one they are unguided."""
 
     def __init__(self, scorer: FidScorer, scheduler_name: str, device: str | torch.device = "cpu"):
         self.scorer, self.scheduler_name, self.device = scorer, scheduler_name, torch.device(device)
         self.results: list[dict[str, float]] = []
 
-    def __call__(self, pipeline) -> float:
+    def __call__(self, pipeline, guide=None, guidance_scale: float = 1.0,
+                 guidance_interval: tuple[float, float] | None = None) -> float:
         from ..sampling import with_sampler
 
         pipeline.to(self.device)
         sampler = with_sampler(pipeline, self.scheduler_name)
+        if guide is not None:
+            sampler.set_guidance(guide, guidance_scale, guidance_interval)
         result = self.scorer.score(sampler, OneProcess(self.device))
         self.results.append(result)
         return result["fid"]
 
 
-def sweep_table(rows: Sequence[dict[str, Any]], description: str) -> str:
-    """Markdown: one row per candidate (sigma_rel, FID, KID, profile fit error, kept folder), best first marked."""
-    best = min(rows, key=lambda row: row["fid"])
-    lines = [description, "", "| sigma_rel | FID | KID | profile fit error | kept |", "|---|---|---|---|---|"]
+# A column of a table: its header and how a row's value reads.
+Column = tuple[str, Callable[[dict[str, Any]], str]]
+FID_COLUMNS: tuple[Column, ...] = (("FID", lambda row: f"{row['fid']:.3f}"), ("KID", lambda row: f"{row['kid']:.5f}"))
+SIGMA_REL_COLUMNS: tuple[Column, ...] = (
+    ("sigma_rel", lambda row: f"{row['sigma_rel']:g}"),
+    *FID_COLUMNS,
+    ("profile fit error", lambda row: f"{row['fit_error']:.1e}"),
+    ("kept", lambda row: row["folder"] or "-"),
+)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], description: str, columns: Sequence[Column],
+                   best: dict[str, Any] | None = None) -> str:
+    """Markdown under a description line: one row per item, `best` (one of `rows`) marked in its first column."""
+    lines = [description, "", "| " + " | ".join(header for header, _ in columns) + " |",
+             "|" + "---|" * len(columns)]
     for row in rows:
-        mark = " **(best)**" if row is best else ""
-        lines.append(f"| {row['sigma_rel']:g}{mark} | {row['fid']:.3f} | {row['kid']:.5f} | {row['fit_error']:.1e} | "
-                     f"{row['folder'] or '-'} |")
+        cells = [show(row) for _, show in columns]
+        cells[0] += " **(best)**" if row is best else ""
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def sweep_table(rows: Sequence[dict[str, Any]], description: str,
+                columns: Sequence[Column] = SIGMA_REL_COLUMNS) -> str:
+    """Markdown: one row per candidate (by default synthesize_ema's: sigma_rel, FID, KID, profile fit error, kept
+    folder), the best (lowest FID) marked."""
+    return markdown_table(rows, description, columns, best=min(rows, key=lambda row: row["fid"]))
