@@ -160,7 +160,8 @@ def test_components_and_parameters_rebuild_the_pipeline(saved):
     folder, expected = saved
     pipe = load_pipeline(folder)
     assert set(pipe.components) == {"unet", "vae", "scheduler", "guide"}  # the guide: optional, None here
-    assert pipe.parameters == {"latent_scaling_factor": pytest.approx(0.18215), "latent_shift_factor": 0.0}
+    assert pipe.parameters == {"latent_scaling_factor": pytest.approx(0.18215), "latent_shift_factor": 0.0,
+                               "guidance_scale": 1.0, "guidance_interval_low": None, "guidance_interval_high": None}
     rebuilt = UnconditionalLatentPipeline(**pipe.components, **pipe.parameters)
     np.testing.assert_allclose(sample(rebuilt), expected, atol=1e-6)
 
