@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Two-model guidance on the demo data: does a weaker version of the model, as a guide, beat unguided sampling?
 
-    python bench/bench_guidance.py            # the full measurement (about 20 minutes on 2 busy CPU cores)
+    python bench/bench_guidance.py            # the full measurement (16 minutes on 2 shared CPU cores, the
+                                              # VAE cached; training it once adds about 6)
     python bench/bench_guidance.py --quick    # a smoke test: a few steps of everything (under a minute)
 
 The machinery of bench/bench_quality.py (imported from it): the demo faces, the quick start's VAE kept in

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Run every benchmark, one after the other, and rewrite docs/benchmarks.md.
 
-    python bench/run_all.py            # the full measurements (about 110 minutes on a 2-core CPU)
+    python bench/run_all.py            # the full measurements (about 130 minutes on a 2-core CPU)
     python bench/run_all.py --quick    # tiny sizes, a smoke test (results in a temporary folder)
     python bench/run_all.py --only sampling gpu
 
