@@ -48,6 +48,9 @@ RESOLUTION = 32
 BATCH_SIZE = 32
 SAMPLE_BATCH_SIZE = 64
 DEFAULT_WORK_DIR = Path(tempfile.gettempdir()) / "uldm-bench-quality"
+# The study's baseline is ε-prediction, the trainer's default when it was measured (now v_prediction): every run of
+# this benchmark starts from it, and a lever's own --prediction_type comes later and wins.
+STUDY_BASE = ["--prediction_type", "epsilon"]
 # name: (options added to the baseline, description)
 LEVERS = {
     "baseline": ([], "ε-prediction, uniform timesteps, unweighted MSE (the quick start's recipe before v-prediction "
@@ -126,13 +129,15 @@ def run_script(module_name: str, argv: list) -> None:
     run_script_in_this_process(module_name, argv)
 
 
-def ensure_demo_data(work: Path, num_images: int) -> Path:
-    from uldm.demo_data import FACES_DIR, write_demo_dataset
+def ensure_demo_data(work: Path, num_images: int, num_subject_images: int = 1) -> Path:
+    """The demo faces (drawn once into `work`), with at least `num_subject_images` photos of the subject."""
+    from uldm.demo_data import FACES_DIR, SUBJECT_DIR, write_demo_dataset
 
     root = work / f"data-{num_images}"
     faces = root / FACES_DIR
-    if not faces.is_dir() or len(list(faces.glob("*.png"))) != num_images:
-        write_demo_dataset(root, num_images=num_images, num_subject_images=1, resolution=RESOLUTION)
+    if (not faces.is_dir() or len(list(faces.glob("*.png"))) != num_images
+            or len(list((root / SUBJECT_DIR).glob("*.png"))) < num_subject_images):
+        write_demo_dataset(root, num_images=num_images, num_subject_images=num_subject_images, resolution=RESOLUTION)
     return faces
 
 
@@ -158,17 +163,17 @@ def ensure_vae(args, work: Path, faces: Path) -> tuple[Path, float | None, str]:
 
 
 def training_argv(args, faces: Path, first_stage: str | Path, output_dir: Path, seed: int, steps: int,
-                  options: list[str], work: Path) -> list:
-    """scripts/quickstart.sh's step 3 with ε-prediction (the study's baseline), `options` added (a later
-    --prediction_type wins); pixel space without the cache."""
+                  options: list[str], work: Path, unet: str = "tiny") -> list:
+    """scripts/quickstart.sh's step 3, with `options` added and the UNet preset `unet`; pixel space without the
+    cache."""
     argv = ["--train_data_dir", faces, "--resolution", RESOLUTION, "--vae_name_or_path", first_stage,
             "--random_flip", "--train_batch_size", BATCH_SIZE, "--max_train_steps", steps, "--learning_rate", 1e-3,
             "--lr_scheduler", "cosine", "--lr_warmup_steps", max(1, steps // 20), "--use_ema", "--ema_max_decay",
             0.999, "--validation_steps", 0, "--num_validation_images", 0, "--checkpointing_steps", 0,
-            "--report_to", "none", "--seed", seed, "--output_dir", output_dir, "--prediction_type", "epsilon", *options]
+            "--report_to", "none", "--seed", seed, "--output_dir", output_dir, *options]
     if first_stage == "none":
         return argv + ["--model_config_name_or_path", "tiny-pixel"]
-    return argv + ["--model_config_name_or_path", "tiny", "--cache_latents", "--latent_scaling_factor", "auto",
+    return argv + ["--model_config_name_or_path", unet, "--cache_latents", "--latent_scaling_factor", "auto",
                    "--latent_cache_dir", work / "latent_cache"]
 
 
@@ -180,17 +185,22 @@ def load_sampler(folder: Path):
     return sampler
 
 
-@torch.no_grad()
 def draw_samples(folder: Path, num_samples: int, steps: int) -> tuple[torch.Tensor, float]:
-    """Samples 0..N-1 (image i from seed i) as N x 3 x R x R uint8, and the seconds per image."""
+    """Samples 0..N-1 (image i from seed i) of the model saved in `folder` (see `sample_images`)."""
+    return sample_images(load_sampler(folder), num_samples, steps)
+
+
+@torch.no_grad()
+def sample_images(sampler, num_samples: int, steps: int, **call_options) -> tuple[torch.Tensor, float]:
+    """Samples 0..N-1 (image i from seed i) as N x 3 x R x R uint8, and the seconds per image; `call_options` go
+    to every sampler call (e.g. a guide)."""
     from uldm.sampling import batches, generators_for_indices
 
-    sampler = load_sampler(folder)
     chunks = []
     start = time.perf_counter()
     for indices in batches(list(range(num_samples)), SAMPLE_BATCH_SIZE):
         images = sampler(batch_size=len(indices), num_inference_steps=steps,
-                         generator=generators_for_indices(0, indices), output_type="np").images
+                         generator=generators_for_indices(0, indices), output_type="np", **call_options).images
         chunks.append(torch.from_numpy((images * 255).round().astype(np.uint8)).permute(0, 3, 1, 2))
     return torch.cat(chunks), (time.perf_counter() - start) / num_samples
 
@@ -251,7 +261,7 @@ def train_and_score(args, scorer: Scorer, faces: Path, first_stage, work: Path, 
     shutil.rmtree(output_dir, ignore_errors=True)
     started = time.perf_counter()
     run_script("train_unconditional_latent",
-               training_argv(args, faces, first_stage, output_dir, seed, steps, options, work))
+               training_argv(args, faces, first_stage, output_dir, seed, steps, [*STUDY_BASE, *options], work))
     wall_s = time.perf_counter() - started
     train_s, logged = loop_seconds(output_dir)
     images, sample_s = draw_samples(output_dir, args.num_samples, args.sampling_steps)
@@ -271,7 +281,8 @@ def pixel_step_seconds(args, faces: Path, work: Path) -> float:
     output_dir = work / "runs" / "pixel-calibration"
     shutil.rmtree(output_dir, ignore_errors=True)
     run_script("train_unconditional_latent",
-               training_argv(args, faces, "none", output_dir, args.seeds[0], args.calibration_steps, [], work))
+               training_argv(args, faces, "none", output_dir, args.seeds[0], args.calibration_steps, STUDY_BASE,
+                             work))
     seconds, steps = loop_seconds(output_dir, skip=2)
     shutil.rmtree(output_dir)
     return seconds / steps

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Run every benchmark, one after the other, and rewrite docs/benchmarks.md.
 
-    python bench/run_all.py            # the full measurements (about 110 minutes on a 2-core CPU)
+    python bench/run_all.py            # the full measurements (about 130 minutes on a 2-core CPU)
     python bench/run_all.py --quick    # tiny sizes, a smoke test (results in a temporary folder)
     python bench/run_all.py --only sampling gpu
 
@@ -18,7 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import (  # noqa: E402
-    bench_cache_latents, bench_compile, bench_data, bench_gpu, bench_quality, bench_sampling, bench_train_step, report,
+    bench_cache_latents, bench_compile, bench_data, bench_gpu, bench_guidance, bench_quality, bench_sampling,
+    bench_train_step, report,
 )
 
 BENCHMARKS = {
@@ -29,6 +30,7 @@ BENCHMARKS = {
     "compile": bench_compile,
     "gpu": bench_gpu,
     "quality": bench_quality,
+    "guidance": bench_guidance,
 }
 
 

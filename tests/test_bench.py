@@ -11,7 +11,7 @@ import torch
 
 import pytest
 
-from bench import bench_compile, bench_gpu, bench_train_step, harness, report, run_all
+from bench import bench_compile, bench_gpu, bench_guidance, bench_train_step, harness, report, run_all
 
 COMMON_KEYS = {"name", "title", "quick", "machine", "started", "duration_s", "load_at_start", "load_at_end",
                "settings", "results", "tables", "targets", "notes"}
@@ -96,6 +96,20 @@ def test_every_benchmark_runs_quickly_and_writes_results_and_report(tmp_path):
     gpu = read_result(results_dir, "gpu")
     if not torch.cuda.is_available():
         assert gpu["results"]["skipped"] is True and "No CUDA device" in gpu["notes"][0]
+
+    guidance = read_result(results_dir, "guidance")["results"]
+    assert {"unguided@2", "unguided@4"} <= set(guidance["configs"])
+    assert set(guidance["best"]) == set(bench_guidance.GUIDES)
+    for entry in guidance["best"].values():
+        assert entry["same_steps"]["seeds"] == entry["same_compute"]["seeds"] == 2
+    assert guidance["verdict"].startswith(("Guidance beat", "Guidance did not beat"))
+    assert (results_dir / "guidance.png").is_file()
+    assert list(guidance["dreambooth"]) == list(bench_guidance.DREAMBOOTH_VARIANTS)
+    # Weight 0 samples the base alone: the same model and noise for every fine-tune, so the same point.
+    at_zero = [points[0] for points in guidance["dreambooth"].values()]
+    assert all(point["weight"] == 0 for point in at_zero)
+    assert all(point["instance_distance"] == pytest.approx(at_zero[0]["instance_distance"], rel=1e-4)
+               for point in at_zero)
 
     markdown = report_path.read_text()
     for name in run_all.BENCHMARKS:
