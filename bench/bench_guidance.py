@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,7 +40,7 @@ import torch  # noqa: E402
 from bench import report  # noqa: E402
 from bench.bench_quality import (  # noqa: E402
     DEFAULT_WORK_DIR, RESOLUTION, Scorer, ensure_demo_data, ensure_vae, load_sampler, mean_std, paired_with_baseline,
-    plus_minus, run_script, sample_images, save_grid, training_argv,
+    plus_minus, run_in_work_dir, run_script, sample_images, save_grid, training_argv,
 )
 
 NAME = "guidance"
@@ -440,16 +439,7 @@ def draw_figure(args, configs: dict, curves: dict) -> Path:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1 if args.quick else args.threads)
-    try:
-        if args.work_dir is not None or not args.quick:
-            return run(args, Path(args.work_dir or DEFAULT_WORK_DIR))
-        with tempfile.TemporaryDirectory(prefix="bench-guidance-") as work:
-            return run(args, Path(work))
-    finally:
-        torch.set_num_threads(previous)
+    return run_in_work_dir(parse_args(argv), run, "bench-guidance-")
 
 
 def run(args: argparse.Namespace, work: Path) -> dict:

@@ -320,13 +320,18 @@ def plus_minus(mean: float, std: float, scale: float = 1.0, digits: int = 2) -> 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+    return run_in_work_dir(parse_args(argv), run, "bench-quality-")
+
+
+def run_in_work_dir(args: argparse.Namespace, run, prefix: str) -> dict:
+    """`run(args, work)` on --threads torch threads (1 with --quick), in --work_dir, else DEFAULT_WORK_DIR for a full
+    run (its VAE is kept for later runs) or a temporary folder for a quick one."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1 if args.quick else args.threads)
     try:
         if args.work_dir is not None or not args.quick:
             return run(args, Path(args.work_dir or DEFAULT_WORK_DIR))
-        with tempfile.TemporaryDirectory(prefix="bench-quality-") as work:
+        with tempfile.TemporaryDirectory(prefix=prefix) as work:
             return run(args, Path(work))
     finally:
         torch.set_num_threads(previous)

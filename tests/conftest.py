@@ -205,6 +205,21 @@ def torchrun_command(script: str | Path, *arguments, processes: int = 2, launche
             *launcher, str(script), *map(str, arguments)]
 
 
+def walk_with_snapshots(unet, snapshot_dir: Path, steps: int, step_size: float, snapshot_steps: int = 5):
+    """'Training' without data: `steps` seeded random-walk steps of the UNet's weights, tracked by post-hoc EMA with
+    a snapshot every `snapshot_steps` steps into `snapshot_dir`. Returns the tracker."""
+    from uldm.training.posthoc_ema import PowerFunctionEMA
+
+    tracker = PowerFunctionEMA(unet, snapshot_dir=snapshot_dir, snapshot_steps=snapshot_steps)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(1, steps + 1):
+        with torch.no_grad():
+            for parameter in unet.parameters():
+                parameter.add_(torch.randn(parameter.shape, generator=generator), alpha=step_size)
+        tracker.step(unet.parameters(), step)
+    return tracker
+
+
 def venv_bin(name: str) -> str:
     """A console script of the interpreter running the tests (accelerate, torchrun)."""
     return str(Path(sys.executable).parent / name)

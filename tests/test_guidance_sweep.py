@@ -12,13 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import build_tiny_kl_vae, build_tiny_unet, make_blob_images
+from conftest import build_tiny_kl_vae, build_tiny_unet, make_blob_images, walk_with_snapshots
 from pipeline_latent_uncond import UnconditionalLatentPipeline
 from uldm.diffusion import build_noise_scheduler
 from uldm.first_stage import load_saved_model
 from uldm.metrics import fid
 from uldm.metrics.fid_validation import FidScorer, PipelineFid
-from uldm.training.posthoc_ema import PowerFunctionEMA
 
 FID_IMAGES, STEPS = 8, 2
 
@@ -55,14 +54,7 @@ def runs(tmp_path_factory):
                                                          "center_crop": True}))
     torch.jit.save(torch.jit.script(TinyFeatures()), root / "features.pt")
     guide = save_pipeline(1, root / "guide")
-    unet = build_tiny_unet(seed=1)
-    tracker = PowerFunctionEMA(unet, snapshot_dir=guide / "ema_snapshots", snapshot_steps=5)
-    generator = torch.Generator().manual_seed(0)
-    for step in range(1, 11):
-        with torch.no_grad():
-            for parameter in unet.parameters():
-                parameter.add_(torch.randn(parameter.shape, generator=generator), alpha=0.02)
-        tracker.step(unet.parameters(), step)
+    walk_with_snapshots(build_tiny_unet(seed=1), guide / "ema_snapshots", steps=10, step_size=0.02)
     return {"root": root, "main": main, "guide": guide, "data": root / "data", "features": root / "features.pt"}
 
 

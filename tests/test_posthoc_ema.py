@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import build_tiny_kl_vae, build_tiny_unet
+from conftest import build_tiny_kl_vae, build_tiny_unet, walk_with_snapshots
 from uldm.errors import InputError
 from uldm.training.posthoc_ema import (
     MAX_SIGMA_REL, PowerFunctionEMA, Snapshot, gamma_to_sigma_rel, list_snapshots, sigma_rel_to_gamma, solve_coefficients,
@@ -249,13 +249,7 @@ def saved_run(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("run") / "ldm"
     unet = build_tiny_unet()
-    tracker = PowerFunctionEMA(unet, snapshot_dir=folder / "ema_snapshots", snapshot_steps=5)
-    generator = torch.Generator().manual_seed(0)
-    for step in range(1, 21):
-        with torch.no_grad():
-            for p in unet.parameters():
-                p.add_(torch.randn(p.shape, generator=generator), alpha=0.01)
-        tracker.step(unet.parameters(), step)
+    tracker = walk_with_snapshots(unet, folder / "ema_snapshots", steps=20, step_size=0.01)
     pipeline = UnconditionalLatentPipeline(unet=unet, vae=build_tiny_kl_vae(), scheduler=DDPMScheduler(clip_sample=False),
                                            latent_scaling_factor=0.5)
     pipeline.save_pretrained(folder)
