@@ -6,7 +6,7 @@ the run (as synthesize_ema.py --sweep reads them) or --reference_dir; the table 
 (<output_dir>/guidance_sweep.md, .json, .png), and the best weight becomes the pipeline's default (the guide is saved
 into PIPELINE as a component; --no_save only measures):
 
-    python sweep_guidance.py outputs/ffhq256 --guide outputs/ffhq256/checkpoint-2000 --guidance_scales 1 1.5 2 3 \
+    python sweep_guidance.py outputs/ffhq256 --guide outputs/ffhq256/checkpoint-2000 --guidance_scales 1 1.5 2 3 \\
         --fid_images 2000 --num_inference_steps 25 --scheduler dpmsolver++ --inception_weights weights.pth
 
 With --guide_sigma_rels (the guide a run folder trained with --use_posthoc_ema) each weight is also tried with each
