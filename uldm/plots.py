@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -145,7 +146,7 @@ def plot_fidelity_diversity(curves: dict[str, list[dict]], output_path: str | os
     if lower_is_more_subject:
         axis.invert_yaxis()
     axis.set_xlabel(f"{diversity_label} (more variety ->)")
-    axis.set_ylabel(f"{fidelity_label} (more subject: up)")
+    axis.set_ylabel(textwrap.fill(f"{fidelity_label} (more subject: up)", 50), fontsize=9)  # long labels fit
     axis.set_title("Subject fidelity against variety, per dial", fontsize=9)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
