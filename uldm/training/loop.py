@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -481,6 +482,12 @@ def build_training_loop(accelerator, config: TrainingConfig, model, train_set, t
 
 
 def finish_run(loop: TrainingLoop) -> None:
-    """The end of every training run: every process waits for the others, then the trackers close."""
+    """The end of every training run: every process waits for the others, then the trackers close and the process
+    groups go while the interpreter is fully alive. destroy_process_group only drops torch's own references: a gloo
+    group still referenced (the loop's host group) was destroyed at interpreter shutdown instead, where its worker
+    threads can abort the process ("terminate called without an active exception", SIGABRT, seen once in a
+    two-process run on a loaded machine)."""
     loop.accelerator.wait_for_everyone()
+    loop._host_group = None
     loop.accelerator.end_training()
+    gc.collect()  # the loop's reference cycles may hold more of them
