@@ -142,6 +142,16 @@ def noise_level(scheduler, t) -> float:
     return float(((1 - alpha_bar) / alpha_bar).sqrt())
 
 
+def in_interval(scheduler, t, guidance_interval) -> bool | torch.Tensor:
+    """Whether timestep t's noise level lies in (low, high]; for a batch of timesteps, a boolean per sample."""
+    low, high = guidance_interval
+    if torch.is_tensor(t) and t.numel() > 1:
+        alpha_bar = scheduler.alphas_cumprod.to(t.device)[t.long()].double()
+        levels = ((1 - alpha_bar) / alpha_bar).sqrt()
+        return (low < levels) & (levels <= high)
+    return low < noise_level(scheduler, t) <= high
+
+
 def check_guide(unet, guide) -> None:
     """A guide must denoise the same samples: the same latent channels and size as the UNet it guides."""
     if guide is None or not hasattr(guide, "config"):  # a callable (e.g. the UNet with its LoRA switched off)
@@ -172,16 +182,22 @@ def guided_model(unet, guide=None, guidance_scale: float | Callable[[], float] =
 
     def guided(model_input, t):
         weight = guidance_scale() if callable(guidance_scale) else guidance_scale
-        guiding = guide is not None and weight != 1.0
-        if guiding and guidance_interval is not None:
-            low, high = guidance_interval
-            guiding = low < noise_level(scheduler, t) <= high
-        if not guiding:
+        inside = guide is not None and weight != 1.0
+        if inside and guidance_interval is not None:
+            inside = in_interval(scheduler, t, guidance_interval)
+            if torch.is_tensor(inside) and inside.all():
+                inside = True
+        if inside is False or (torch.is_tensor(inside) and not inside.any()):
             return output(unet, model_input, t)
         guide_output = output(guide, model_input, t)
-        if weight == 0.0:
+        if weight == 0.0 and inside is True:
             return guide_output
-        return guide_output + weight * (output(unet, model_input, t) - guide_output)
+        model_output = output(unet, model_input, t)
+        result = guide_output + weight * (model_output - guide_output)
+        if inside is True:
+            return result
+        # A batch of several timesteps (e.g. a distillation's), some outside the interval: those get the model alone.
+        return torch.where(inside.reshape(-1, *[1] * (result.ndim - 1)), result, model_output)
 
     return guided
 

@@ -10,7 +10,8 @@ With --guide GUIDE --guidance_scale W each step takes guide + W * (model - guide
 DreamBooth result. A pipeline saved with a guide samples guided by default; --guidance_scale alone reweights it.
 
 PIPELINE is a folder written by UnconditionalLatentPipeline.save_pretrained (or CompVis' LDM layout),
-a DreamBooth LoRA output (its base model is loaded with the adapter), a diffusers DDPMPipeline (pixel
+a DreamBooth LoRA output (its base model is loaded with the adapter), a few-step student of distill.py
+(sampled with its LCMScheduler, 4 steps unless --num_inference_steps), a diffusers DDPMPipeline (pixel
 space, e.g. from train_unconditional_latent.py --vae_name_or_path none), or a hub id of one of them; it
 is loaded without running code from the folder. Images are `{i:06d}.png`; image i
 is drawn with seed + i, so it is the same however many processes or whatever batch size produced
@@ -28,6 +29,7 @@ from accelerate import Accelerator
 from PIL import Image
 
 from uldm import args as cli
+from uldm.distillation import check_student_steps, max_student_steps
 from uldm.errors import InputError, exit_cleanly_on_input_errors
 from uldm.first_stage import load_saved_model
 from uldm.guidance import load_guide
@@ -44,6 +46,9 @@ from uldm.sampling import (
     write_missing_samples,
 )
 
+DEFAULT_STEPS = 50
+STUDENT_DEFAULT_STEPS = 4
+
 # Arguments that change the pixels: a resumed run must use the same ones.
 IMAGE_DEFINING_ARGS = ("pretrained_model_name_or_path", "scheduler", "num_inference_steps", "eta", "seed",
                        "mixed_precision", "guide", "guidance_scale", "guidance_interval")
@@ -57,7 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output_dir", type=str, required=True)
     parser.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None,
                         help="Sampler, built from the saved scheduler's config; default: the saved scheduler.")
-    parser.add_argument("--num_inference_steps", type=int, default=50)
+    parser.add_argument("--num_inference_steps", type=int, default=None,
+                        help=f"Sampler steps; default {DEFAULT_STEPS} ({STUDENT_DEFAULT_STEPS} for a few-step student of "
+                             "distill.py, which takes 1 to its grid's size).")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (ignored by other schedulers).")
     parser.add_argument("--batch_size", type=int, default=16, help="Images per forward pass on each process.")
     parser.add_argument("--seed", type=int, default=0, help="Image i is drawn with seed + i.")
@@ -74,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, name, os.path.abspath(getattr(args, name)))
     cli.check_guidance_args(args)
     for name in ("num_images", "num_inference_steps", "batch_size", "grid_rows"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise InputError(f"--{name} must be at least 1, got {getattr(args, name)}.")
     return args
 
@@ -112,6 +119,14 @@ def load_pipeline(args: argparse.Namespace, accelerator: Accelerator):
     return pipeline.to(accelerator.device)
 
 
+def resolve_steps(args: argparse.Namespace, scheduler) -> None:
+    """--num_inference_steps left out: a few-step student's default, else the usual; a student asked for more steps
+    than its grid has is refused before anything is written."""
+    if args.num_inference_steps is None:
+        args.num_inference_steps = STUDENT_DEFAULT_STEPS if max_student_steps(scheduler) else DEFAULT_STEPS
+    check_student_steps(scheduler, args.num_inference_steps)
+
+
 def set_guidance(args: argparse.Namespace, pipeline) -> None:
     """--guide (checked to fit before anything is sampled), or the saved guide with another weight or interval."""
     if args.guide:
@@ -141,10 +156,10 @@ def main(argv: list[str] | None = None) -> None:
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     args.mixed_precision = accelerator.mixed_precision
     output_dir = Path(args.output_dir)
+    pipeline = load_pipeline(args, accelerator)
+    resolve_steps(args, pipeline.scheduler)
     check_resume_is_consistent(args, output_dir)  # on every process, so all of them stop together
     output_dir.mkdir(parents=True, exist_ok=True)
-
-    pipeline = load_pipeline(args, accelerator)
     accelerator.wait_for_everyone()  # everyone has read the old arguments before they are replaced
     if accelerator.is_main_process:
         write_args(args, output_dir)

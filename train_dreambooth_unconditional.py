@@ -95,15 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                             "images are sampled under autocast to it (fp32/no: full precision). Default: the run's "
                             "--mixed_precision.")
 
-    group = parser.add_argument_group("LoRA")
-    group.add_argument("--use_lora", action="store_true",
-                       help="Train a LoRA adapter instead of the whole UNet; only the adapter (a few MB) is saved.")
-    group.add_argument("--rank", type=int, default=4, help="LoRA rank.")
-    group.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank, scale 1).")
-    group.add_argument("--lora_dropout", type=float, default=0.0)
-    group.add_argument("--lora_target_modules", type=str, default="attention+conv",
-                       help="'attention', 'attention+conv' (adds the ResNet convolutions) or module names, "
-                            "comma-separated.")
+    cli.add_lora_args(parser, "Train a LoRA adapter instead of the whole UNet; only the adapter (a few MB) is saved.")
 
     cli.add_loss_lever_args(parser)  # the base model's noise schedule and prediction type are kept
     # DreamBooth defaults (diffusers' train_dreambooth.py): short runs, small constant learning rate.

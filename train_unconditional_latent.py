@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
 from uldm import args as cli
-from uldm.data import DataConfig, ImageFolderDataset, build_image_dataset
+from uldm.data import DataConfig
 from uldm.diffusion import build_noise_scheduler, describe_levers, noisy_latents_and_target, weighted_loss
 from uldm.errors import exit_cleanly_on_input_errors
-from uldm.metrics.fid_validation import FidConfig, build_fid_scorer, build_reference, load_feature_extractor
+from uldm.metrics.fid_validation import (
+    FidConfig, build_fid_scorer, build_reference, load_feature_extractor, training_images,
+)
 from uldm.first_stage import FirstStageConfig, first_stage_class, load_first_stage
 from uldm.guidance import training_guidance
 from uldm.hub import HubUploader
@@ -52,10 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="'auto': the VAE config's scaling_factor, 1.0 for VQ, else 1/std measured on the data.")
     group.add_argument("--scale_estimation_images", type=int, default=512,
                        help="Images encoded to measure the latent std when it must be measured (without a cache).")
-    group.add_argument("--cache_latents", action="store_true",
-                       help="Encode the data set once and train from stored latents (the VAE encoder then never runs).")
-    group.add_argument("--latent_cache_dir", type=str, default=None, help="Default: <output_dir>/latent_cache.")
-    group.add_argument("--encode_batch_size", type=int, default=32)
+    cli.add_latent_cache_args(group)
     group = parser.add_argument_group("model")
     group.add_argument("--model_config_name_or_path", type=str, default=None,
                        help="UNet preset (" + ", ".join(list_presets("unet")) + "), JSON file or model folder.")
@@ -192,16 +190,6 @@ def main(argv=None) -> None:
     finish_run(loop)
     if finished:
         hub.upload_and_wait()
-
-
-def training_images(data_config: DataConfig, train_set, files):
-    """The training images as a data set (the FID reference): `train_set` itself, or, when it holds cached latents,
-    the readable files it was encoded from (nothing is opened until the reference features are extracted)."""
-    if not hasattr(train_set, "gather"):
-        return train_set
-    if files:
-        return ImageFolderDataset(files, Path(data_config.train_data_dir), data_config.preprocessing, data_config.seed)
-    return build_image_dataset(data_config)
 
 
 def fid_facts(args, loop) -> dict:

@@ -39,6 +39,14 @@ def add_data_args(parser: argparse.ArgumentParser, default_resolution: int = 256
                        help="Train on a seeded random subset of this many images.")
 
 
+def add_latent_cache_args(group) -> None:
+    """--cache_latents and its folder (uldm.latent_cache; `cache_config` reads them)."""
+    group.add_argument("--cache_latents", action="store_true",
+                       help="Encode the data set once and train from stored latents (the VAE encoder then never runs).")
+    group.add_argument("--latent_cache_dir", type=str, default=None, help="Default: <output_dir>/latent_cache.")
+    group.add_argument("--encode_batch_size", type=int, default=32)
+
+
 def add_optimization_args(parser: argparse.ArgumentParser, learning_rate: float = 1e-4,
                           adam_beta1: float = 0.95, adam_weight_decay: float = 1e-6,
                           lr_scheduler: str = "cosine", lr_warmup_steps: int = 500) -> None:
@@ -234,6 +242,18 @@ def add_logging_args(parser: argparse.ArgumentParser, validation_steps: int = 10
                             "class names, e.g. DPMSolverMultistepScheduler, DDPMScheduler).")
     add_guidance_args(group, prefix="validation_",
                       what="the validation grids and FID samples (loaded once, checked before training starts)")
+
+
+def add_lora_args(parser: argparse.ArgumentParser, use_lora_help: str) -> None:
+    """--use_lora and its adapter's shape (uldm.lora), the same for DreamBooth and distillation."""
+    group = parser.add_argument_group("LoRA")
+    group.add_argument("--use_lora", action="store_true", help=use_lora_help)
+    group.add_argument("--rank", type=int, default=4, help="LoRA rank.")
+    group.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank, scale 1).")
+    group.add_argument("--lora_dropout", type=float, default=0.0)
+    group.add_argument("--lora_target_modules", type=str, default="attention+conv",
+                       help="'attention', 'attention+conv' (adds the ResNet convolutions) or module names, "
+                            "comma-separated.")
 
 
 def add_guidance_args(group, prefix: str = "", what: str = "the samples") -> None:

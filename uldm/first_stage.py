@@ -300,6 +300,21 @@ def load_saved_model(name_or_path: str | os.PathLike, **options):
     return kind.load_saved(name_or_path, **options)
 
 
+def saved_model_first_stage(model, name_or_path: str | os.PathLike, revision: str | None = None) -> FirstStage:
+    """The first stage of a model `load_saved_model` loaded, to train on in its space (distill.py): its VAE with
+    the latent scale it samples with (never re-measured), or pixel space."""
+    from .latents import pipeline_scaling
+
+    if isinstance(model, PixelSampler):
+        return PixelSpace()
+    source = str(name_or_path)
+    subfolder = "vqvae" if (Path(source) / "vqvae").is_dir() else "vae"
+    stage = LatentSpace(FirstStageConfig(vae_name_or_path=source, vae_subfolder=subfolder, revision=revision),
+                        model.vae)
+    stage.scaling = pipeline_scaling(model, source=f"the latent scale of {source}")
+    return stage
+
+
 def pipeline_class_name(name_or_path: str | os.PathLike) -> str | None:
     """The `_class_name` of a pipeline folder's (or hub repository's) model_index.json; None if it has none."""
     source = str(name_or_path)

@@ -108,10 +108,24 @@ def load_pipeline_or_adapter(path: str | os.PathLike, fuse_lora: bool = False,
                          "the base with load_pipeline and call load_lora_weights on it.")
     pipeline = load_pipeline(base, **options)
     pipeline.load_lora_weights(str(path))
+    scheduler = adapter_scheduler(path)
+    if scheduler is not None:  # a few-step student's adapter (distill.py --use_lora) samples with its own
+        pipeline.scheduler = scheduler
     if fuse_lora:
         pipeline.fuse_lora()
         pipeline.unload_lora_weights()
     return pipeline
+
+
+def adapter_scheduler(path: str | os.PathLike):
+    """The scheduler saved beside an adapter (scheduler/scheduler_config.json, a distilled student's), else None."""
+    import diffusers
+
+    folder = Path(path) / "scheduler"
+    if not (folder / "scheduler_config.json").is_file():
+        return None
+    config = diffusers.SchedulerMixin.load_config(str(folder))
+    return getattr(diffusers, config["_class_name"]).from_config(config)
 
 
 def adapter_only_checkpoint_hooks(accelerator) -> tuple:

@@ -240,6 +240,18 @@ def build_reference(config: FidConfig, training_images, resolution: int, center_
     return fid.ReferenceImages(fid.reference_folder(config.fid_reference, resolution, center_crop, seed))
 
 
+def training_images(data_config, train_set, files):
+    """The training images as a data set (the FID reference): `train_set` itself, or, when it holds cached latents,
+    the readable files it was encoded from (nothing is opened until the reference features are extracted)."""
+    from ..data import ImageFolderDataset, build_image_dataset
+
+    if not hasattr(train_set, "gather"):
+        return train_set
+    if files:
+        return ImageFolderDataset(files, Path(data_config.train_data_dir), data_config.preprocessing, data_config.seed)
+    return build_image_dataset(data_config)
+
+
 def build_fid_scorer(config: FidConfig, extractor: nn.Module, reference, accelerator, output_dir: str | os.PathLike,
                      num_inference_steps: int, seed: int = 0) -> FidScorer:
     """A FidScorer with the reference features ready (every process must call this)."""
