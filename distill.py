@@ -26,7 +26,6 @@ import os
 from dataclasses import replace
 from functools import partial
 
-import torch
 
 from uldm import args as cli
 from uldm.data import DataConfig
