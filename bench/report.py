@@ -27,7 +27,7 @@ DEFAULT_REPORT = REPO_ROOT / "docs" / "benchmarks.md"
 QUICK_RESULTS_DIR = Path(tempfile.gettempdir()) / "uldm-bench-quick" / "results"
 QUICK_REPORT = Path(tempfile.gettempdir()) / "uldm-bench-quick" / "benchmarks.md"
 # Order of the sections in the report; results with other names follow alphabetically.
-SECTION_ORDER = ("cache_latents", "data", "train_step", "sampling", "compile", "gpu", "quality", "guidance")
+SECTION_ORDER = ("cache_latents", "data", "train_step", "sampling", "compile", "gpu", "quality", "guidance", "distill")
 
 REPORT_HEADER = """# Benchmarks
 

@@ -18,8 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import (  # noqa: E402
-    bench_cache_latents, bench_compile, bench_data, bench_gpu, bench_guidance, bench_quality, bench_sampling,
-    bench_train_step, report,
+    bench_cache_latents, bench_compile, bench_data, bench_distill, bench_gpu, bench_guidance, bench_quality,
+    bench_sampling, bench_train_step, report,
 )
 
 BENCHMARKS = {
@@ -31,6 +31,7 @@ BENCHMARKS = {
     "gpu": bench_gpu,
     "quality": bench_quality,
     "guidance": bench_guidance,
+    "distill": bench_distill,
 }
 
 

@@ -14,6 +14,7 @@ diffusers 0.42's UNet2DModel has no adapter mixin; the pipeline provides that AP
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Sequence
@@ -124,8 +125,8 @@ def adapter_scheduler(path: str | os.PathLike):
     folder = Path(path) / "scheduler"
     if not (folder / "scheduler_config.json").is_file():
         return None
-    config = diffusers.SchedulerMixin.load_config(str(folder))
-    return getattr(diffusers, config["_class_name"]).from_config(config)
+    name = json.loads((folder / "scheduler_config.json").read_text())["_class_name"]
+    return getattr(diffusers, name).from_pretrained(str(folder))
 
 
 def adapter_only_checkpoint_hooks(accelerator) -> tuple:
