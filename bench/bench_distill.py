@@ -151,7 +151,12 @@ def score_seed(args, scorer: Scorer, teacher: Path, students: dict[str, Path], s
 
 
 @torch.no_grad()
-def subject_point(pipeline, references, num_samples: int, steps: int) -> dict:
+def subject_point(pipeline, references, num_samples: int, steps: int, same_noise=None) -> dict:
+    """Subject distance and spread of the samples; with `same_noise` (thumbnails of the fine-tune's own 25-step
+    samples from the same noise), also the mean paired distance to them: how faithfully this sampler follows the
+    fine-tune's ODE, which distance and spread alone do not show (a blurrier sampler is closer to everything)."""
+    from uldm.dreambooth import thumbnails
+    from uldm.metrics.distances import paired_distances
     from uldm.sampling import generators_for_indices
 
     indices = list(range(num_samples))
@@ -159,8 +164,11 @@ def subject_point(pipeline, references, num_samples: int, steps: int) -> dict:
     latents = pipeline(batch_size=len(indices), num_inference_steps=steps, generator=generators_for_indices(0, indices),
                        output_type="latent").images
     images = pipeline.decode_latents(latents).permute(0, 2, 3, 1).float().cpu().numpy()
-    return {"steps": steps, **references.measure(latents, images),
-            "sample_s_per_image": (time.perf_counter() - start) / num_samples}
+    point = {"steps": steps, **references.measure(latents, images),
+             "sample_s_per_image": (time.perf_counter() - start) / num_samples, "thumbnails": thumbnails(images)}
+    if same_noise is not None:
+        point["paired_distance"] = float(paired_distances(point["thumbnails"], same_noise, per_element=True).mean())
+    return point
 
 
 def dreambooth_carry_over(args, teacher: Path, lora_student: Path, faces: Path, work: Path) -> dict[str, list[dict]]:
@@ -182,19 +190,22 @@ def dreambooth_carry_over(args, teacher: Path, lora_student: Path, faces: Path, 
     pipeline = load_sampler(fine_tune)
     references = SubjectReferences.from_pixels(
         pipeline, instance_photos(sorted(subject.glob("*.png")), str(subject), RESOLUTION))
-    curves = {"fine-tune, DPM-Solver++": [subject_point(pipeline, references, args.dreambooth_samples, steps)
-                                          for steps in sorted({*args.solver_steps, REFERENCE_STEPS})]}
+    reference = subject_point(pipeline, references, args.dreambooth_samples, REFERENCE_STEPS)["thumbnails"]
+
+    def points(sampler, step_counts) -> list[dict]:
+        return [subject_point(sampler, references, args.dreambooth_samples, steps, reference) for steps in step_counts]
+
+    curves = {"fine-tune, DPM-Solver++": points(pipeline, sorted({*args.solver_steps, REFERENCE_STEPS}))}
     pipeline.load_lora_weights(str(lora_student))
     pipeline.scheduler = adapter_scheduler(lora_student)
-    curves["fine-tune + the base's LoRA student"] = [
-        subject_point(pipeline, references, args.dreambooth_samples, steps) for steps in args.student_steps]
-    student = load_sampler(own_student)
-    curves["student distilled from the fine-tune"] = [
-        subject_point(student, references, args.dreambooth_samples, steps) for steps in args.student_steps]
-    for name, points in curves.items():
-        for point in points:
+    curves["fine-tune + the base's LoRA student"] = points(pipeline, args.student_steps)
+    curves["student distilled from the fine-tune"] = points(load_sampler(own_student), args.student_steps)
+    for name, curve in curves.items():
+        for point in curve:
+            point.pop("thumbnails")
             print(f"DreamBooth {name} @{point['steps']}: distance {point['instance_distance']:.4f}, spread "
-                  f"{point['sample_spread']:.4f}", flush=True)
+                  f"{point['sample_spread']:.4f}, paired distance to 25 steps {point['paired_distance']:.4f}",
+                  flush=True)
     for folder in (class_dir, fine_tune, own_student):
         shutil.rmtree(folder, ignore_errors=True)
     return curves
@@ -254,12 +265,14 @@ def add_tables(result: dict, args, configs: dict, costs: list[dict], curves: dic
                      [[c["seed"], args.steps, c["teacher_s"], args.distill_steps, c["student_s"],
                        f"{c['student_s'] / c['teacher_s']:.2f}"] for c in costs])
     if curves:
-        rows = [[name, point["steps"], point["instance_distance"], point["sample_spread"]]
+        rows = [[name, point["steps"], point["instance_distance"], point["sample_spread"], point["paired_distance"]]
                 for name, points in curves.items() for point in points]
         report.add_table(result, f"A LoRA student of the base on a DreamBooth fine-tune of it (first seed, "
-                                 f"{args.dreambooth_samples} samples; distance: RMS to the nearest instance photo, "
-                                 "spread: mean pairwise RMS distance; 32 px thumbnails in [0, 1])",
-                         ["sampling", "steps", "subject distance", "spread"], rows)
+                                 f"{args.dreambooth_samples} samples; subject distance: RMS to the nearest instance "
+                                 "photo; spread: mean pairwise RMS distance; paired distance: RMS to the fine-tune's "
+                                 f"own {REFERENCE_STEPS}-step DPM-Solver++ sample from the same noise; 32 px "
+                                 "thumbnails in [0, 1])",
+                         ["sampling", "steps", "subject distance", "spread", "paired distance"], rows)
 
 
 def draw_figure(args, configs: dict) -> Path:

@@ -111,6 +111,14 @@ def test_every_benchmark_runs_quickly_and_writes_results_and_report(tmp_path):
     assert all(point["instance_distance"] == pytest.approx(at_zero[0]["instance_distance"], rel=1e-4)
                for point in at_zero)
 
+    distill = read_result(results_dir, "distill")["results"]
+    assert {"teacher dpmsolver++@25", "teacher dpmsolver++@2", "teacher unipc@2", "student@1", "student@2",
+            "LoRA student@1"} <= set(distill["configs"])
+    assert all(cost["teacher_s"] > 0 and cost["student_s"] > 0 for cost in distill["costs"])
+    assert any(line.startswith("At 2 steps the student scored") for line in distill["verdicts"])
+    assert [point["steps"] for point in distill["dreambooth"]["fine-tune + the base's LoRA student"]] == [1, 2]
+    assert (results_dir / "distill.png").is_file()
+
     markdown = report_path.read_text()
     for name in run_all.BENCHMARKS:
         assert read_result(results_dir, name)["title"] in markdown

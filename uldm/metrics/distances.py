@@ -32,3 +32,10 @@ def mean_pairwise_distance(vectors, per_element: bool = False) -> float | None:
         return None
     distances = pairwise_distances(vectors, vectors, per_element)
     return float(distances.sum() / (count * (count - 1)))
+
+
+def paired_distances(a, b, per_element: bool = False) -> torch.Tensor:
+    """Row i of `a` against row i of `b` (the same N): e.g. two samplers' images from the same noise."""
+    a, b = _flat(a), _flat(b)
+    distances = (a - b).norm(dim=1)
+    return distances / math.sqrt(a.shape[1]) if per_element else distances
