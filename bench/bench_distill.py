@@ -55,6 +55,7 @@ DEFAULTS = {
     "num_samples": (256, 8),
     "student_steps": ([1, 2, 4, 8], [1, 2]),
     "solver_steps": ([2, 4, 8], [2]),
+    "long_distill_steps": (1600, 8),
     "lora_rank": (16, 2),
     "dreambooth_steps": (300, 2),
     "num_class_images": (64, 4),
@@ -75,6 +76,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--student_steps", type=int, nargs="+", default=None, help="Student steps (1 2 4 8).")
     parser.add_argument("--solver_steps", type=int, nargs="+", default=None,
                         help="Teacher steps with DPM-Solver++ and UniPC (2 4 8; 25 DPM-Solver++ steps always).")
+    parser.add_argument("--long_distill_steps", type=int, default=None,
+                        help="First seed only: a student distilled this many steps, its FID tracked during the run "
+                             "every quarter (distill.py --validation_fid_images) and scored at the end like the others "
+                             "(default 1600; 0 skips it).")
     parser.add_argument("--lora_rank", type=int, default=None, help="Rank of the LoRA student (16; 0 skips LoRA).")
     parser.add_argument("--dreambooth_steps", type=int, default=None,
                         help="DreamBooth steps (the quick start's 300; 0 skips the carry-over test).")
@@ -103,11 +108,29 @@ def distill_argv(args, teacher: Path, faces: Path, output_dir: Path, work: Path,
             "--checkpointing_steps", 0, "--report_to", "none", "--seed", 0, "--output_dir", output_dir, *options]
 
 
-def distill(args, teacher: Path, faces: Path, work: Path, name: str, options: list) -> Path:
+def distill(args, teacher: Path, faces: Path, work: Path, name: str, options: list, steps: int | None = None) -> Path:
     output_dir = work / "runs" / f"distill-{name}"
     shutil.rmtree(output_dir, ignore_errors=True)
-    run_script("distill", distill_argv(args, teacher, faces, output_dir, work, args.distill_steps, options))
+    run_script("distill", distill_argv(args, teacher, faces, output_dir, work, steps or args.distill_steps, options))
     return output_dir
+
+
+def long_distillation(args, teacher: Path, faces: Path, work: Path) -> tuple[Path, list[dict]]:
+    """A student distilled --long_distill_steps steps, with distill.py's own FID (random-conv features, its
+    --validation_fid_images samples against the training images) at every quarter: how far more distillation goes."""
+    from uldm.training import read_metrics
+
+    every = max(1, args.long_distill_steps // 4)
+    folder = distill(args, teacher, faces, work, "long-student", [
+        "--learning_rate", args.distill_learning_rate, "--validation_steps", every, "--validation_fid_images",
+        args.num_samples, "--fid_feature_extractor", "random-conv", "--student_inference_steps", 1, 2, 4],
+        steps=args.long_distill_steps)
+    curve = [{key: value for key, value in row.items() if key == "step" or key.startswith("fid_")}
+             for row in read_metrics(folder, having="fid_1step")]
+    for row in curve:
+        print(f"long distillation step {row['step']}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()
+                                                                    if k != "step"), flush=True)
+    return folder, curve
 
 
 # ------------------------------------------------------------------------------ sampling
@@ -250,6 +273,19 @@ def verdicts(args, configs: dict) -> list[str]:
     return lines
 
 
+def long_verdict(args, records: dict) -> list[str]:
+    """The long student against its own teacher (the first seed's) on the issue's two goals."""
+    name = f"student, {args.long_distill_steps} steps"
+    if f"{name}@4" not in records or "teacher unipc@4" not in records:
+        return []
+    reference = records[f"teacher dpmsolver++@{REFERENCE_STEPS}"]["fid"]
+    solver = min(records[f"teacher {solver}@4"]["fid"] for solver in SOLVERS)
+    four, two = records[f"{name}@4"]["fid"], records[f"{name}@2"]["fid"]
+    return [f"Distilled {args.long_distill_steps} steps (first seed only): 4 steps FID {four:.2f} against the "
+            f"teacher's {reference:.2f} at {REFERENCE_STEPS} steps ({four / reference:.2f}x); 2 steps {two:.2f} against "
+            f"{solver:.2f} for the better solver at 4 steps."]
+
+
 def add_tables(result: dict, args, configs: dict, costs: list[dict], curves: dict) -> None:
     rows = []
     for key, config in configs.items():
@@ -284,7 +320,8 @@ def draw_figure(args, configs: dict) -> Path:
     figure, axis = plt.subplots(figsize=(6.5, 4.2), dpi=100)
     series = {f"teacher, {label}": [f"teacher {name}@{s}" for s in args.solver_steps] for name, label in SOLVERS.items()}
     series.update({f"{student}": [f"{student}@{s}" for s in args.student_steps]
-                   for student in ("student", "LoRA student") if f"{student}@{args.student_steps[0]}" in configs})
+                   for student in ("student", f"student, {args.long_distill_steps} steps", "LoRA student")
+                   if f"{student}@{args.student_steps[0]}" in configs})
     for label, keys in series.items():
         steps = [int(key.rsplit("@", 1)[1]) for key in keys]
         axis.errorbar(steps, [configs[k]["fid_mean"] for k in keys], [configs[k]["fid_std"] for k in keys],
@@ -322,7 +359,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     vae_dir, _, vae_source = ensure_vae(args, work, faces)
     vae_wall_s = time.monotonic() - started
     scorer = Scorer(faces)
-    per_seed, costs, curves = {}, [], {}
+    per_seed, costs, curves, long_curve = {}, [], {}, []
     for seed in args.seeds:
         teacher = train_model(args, faces, vae_dir, work, "teacher", seed, args.steps, [])
         students = {"student": distill(args, teacher, faces, work, f"student-seed{seed}",
@@ -330,6 +367,9 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         costs.append({"seed": seed, "teacher_s": loop_seconds(teacher)[0],
                       "student_s": loop_seconds(students["student"])[0]})
         first = seed == args.seeds[0]
+        if first and args.long_distill_steps:
+            students[f"student, {args.long_distill_steps} steps"], long_curve = long_distillation(
+                args, teacher, faces, work)
         if first and args.lora_rank:
             students["LoRA student"] = distill(args, teacher, faces, work, "lora-student",
                                                ["--use_lora", "--rank", args.lora_rank, "--learning_rate", 1e-3])
@@ -338,8 +378,9 @@ def run(args: argparse.Namespace, work: Path) -> dict:
             curves = dreambooth_carry_over(args, teacher, students["LoRA student"], faces, work)
         for folder in (teacher, *students.values()):
             shutil.rmtree(folder)
-    lora = {key: value for key, value in per_seed[args.seeds[0]].items() if key.startswith("LoRA")}
-    configs = collect({seed: {k: v for k, v in records.items() if not k.startswith("LoRA")}
+    first_only = ("LoRA", "student, ")  # the students of the first seed only
+    lora = {key: value for key, value in per_seed[args.seeds[0]].items() if key.startswith(first_only)}
+    configs = collect({seed: {k: v for k, v in records.items() if not k.startswith(first_only)}
                        for seed, records in per_seed.items()})
     configs.update({key: summarise([{"seed": args.seeds[0], **value}]) for key, value in lora.items()})
 
@@ -349,17 +390,24 @@ def run(args: argparse.Namespace, work: Path) -> dict:
                    "(v-prediction, batch 32, lr 1e-3 cosine, EMA max decay 0.999, flips)",
         "student": f"distill.py: {args.distill_steps} steps, batch 32, lr {args.distill_learning_rate:g} constant, "
                    "EMA target 0.95, pseudo-Huber c 0.001, 50-point DDIM grid, flips",
+        "long_distill_steps": args.long_distill_steps,
         "lora_student": f"rank {args.lora_rank} (attention+conv), lr 1e-3, first seed only" if args.lora_rank else None,
         "seeds": args.seeds, "num_samples": args.num_samples, "student_steps": args.student_steps,
         "solver_steps": args.solver_steps, "feature_extractor": f"uldm.metrics.fid.RandomConvFeatures "
                                                                 f"({RandomConvFeatures().num_features} features)",
         "dreambooth_steps": args.dreambooth_steps, "torch_threads": torch.get_num_threads(),
     }
-    lines = verdicts(args, configs)
+    lines = verdicts(args, configs) + long_verdict(args, per_seed[args.seeds[0]])
     figure = draw_figure(args, configs)
     result["results"] = {"configs": configs, "costs": costs, "dreambooth": curves, "verdicts": lines,
-                         "figure": str(figure)}
+                         "long_distillation": long_curve, "figure": str(figure)}
     add_tables(result, args, configs, costs, curves)
+    if long_curve:
+        report.add_table(result, f"FID during a {args.long_distill_steps}-step distillation (first seed; distill.py's "
+                                 f"own FID: {args.num_samples} samples against the training images, random-conv; "
+                                 "step 0 is the teacher sampled by LCMScheduler)",
+                         ["distillation step", *(f"{n} step{'s' * (n > 1)}" for n in (1, 2, 4))],
+                         [[row["step"], *(row.get(f"fid_{n}step") for n in (1, 2, 4))] for row in long_curve])
     if not args.quick:
         minutes = (time.monotonic() - result["_start_time"] - vae_wall_s) / 60
         report.add_target(result, "the full benchmark finishes within 45 minutes on 2 CPU cores (the VAE cached)",
