@@ -280,10 +280,10 @@ def long_verdict(args, records: dict) -> list[str]:
         return []
     reference = records[f"teacher dpmsolver++@{REFERENCE_STEPS}"]["fid"]
     solver = min(records[f"teacher {solver}@4"]["fid"] for solver in SOLVERS)
-    four, two = records[f"{name}@4"]["fid"], records[f"{name}@2"]["fid"]
-    return [f"Distilled {args.long_distill_steps} steps (first seed only): 4 steps FID {four:.2f} against the "
-            f"teacher's {reference:.2f} at {REFERENCE_STEPS} steps ({four / reference:.2f}x); 2 steps {two:.2f} against "
-            f"{solver:.2f} for the better solver at 4 steps."]
+    one, two, four = (records[f"{name}@{steps}"]["fid"] for steps in (1, 2, 4))
+    return [f"Distilled {args.long_distill_steps} steps (first seed only): 1 step FID {one:.2f} and 4 steps {four:.2f} "
+            f"against the teacher's {reference:.2f} at {REFERENCE_STEPS} steps ({one / reference:.2f}x and "
+            f"{four / reference:.2f}x); 2 steps {two:.2f} against {solver:.2f} for the better solver at 4 steps."]
 
 
 def add_tables(result: dict, args, configs: dict, costs: list[dict], curves: dict) -> None:
@@ -329,9 +329,13 @@ def draw_figure(args, configs: dict) -> Path:
     reference = configs[f"teacher dpmsolver++@{REFERENCE_STEPS}"]["fid_mean"]
     axis.axhline(reference, color="gray", linestyle="--", label=f"teacher, DPM-Solver++ {REFERENCE_STEPS} steps")
     axis.set(xscale="log", yscale="log", xlabel="steps (UNet calls)", ylabel="FID (random-conv features)",
-             title=f"Few-step sampling on the demo (mean ± std over {len(args.seeds)} seeds)")
+             title=f"Few-step sampling on the demo (mean ± std over {len(args.seeds)} seeds;\nthe LoRA and "
+                   "longer students: the first seed)")
     axis.set_xticks(sorted({*args.student_steps, *args.solver_steps}))
-    axis.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    axis.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    for formatter in (axis.yaxis.set_major_formatter, axis.yaxis.set_minor_formatter):
+        formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()
