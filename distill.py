@@ -135,7 +135,9 @@ def main(argv=None) -> None:
     consistency = cli.config_from(ConsistencyConfig, args)
     check_consistency_config(consistency, teacher.scheduler.config.num_train_timesteps)
     scheduler = student_scheduler(teacher.scheduler.config, consistency)
-    check_student_steps(scheduler, max(args.student_inference_steps), "--student_inference_steps")
+    check_student_steps(scheduler, max(args.student_inference_steps), "--student_inference_steps",
+                        remedy=f"Ask for at most {args.num_ddim_timesteps} steps, or distil on a finer grid "
+                               f"(--num_ddim_timesteps {max(args.student_inference_steps)} or more).")
     guide = load_guide(args.guide, teacher, args.pretrained_model_name_or_path) if args.guide else None
     config = cli.training_config(args)
     data_config = cli.config_from(DataConfig, args, center_crop=cli.center_crop_of(args, warn=True))

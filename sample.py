@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Sampler, built from the saved scheduler's config; default: the saved scheduler.")
     parser.add_argument("--num_inference_steps", type=int, default=None,
                         help=f"Sampler steps; default {DEFAULT_STEPS} ({STUDENT_DEFAULT_STEPS} for a few-step student of "
-                             "distill.py, which takes 1 to its grid's size).")
+                             "distill.py, or its grid's size if smaller: a student takes 1 to its grid's size).")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (ignored by other schedulers).")
     parser.add_argument("--batch_size", type=int, default=16, help="Images per forward pass on each process.")
     parser.add_argument("--seed", type=int, default=0, help="Image i is drawn with seed + i.")
@@ -120,10 +120,11 @@ def load_pipeline(args: argparse.Namespace, accelerator: Accelerator):
 
 
 def resolve_steps(args: argparse.Namespace, scheduler) -> None:
-    """--num_inference_steps left out: a few-step student's default, else the usual; a student asked for more steps
-    than its grid has is refused before anything is written."""
+    """--num_inference_steps left out: a few-step student's default (at most its grid's size), else the usual; a
+    student asked for more steps than its grid has is refused before anything is written."""
     if args.num_inference_steps is None:
-        args.num_inference_steps = STUDENT_DEFAULT_STEPS if max_student_steps(scheduler) else DEFAULT_STEPS
+        most = max_student_steps(scheduler)
+        args.num_inference_steps = min(STUDENT_DEFAULT_STEPS, most) if most else DEFAULT_STEPS
     check_student_steps(scheduler, args.num_inference_steps)
 
 

@@ -82,15 +82,19 @@ def max_student_steps(scheduler) -> int | None:
     return int(scheduler.config.original_inference_steps) if is_student(scheduler) else None
 
 
-def check_student_steps(scheduler, num_inference_steps: int, where: str = "--num_inference_steps") -> None:
+SAMPLING_REMEDY = ("Ask for fewer steps, or sample with --scheduler dpmsolver++ (then it is sampled as an ordinary "
+                   "diffusion model, which a student no longer is).")
+
+
+def check_student_steps(scheduler, num_inference_steps: int, where: str = "--num_inference_steps",
+                        remedy: str = SAMPLING_REMEDY) -> None:
     """A student samples on a subset of its distillation grid: more steps than the grid has are refused here,
-    before anything is written (LCMScheduler would fail at the first call)."""
+    before anything is written (LCMScheduler would fail at the first call). `remedy` ends the message."""
     most = max_student_steps(scheduler)
     if most is not None and num_inference_steps > most:
         raise InputError(f"{where} {num_inference_steps}: this is a few-step (consistency-distilled) model whose "
                          f"LCMScheduler samples on a grid of {most} timesteps, so it takes 1 to {most} steps (its "
-                         "quality is meant for 1-8). Ask for fewer steps, or sample with --scheduler dpmsolver++ "
-                         "(then it is sampled as an ordinary diffusion model, which a student no longer is).")
+                         f"quality is meant for 1-8). {remedy}")
 
 
 # --------------------------------------------------------------------------------------------
