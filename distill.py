@@ -35,7 +35,7 @@ from uldm.distillation import (
 )
 from uldm.errors import InputError, exit_cleanly_on_input_errors
 from uldm.first_stage import FirstStageConfig, PixelSampler, saved_model_first_stage
-from uldm.guidance import load_guide
+from uldm.guidance import Guidance, load_guide
 from uldm.hub import HubUploader
 from uldm.lora import adapter_only_checkpoint_hooks, add_lora_adapter, holds_lora_adapter, lora_target_modules
 from uldm.metrics.fid_validation import (
@@ -107,7 +107,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def check_teacher_fits(args, teacher) -> None:
+def check_teacher_fits(args, teacher, first_stage) -> None:
     """What the teacher rules out, before anything is written."""
     resolution = teacher_resolution(teacher)
     if args.resolution is not None and args.resolution != resolution:
@@ -123,7 +123,7 @@ def check_teacher_fits(args, teacher) -> None:
                          "is then the whole UNet with the teacher's adapter folded in).")
     first_stage_config = FirstStageConfig(vae_name_or_path="none" if isinstance(teacher, PixelSampler) else
                                           args.pretrained_model_name_or_path, cache_latents=args.cache_latents)
-    saved_model_first_stage(teacher, args.pretrained_model_name_or_path).check_config(first_stage_config)
+    first_stage.check_config(first_stage_config)
 
 
 @exit_cleanly_on_input_errors
@@ -131,14 +131,18 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     # Everything that can be wrong with the input is checked before anything is written.
     teacher = load_teacher(args.pretrained_model_name_or_path, args.revision, args.variant)
-    check_teacher_fits(args, teacher)
+    first_stage = saved_model_first_stage(teacher, args.pretrained_model_name_or_path, args.revision)
+    check_teacher_fits(args, teacher, first_stage)
     consistency = cli.config_from(ConsistencyConfig, args)
     check_consistency_config(consistency, teacher.scheduler.config.num_train_timesteps)
     scheduler = student_scheduler(teacher.scheduler.config, consistency)
     check_student_steps(scheduler, max(args.student_inference_steps), "--student_inference_steps",
                         remedy=f"Ask for at most {args.num_ddim_timesteps} steps, or distil on a finer grid "
                                f"(--num_ddim_timesteps {max(args.student_inference_steps)} or more).")
-    guide = load_guide(args.guide, teacher, args.pretrained_model_name_or_path) if args.guide else None
+    guidance = None
+    if args.guide:
+        guidance = Guidance(load_guide(args.guide, teacher, args.pretrained_model_name_or_path), args.guidance_scale,
+                            tuple(args.guidance_interval) if args.guidance_interval else None)
     config = cli.training_config(args)
     data_config = cli.config_from(DataConfig, args, center_crop=cli.center_crop_of(args, warn=True))
     validation_config = cli.config_from(ValidationConfig, args)
@@ -148,10 +152,9 @@ def main(argv=None) -> None:
     hub = HubUploader.from_config(cli.hub_config(args), accelerator.is_main_process)
 
     teacher.to(accelerator.device)
-    if guide is not None:
-        guide.to(accelerator.device)
-    first_stage = saved_model_first_stage(teacher, args.pretrained_model_name_or_path, args.revision)
-    teacher_model = guided_teacher(teacher, guide, args.guidance_scale, args.guidance_interval)
+    if guidance is not None:
+        guidance.guide.to(accelerator.device)
+    teacher_model = guided_teacher(teacher, guidance)
     student = frozen_copy(teacher.unet).requires_grad_(True).train()
     lora_config = checkpoint_model_hooks = None
     if args.use_lora:
@@ -164,7 +167,7 @@ def main(argv=None) -> None:
     trainable = [p for p in student.parameters() if p.requires_grad]
     logger.info("Teacher %s (%s, %s%s); student: %.3fM of %.1fM parameters trained; %d-point solver grid",
                 args.pretrained_model_name_or_path, first_stage.describe(), teacher.scheduler.config.prediction_type,
-                f", guided by {args.guide} at w {args.guidance_scale:g}" if guide is not None else "",
+                f", guided by {args.guide} at w {args.guidance_scale:g}" if guidance else "",
                 sum(p.numel() for p in trainable) / 1e6, count_parameters(student) / 1e6, args.num_ddim_timesteps)
 
     train_set, files = first_stage.training_set(data_config, accelerator, cli.cache_config(args))
@@ -195,8 +198,8 @@ def main(argv=None) -> None:
             for steps in args.student_inference_steps:
                 _, grids[f"student_{steps}step"] = sample_from_noise(loop, student_pipeline, noise, steps)
             if step == 0:
-                _, grids["teacher"] = samples_from_noise(teacher, noise, validation_config.validation_inference_steps,
-                                                         **teacher_guidance(args, guide))
+                _, grids["teacher"] = samples_from_noise(guidance.apply(teacher) if guidance else teacher, noise,
+                                                         validation_config.validation_inference_steps)
         if metrics:
             logger.info("Step %d: %s", step, ", ".join(f"{key} {value:.4g}" for key, value in metrics.items()))
         return ValidationResult(images=grids, metrics=metrics)
@@ -238,12 +241,6 @@ def main(argv=None) -> None:
     finish_run(loop)
     if finished:
         hub.upload_and_wait()
-
-
-def teacher_guidance(args, guide) -> dict:
-    if guide is None:
-        return {}
-    return {"guide": guide, "guidance_scale": args.guidance_scale, "guidance_interval": args.guidance_interval}
 
 
 STUDENT_USAGE = """\

@@ -142,14 +142,14 @@ def noise_level(scheduler, t) -> float:
     return float(((1 - alpha_bar) / alpha_bar).sqrt())
 
 
-def in_interval(scheduler, t, guidance_interval) -> bool | torch.Tensor:
-    """Whether timestep t's noise level lies in (low, high]; for a batch of timesteps, a boolean per sample."""
+def in_interval(scheduler, t, guidance_interval) -> torch.Tensor:
+    """Whether timestep t's noise level lies in (low, high]: a boolean tensor, one per sample for a batch of
+    timesteps (e.g. a distillation's)."""
     low, high = guidance_interval
-    if torch.is_tensor(t) and t.numel() > 1:
-        alpha_bar = scheduler.alphas_cumprod.to(t.device)[t.long()].double()
-        levels = ((1 - alpha_bar) / alpha_bar).sqrt()
-        return (low < levels) & (levels <= high)
-    return low < noise_level(scheduler, t) <= high
+    t = torch.as_tensor(t)
+    alpha_bar = scheduler.alphas_cumprod.to(t.device)[t.long()].double()
+    levels = ((1 - alpha_bar) / alpha_bar).sqrt()
+    return (low < levels) & (levels <= high)
 
 
 def check_guide(unet, guide) -> None:
@@ -182,21 +182,19 @@ def guided_model(unet, guide=None, guidance_scale: float | Callable[[], float] =
 
     def guided(model_input, t):
         weight = guidance_scale() if callable(guidance_scale) else guidance_scale
-        inside = guide is not None and weight != 1.0
-        if inside and guidance_interval is not None:
-            inside = in_interval(scheduler, t, guidance_interval)
-            if torch.is_tensor(inside) and inside.all():
-                inside = True
-        if inside is False or (torch.is_tensor(inside) and not inside.any()):
+        if guide is None or weight == 1.0:
+            return output(unet, model_input, t)
+        inside = torch.tensor(True) if guidance_interval is None else in_interval(scheduler, t, guidance_interval)
+        if not inside.any():
             return output(unet, model_input, t)
         guide_output = output(guide, model_input, t)
-        if weight == 0.0 and inside is True:
+        if weight == 0.0 and inside.all():
             return guide_output
         model_output = output(unet, model_input, t)
         result = guide_output + weight * (model_output - guide_output)
-        if inside is True:
+        if inside.all():
             return result
-        # A batch of several timesteps (e.g. a distillation's), some outside the interval: those get the model alone.
+        # A batch of timesteps, some outside the interval: those samples get the model alone.
         return torch.where(inside.reshape(-1, *[1] * (result.ndim - 1)), result, model_output)
 
     return guided

@@ -34,9 +34,10 @@ import torch  # noqa: E402
 
 from bench import report  # noqa: E402
 from bench.bench_guidance import cell, dreambooth_argv, summarise, train_model  # noqa: E402
+from bench.bench_guidance import score as scored  # noqa: E402
 from bench.bench_quality import (  # noqa: E402
-    DEFAULT_WORK_DIR, RESOLUTION, Scorer, ensure_demo_data, ensure_vae, load_sampler, paired_with_baseline,
-    run_in_work_dir, run_script, sample_images, save_grid,
+    DEFAULT_WORK_DIR, RESOLUTION, Scorer, load_sampler, paired_with_baseline, prepare_demo, run_in_work_dir,
+    run_script, save_grid,
 )
 from bench.harness import loop_seconds  # noqa: E402
 
@@ -137,10 +138,11 @@ def long_distillation(args, teacher: Path, faces: Path, work: Path) -> tuple[Pat
 
 
 def score(scorer: Scorer, sampler, num_samples: int, steps: int, grid: Path | None = None) -> dict:
-    images, seconds = sample_images(sampler, num_samples, steps)
+    record = scored(scorer, sampler, num_samples, steps)
+    images = record.pop("images")
     if grid is not None:
         save_grid(images, grid)
-    return {**scorer.score(images), "sample_s_per_image": seconds}
+    return record
 
 
 def with_scheduler(sampler, name: str):
@@ -312,12 +314,11 @@ def add_tables(result: dict, args, configs: dict, costs: list[dict], curves: dic
 
 
 def draw_figure(args, configs: dict) -> Path:
-    import matplotlib
+    import matplotlib.ticker
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from uldm.plots import pyplot, save_figure
 
-    figure, axis = plt.subplots(figsize=(6.5, 4.2), dpi=100)
+    figure, axis = pyplot().subplots(figsize=(6.5, 4.2), dpi=100)
     series = {f"teacher, {label}": [f"teacher {name}@{s}" for s in args.solver_steps] for name, label in SOLVERS.items()}
     series.update({f"{student}": [f"{student}@{s}" for s in args.student_steps]
                    for student in ("student", f"student, {args.long_distill_steps} steps", "LoRA student")
@@ -338,12 +339,7 @@ def draw_figure(args, configs: dict) -> Path:
         formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    path = Path(args.figure)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    plt.close(figure)
-    return path
+    return save_figure(figure, args.figure)
 
 
 # ---------------------------------------------------------------------------------------- main
@@ -357,12 +353,9 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     from uldm.metrics.fid import RandomConvFeatures
 
     result = report.start_result(NAME, TITLE, args)
-    work.mkdir(parents=True, exist_ok=True)
-    faces = ensure_demo_data(work, args.num_images, num_subject_images=8)
-    started = time.monotonic()
-    vae_dir, _, vae_source = ensure_vae(args, work, faces)
-    vae_wall_s = time.monotonic() - started
-    scorer = Scorer(faces)
+    demo = prepare_demo(args, work, num_subject_images=8)
+    faces, vae_dir, vae_source, vae_wall_s, scorer = (demo.faces, demo.vae_dir, demo.vae_source, demo.vae_wall_s,
+                                                      demo.scorer)
     per_seed, costs, curves, long_curve = {}, [], {}, []
     for seed in args.seeds:
         teacher = train_model(args, faces, vae_dir, work, "teacher", seed, args.steps, [])

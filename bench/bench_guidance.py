@@ -39,7 +39,7 @@ import torch  # noqa: E402
 
 from bench import report  # noqa: E402
 from bench.bench_quality import (  # noqa: E402
-    DEFAULT_WORK_DIR, RESOLUTION, Scorer, ensure_demo_data, ensure_vae, load_sampler, mean_std, paired_with_baseline,
+    DEFAULT_WORK_DIR, RESOLUTION, Scorer, load_sampler, mean_std, paired_with_baseline, prepare_demo,
     plus_minus, run_in_work_dir, run_script, sample_images, save_grid, training_argv,
 )
 
@@ -399,12 +399,9 @@ def add_tables(result: dict, args, configs: dict, best: dict, interval: dict | N
 
 def draw_figure(args, configs: dict, curves: dict) -> Path:
     """FID against the weight per guide (unguided at both step counts as lines), and the DreamBooth curves."""
-    import matplotlib
+    from uldm.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
+    figure, (left, right) = pyplot().subplots(1, 2, figsize=(11, 4.2), dpi=100)
     steps = args.sampling_steps
     for name in GUIDES:
         keys = [config_key(name, w, steps) for w in args.weights]
@@ -427,12 +424,7 @@ def draw_figure(args, configs: dict, curves: dict) -> Path:
         right.legend(fontsize=8)
     for axis in (left, right):
         axis.grid(alpha=0.3)
-    figure.tight_layout()
-    path = Path(args.figure)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    plt.close(figure)
-    return path
+    return save_figure(figure, args.figure)
 
 
 # ---------------------------------------------------------------------------------------- main
@@ -444,12 +436,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 def run(args: argparse.Namespace, work: Path) -> dict:
     result = report.start_result(NAME, TITLE, args)
-    work.mkdir(parents=True, exist_ok=True)
-    faces = ensure_demo_data(work, args.num_images, num_subject_images=8)
-    started = time.monotonic()
-    vae_dir, vae_train_s, vae_source = ensure_vae(args, work, faces)
-    result["vae_wall_s"] = time.monotonic() - started  # a one-off: kept in --work_dir for later runs
-    scorer = Scorer(faces)
+    demo = prepare_demo(args, work, num_subject_images=8)
+    faces, vae_dir, vae_train_s, vae_source, scorer = (demo.faces, demo.vae_dir, demo.vae_train_s, demo.vae_source,
+                                                       demo.scorer)
+    result["vae_wall_s"] = demo.vae_wall_s
 
     trained = {seed: train_seed(args, faces, vae_dir, work, seed) for seed in args.seeds}
     configs = collect({seed: sweep_seed(args, scorer, main, guides, seed, work)

@@ -33,6 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -227,6 +228,27 @@ class Scorer:
         return {"fid": self.fid.fid_from_features(self.real, fake), "kid": kid_mean, "kid_std": kid_std}
 
 
+@dataclass
+class Demo:
+    """What every quality benchmark starts from (`prepare_demo`)."""
+
+    faces: Path
+    vae_dir: Path
+    vae_train_s: float | None  # its training loop's seconds (None where unknown)
+    vae_source: str
+    vae_wall_s: float  # the time ensure_vae took here: a one-off, kept in --work_dir for later runs
+    scorer: Scorer
+
+
+def prepare_demo(args, work: Path, num_subject_images: int = 1) -> Demo:
+    """The demo faces, the quick start's first stage and the scorer, in `work`."""
+    work.mkdir(parents=True, exist_ok=True)
+    faces = ensure_demo_data(work, args.num_images, num_subject_images)
+    started = time.monotonic()
+    vae_dir, vae_train_s, vae_source = ensure_vae(args, work, faces)
+    return Demo(faces, vae_dir, vae_train_s, vae_source, time.monotonic() - started, Scorer(faces))
+
+
 def heldout_faces(num_images: int, count: int) -> torch.Tensor:
     """Demo faces that are not in the training set (indices num_images..): N x 3 x R x R uint8."""
     from uldm.demo_data import draw_face, face_rng, random_face_factors
@@ -339,13 +361,12 @@ def run_in_work_dir(args: argparse.Namespace, run, prefix: str) -> dict:
 
 def run(args: argparse.Namespace, work: Path) -> dict:
     result = report.start_result(NAME, "Sample quality: loss levers, and latent against pixel space", args)
-    work.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(work / "latent_cache", ignore_errors=True)  # built again, so that its cost is measured
     chosen = [name for name in args.levers if name in LEVERS]
 
-    faces = ensure_demo_data(work, args.num_images)
-    vae_dir, vae_train_s, vae_source = ensure_vae(args, work, faces)
-    scorer = Scorer(faces)
+    demo = prepare_demo(args, work)
+    faces, vae_dir, vae_train_s, vae_source, scorer = (demo.faces, demo.vae_dir, demo.vae_train_s, demo.vae_source,
+                                                       demo.scorer)
     heldout = heldout_faces(args.num_images, args.num_heldout)
     references = {"heldout_faces": scorer.score(heldout), "vae_reconstructions": scorer.score(reconstructions(vae_dir, heldout))}
 

@@ -233,6 +233,15 @@ def tiny_vae_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def pooling_vae_dir(tmp_path_factory):
+    """`build_pooling_autoencoder` saved: a first stage whose latents are the images themselves, downscaled (FID
+    of a model trained on it means something)."""
+    folder = tmp_path_factory.mktemp("pooling-vae") / "vae"
+    build_pooling_autoencoder().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def train_images(tmp_path_factory):
     folder = tmp_path_factory.mktemp("train") / "images"
     make_blob_images(folder, 24)

@@ -22,7 +22,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, LCMScheduler
 from safetensors.torch import load_file
 
 from conftest import (
-    REPO_ROOT, build_pooling_autoencoder, build_tiny_unet, latent_training_args, run_script, subprocess_env,
+    REPO_ROOT, build_tiny_unet, latent_training_args, run_script, subprocess_env,
     to_argv,
 )
 from pipeline_latent_uncond import guided_model, noise_level
@@ -229,13 +229,6 @@ def test_guided_model_on_a_batch_of_timesteps_is_each_sample_guided_on_its_own()
 # Teachers trained here, and their students
 
 GRID = 4  # --num_ddim_timesteps of the runs: a coarse grid (skip 250), which a hundred steps distil on a CPU
-
-
-@pytest.fixture(scope="module")
-def pooling_vae_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("distill-vae") / "pooling"
-    build_pooling_autoencoder().save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

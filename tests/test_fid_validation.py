@@ -16,20 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import build_pooling_autoencoder, build_tiny_unet, latent_training_args, make_blob_images, run_script
+from conftest import build_tiny_unet, latent_training_args, make_blob_images, run_script
 from uldm.training import checkpoints as ckpt
 from uldm.metrics import fid
 from uldm.metrics.fid_validation import FidScorer, gather_in_order, shard_indices
 from uldm.training import read_metrics
 
 SCRIPT = "train_unconditional_latent"
-
-
-@pytest.fixture(scope="module")
-def pooling_vae_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("pooling-vae") / "vae"
-    build_pooling_autoencoder().save_pretrained(folder)
-    return folder
 
 
 def fid_run_args(images, vae_dir, out, **overrides):

@@ -259,15 +259,16 @@ def teacher_resolution(teacher) -> int:
     return size * (downsample_factor(teacher.vae) if hasattr(teacher, "vae") else 1)
 
 
-def guided_teacher(teacher, guide, guidance_scale: float, guidance_interval) -> Callable:
-    """The teacher as the distillation calls it: its UNet, or guided by `guide` (`pipeline_latent_uncond.guided_model`),
-    so that the student learns the guided teacher's ODE at one UNet call a step."""
+def guided_teacher(teacher, guidance=None) -> Callable:
+    """The teacher as the distillation calls it: its UNet, or guided (`guidance`: a `uldm.guidance.Guidance`, the rule
+    of `pipeline_latent_uncond.guided_model`), so that the student learns the guided teacher's ODE at one UNet call
+    a step."""
     from pipeline_latent_uncond import guided_model
 
     unet = teacher.unet.eval().requires_grad_(False)
-    if guide is None:
+    if guidance is None:
         return unet
-    return guided_model(unet, guide, guidance_scale, guidance_interval, teacher.scheduler)
+    return guided_model(unet, guidance.guide, guidance.scale, guidance.interval, teacher.scheduler)
 
 
 # --------------------------------------------------------------------------------------------

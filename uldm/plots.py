@@ -93,7 +93,7 @@ def _plot_validation_panel(axis, rows: list[dict], title: str, left: tuple[str, 
         axis.legend(handles=handles, fontsize=8)
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,17 +102,20 @@ def _pyplot():
     return plt
 
 
-def _save(figure, output_path: str | os.PathLike) -> Path:
+def save_figure(figure, output_path: str | os.PathLike) -> Path:
+    """Lay out, write (its folder made if missing) and close a figure."""
+    output_path = Path(output_path)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
-    figure.savefig(Path(output_path))
-    _pyplot().close(figure)
-    return Path(output_path)
+    figure.savefig(output_path)
+    pyplot().close(figure)
+    return output_path
 
 
 def plot_guidance_sweep(rows: list[dict], output_path: str | os.PathLike, title: str = "") -> Path:
     """FID against the guidance weight (one line per guide EMA length where rows have `guide_sigma_rel`), the best
     point circled, w = 1 (unguided) marked by a vertical line."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(6, 4), dpi=100)
     for sigma_rel in dict.fromkeys(row.get("guide_sigma_rel") for row in rows):
         line = [row for row in rows if row.get("guide_sigma_rel") == sigma_rel]
@@ -127,14 +130,14 @@ def plot_guidance_sweep(rows: list[dict], output_path: str | os.PathLike, title:
     axis.set_title(title, fontsize=9)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
-    return _save(figure, output_path)
+    return save_figure(figure, output_path)
 
 
 def plot_fidelity_diversity(curves: dict[str, list[dict]], output_path: str | os.PathLike, fidelity_label: str,
                             diversity_label: str, lower_is_more_subject: bool = False) -> Path:
     """One line per dial (`curves`: name -> points with "value", "fidelity", "diversity"), each point labelled
     with its dial value: subject fidelity against the variety between samples, "more subject" always up."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(6.5, 4.5), dpi=100)
     for (name, points), marker in zip(curves.items(), "osD^v"):
         if not points:
@@ -150,4 +153,4 @@ def plot_fidelity_diversity(curves: dict[str, list[dict]], output_path: str | os
     axis.set_title("Subject fidelity against variety, per dial", fontsize=9)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
-    return _save(figure, output_path)
+    return save_figure(figure, output_path)
